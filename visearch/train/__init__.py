@@ -1,0 +1,1 @@
+"""Training loops (library side): plain typed arguments in, checkpoints out."""
