@@ -1,0 +1,259 @@
+"""The image store: an LMDB environment holding each image once, by content hash.
+
+Two named databases: ``images`` maps the MD5 of the encoded bytes to the bytes, ``items``
+maps an item key (``"<md5>:<sku>"``: the same picture filed under two SKUs is two items, the
+same row ingested twice is one) to JSON metadata (sku, category, bbox, attributes, title,
+source path, manifest line, width, height). Ingest decodes every image to validate it,
+commits in batches (so an interrupted ingest keeps what it committed and a re-run adds only
+what is missing), and doubles the map size whenever LMDB reports it full. LMDB readers in
+several processes are safe; an ``ImageStore`` re-opens its environment after pickling, so
+it can be handed to DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+from PIL import Image
+
+from visearch.catalog import CatalogRow, Reject
+from visearch.errors import ImageDecodeError, ManifestError
+from visearch.imageio import decode_pil
+
+logger = logging.getLogger(__name__)
+
+_IMAGES = b"images"
+_ITEMS = b"items"
+_INITIAL_MAP_SIZE = 64 << 20  # grows by doubling; LMDB files are sparse, so this is cheap
+
+
+def item_key(md5: str, sku: str) -> str:
+    """The store's key of an item: the image's MD5 and the SKU it is filed under."""
+    return f"{md5}:{sku}"
+
+
+@dataclass
+class IngestReport:
+    """What one ``ingest`` call did. ``failed`` rows were not stored (bad images)."""
+
+    added_items: int = 0
+    present_items: int = 0
+    added_images: int = 0
+    shared_images: int = 0
+    failed: list[Reject] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+
+class ImageStore:
+    """LMDB store of catalog images (once per content hash) and their items.
+
+    Args:
+        path: the LMDB directory (created when writable and missing).
+        readonly: open for reading only (many processes may do so at once).
+        batch_size: rows per write transaction during ingest.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, readonly: bool = False, batch_size: int = 256
+    ) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self.batch_size = batch_size
+        self._open()
+
+    def _open(self) -> None:
+        if self.readonly and not self.path.exists():
+            raise FileNotFoundError(f"no image store at {self.path}")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(self.path),
+            map_size=_INITIAL_MAP_SIZE,
+            max_dbs=4,
+            readonly=self.readonly,
+            lock=True,
+            readahead=False,
+            subdir=True,
+        )
+        if self.readonly:
+            # A readonly environment cannot create databases; an empty store has none yet.
+            try:
+                self._images = self.env.open_db(_IMAGES, create=False)
+                self._items = self.env.open_db(_ITEMS, create=False)
+            except lmdb.NotFoundError as exc:
+                raise FileNotFoundError(f"{self.path} is not an image store") from exc
+        else:
+            self._images = self.env.open_db(_IMAGES)
+            self._items = self.env.open_db(_ITEMS)
+
+    # Pickling (DataLoader workers): reopen the environment in the child process.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "readonly": True, "batch_size": self.batch_size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> ImageStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        with self.env.begin(db=self._items) as txn:
+            return txn.stat(self._items)["entries"]
+
+    @property
+    def num_images(self) -> int:
+        """Distinct images stored."""
+        with self.env.begin(db=self._images) as txn:
+            return txn.stat(self._images)["entries"]
+
+    def has_item(self, key: str) -> bool:
+        with self.env.begin(db=self._items) as txn:
+            return txn.get(key.encode()) is not None
+
+    def get_item(self, key: str) -> dict[str, Any]:
+        """Metadata of item ``key``; KeyError when absent."""
+        with self.env.begin(db=self._items) as txn:
+            raw = txn.get(key.encode())
+        if raw is None:
+            raise KeyError(f"no item {key!r} in {self.path}")
+        return json.loads(raw)
+
+    def get_bytes(self, md5: str) -> bytes:
+        """Encoded bytes of the image with this MD5; KeyError when absent."""
+        with self.env.begin(db=self._images) as txn:
+            raw = txn.get(md5.encode())
+        if raw is None:
+            raise KeyError(f"no image {md5} in {self.path}")
+        return bytes(raw)
+
+    def iter_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(item key, metadata) for every item, in key order."""
+        with self.env.begin(db=self._items) as txn:
+            for key, raw in txn.cursor():
+                yield key.decode(), json.loads(raw)
+
+    def _put_batch(self, batch: list[tuple[str, bytes, str, dict[str, Any]]]) -> None:
+        """Write (md5, bytes, item key, meta) tuples in one transaction, growing the map."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for md5, data, key, meta in batch:
+                        txn.put(md5.encode(), data, db=self._images, overwrite=False)
+                        txn.put(key.encode(), json.dumps(meta).encode(), db=self._items)
+                return
+            except lmdb.MapFullError:
+                new_size = self.env.info()["map_size"] * 2
+                logger.info("store %s full; growing map to %d MiB", self.path, new_size >> 20)
+                self.env.set_mapsize(new_size)
+
+    def ingest(
+        self,
+        rows: Iterable[CatalogRow],
+        *,
+        strict: bool = False,
+        progress: Any = None,
+        _fail_after: int | None = None,
+    ) -> IngestReport:
+        """Store the images and items of ``rows`` that are not stored yet.
+
+        Every image is decoded once to validate it (a truncated or non-image file is a
+        failed row, with its manifest line). Idempotent: items already present are counted
+        in ``present_items`` and not rewritten.
+
+        Args:
+            rows: validated manifest rows.
+            strict: raise ``ManifestError`` on the first image that fails to decode,
+                instead of recording it in ``failed``.
+            progress: an optional callable ``progress(n)`` called with the number of rows
+                handled since the last call (e.g. a tqdm bar's ``update``).
+
+        Returns:
+            An ``IngestReport``; ``keys`` lists the item key of every stored row in order.
+        """
+        if self.readonly:
+            raise ValueError("this ImageStore was opened readonly; open it writable to ingest")
+        report = IngestReport()
+        batch: list[tuple[str, bytes, str, dict[str, Any]]] = []
+        batch_images: set[str] = set()
+        batch_keys: set[str] = set()
+        for handled, row in enumerate(rows, start=1):
+            try:
+                data = row.path.read_bytes()
+            except OSError as exc:
+                data = None
+                reason = f"cannot read image {row.path}: {exc.strerror or exc}"
+            md5 = hashlib.md5(data).hexdigest() if data is not None else ""
+            key = item_key(md5, row.sku)
+            if data is not None and (key in batch_keys or self.has_item(key)):
+                report.present_items += 1
+                report.keys.append(key)
+            elif data is not None:
+                try:
+                    # The draft decode checks the whole stream at a fraction of the cost.
+                    img = decode_pil(data, draft=(64, 64))
+                    with Image.open(row.path) as header:
+                        width, height = header.size
+                    del img
+                    reason = ""
+                except ImageDecodeError as exc:
+                    reason = str(exc)
+                if not reason:
+                    stored = md5 in batch_images or self._has_image(md5)
+                    report.shared_images += int(stored)
+                    report.added_images += int(not stored)
+                    batch_images.add(md5)
+                    meta = {
+                        "md5": md5,
+                        "sku": row.sku,
+                        "category": row.category,
+                        "bbox": list(row.bbox) if row.bbox else None,
+                        "attributes": row.attributes,
+                        "title": row.title,
+                        "source": str(row.path),
+                        "line": row.line,
+                        "width": width,
+                        "height": height,
+                    }
+                    batch.append((md5, data, key, meta))
+                    batch_keys.add(key)
+                    report.added_items += 1
+                    report.keys.append(key)
+            if reason:
+                if strict:
+                    raise ManifestError(reason, line=row.line, path=str(row.path))
+                report.failed.append(Reject(row.line, reason, json.dumps(row.to_json())))
+                logger.warning("line %d: not ingested: %s", row.line, reason)
+            if len(batch) >= self.batch_size:
+                self._put_batch(batch)
+                batch, batch_images, batch_keys = [], set(), set()
+            if progress is not None:
+                progress(1)
+            if _fail_after is not None and handled >= _fail_after:
+                raise RuntimeError(f"_fail_after: simulated crash after {handled} rows")
+        if batch:
+            self._put_batch(batch)
+        logger.info(
+            "ingest into %s: %d item(s) added, %d already present, %d new image(s), "
+            "%d failed",
+            self.path, report.added_items, report.present_items, report.added_images,
+            len(report.failed),
+        )
+        return report
+
+    def _has_image(self, md5: str) -> bool:
+        with self.env.begin(db=self._images) as txn:
+            return txn.get(md5.encode()) is not None
