@@ -57,8 +57,6 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode in ("1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"):
-        return img.convert("RGB")
     if mode.startswith("I;16") or mode == "I":
         # PIL's convert("RGB") clips 16-bit values at 255; scale the 16-bit range instead.
         arr = np.asarray(img, dtype=np.int64)
@@ -69,7 +67,10 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
         top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
         arr = np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
-    raise ImageDecodeError(f"{name}: unsupported image mode {mode!r}")
+    try:  # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX...: PIL knows the conversion
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise ImageDecodeError(f"{name}: unsupported image mode {mode!r}") from exc
 
 
 def decode_pil(
@@ -99,14 +100,17 @@ def decode_pil(
         raise ImageDecodeError(f"{name}: empty image data (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit below gives the clearer message; PIL's warning is redundant.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(
             f"{name}: not an image in a known format ({len(data)} bytes, starting {data[:8]!r})"
         ) from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{name}: refused as a decompression bomb: {exc}") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(
+            f"{name}: refused as a decompression bomb ({exc}); send a smaller image"
+        ) from exc
     except OSError as exc:
         raise ImageDecodeError(f"{name}: cannot open image: {exc}") from exc
 

@@ -191,6 +191,7 @@ class ImageStore:
         batch_images: set[str] = set()
         batch_keys: set[str] = set()
         for handled, row in enumerate(rows, start=1):
+            reason = ""
             try:
                 data = row.path.read_bytes()
             except OSError as exc:
@@ -208,7 +209,6 @@ class ImageStore:
                     with Image.open(row.path) as header:
                         width, height = header.size
                     del img
-                    reason = ""
                 except ImageDecodeError as exc:
                     reason = str(exc)
                 if not reason:
