@@ -1,0 +1,361 @@
+"""``generate_world``: plan a product world for a seed, render it in parallel, write manifests.
+
+Planning (which products, SKUs, images, injected noise) happens in the calling process from
+one generator seeded by ``seed``; every image is then rendered by a job whose generator is
+seeded from ``(seed, job kind, job index)`` alone, so a process pool writes byte-identical
+files to a single worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from visearch.synth.scene import (
+    NEAR_DUP_TRANSFORMS,
+    Box,
+    near_duplicate,
+    render_scene,
+    render_shop,
+    to_jpeg,
+)
+from visearch.synth.spec import CATEGORIES, ProductSpec, sample_products
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SHOP_QUALITY = 92
+_KIND_PLAN, _KIND_SHOP, _KIND_DUP, _KIND_PHOTO, _KIND_SCENE = range(5)
+
+# One job: (kind, relative path, product index, key index, extra). For "dup", extra is
+# (source shop job, transform); for "shop", extra is the close-up flag.
+Job = tuple[str, str, int, int, Any]
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(products: Sequence[ProductSpec], out: str, size: int, seed: int) -> None:
+    _STATE.update(products=list(products), out=Path(out), size=size, seed=seed)
+
+
+def _rng(kind: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([_STATE["seed"], kind, index])
+
+
+def _shop_bytes(job: Job) -> tuple[bytes, Box]:
+    _, _, product, key, closeup = job
+    image, box = render_shop(_STATE["products"][product], _STATE["size"],
+                             _rng(_KIND_SHOP, key), closeup=bool(closeup))
+    return to_jpeg(image, SHOP_QUALITY), box
+
+
+def _run_job(job: Job) -> tuple[str, list[tuple[int, Box]], tuple[int, int]]:
+    """Render one job, write its file, return (path, [(product, box)], (width, height))."""
+    kind, path, product, key, extra = job
+    size = _STATE["size"]
+    if kind == "shop":
+        data, box = _shop_bytes(job)
+        boxes = [(product, box)]
+        wh = (size, size)
+    elif kind == "dup":
+        source, transform = extra
+        src_bytes, src_box = _shop_bytes(source)
+        data, box = near_duplicate(src_bytes, src_box, transform, _rng(_KIND_DUP, key))
+        boxes = [(source[2], box)]
+        wh = _jpeg_size(data)
+    else:
+        kind_code = _KIND_PHOTO if kind == "photo" else _KIND_SCENE
+        rng = _rng(kind_code, key)
+        image, placed = render_scene(_STATE["products"], product, size, rng,
+                                     max_distractors=3 if kind == "photo" else 4)
+        quality = int(rng.integers(25, 76))
+        data = to_jpeg(image, quality)
+        boxes = [(p.product, p.box) for p in placed]
+        wh = (size, size)
+    target = _STATE["out"] / path
+    target.write_bytes(data)
+    return path, boxes, wh
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def _dump_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _dump_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+
+
+def generate_world(
+    out: Path,
+    *,
+    skus: int,
+    seed: int,
+    image_size: int = 128,
+    shop_per_sku: int = 4,
+    photos_per_sku: int = 1,
+    scenes: int | None = None,
+    dup_rate: float = 0.1,
+    mislabel_rate: float = 0.03,
+    split_rate: float = 0.03,
+    val_fraction: float = 0.2,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict:
+    """Generate a synthetic product world into ``out`` (created; existing files overwritten).
+
+    Args:
+        skus: number of SKU ids in the catalog (>= 2). Split products take 2-3 ids each, so
+            the number of distinct products is a little lower.
+        seed: everything (manifests and image bytes) is a function of the arguments.
+        image_size: side of every generated image, pixels (>= 48).
+        shop_per_sku: shop images per SKU id (>= 1); near-duplicates come on top.
+        photos_per_sku: user photos (queries) per SKU id (>= 0).
+        scenes: detection scenes; default ``max(200, skus)``, ``val_fraction`` of them val.
+        dup_rate: near-duplicate rows added, as a fraction of shop images.
+        mislabel_rate: fraction of shop images that depict another product than their SKU.
+        split_rate: ``round(split_rate * skus)`` products are listed under 2-3 SKU ids.
+        workers: rendering processes (1 renders in this process).
+        progress: show a tqdm bar.
+
+    Returns:
+        The ``world.json`` content: ``{"format", "params", "counts"}``.
+
+    Writes ``catalog.jsonl``, ``queries.jsonl``, ``detection/{train,val}.json`` (COCO),
+    ``truth.json``, ``world.json`` and the images under ``shop/``, ``photos/``, ``scenes/``.
+    """
+    if skus < 2:
+        raise ValueError(f"skus must be >= 2, got {skus}")
+    if image_size < 48:
+        raise ValueError(f"image_size must be >= 48 pixels, got {image_size}")
+    if shop_per_sku < 1 or photos_per_sku < 0:
+        raise ValueError("shop_per_sku must be >= 1 and photos_per_sku >= 0")
+    for name, rate in (("dup_rate", dup_rate), ("mislabel_rate", mislabel_rate),
+                       ("split_rate", split_rate), ("val_fraction", val_fraction)):
+        if not 0.0 <= rate <= 0.5:
+            raise ValueError(f"{name} must be in [0, 0.5], got {rate}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    n_scenes = max(200, skus) if scenes is None else int(scenes)
+    if n_scenes < 0:
+        raise ValueError(f"scenes must be >= 0, got {scenes}")
+
+    out = Path(out)
+    for sub in ("shop", "photos", "scenes", "detection"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, _KIND_PLAN])
+
+    # -- products and SKU ids (split products get 2 or 3 ids) ---------------------------
+    n_split = int(round(split_rate * skus))
+    extra = [1 + int(rng.uniform() < 0.2) for _ in range(n_split)]  # ids beyond the first
+    while sum(extra) >= skus // 2 and extra:
+        extra.pop()
+    n_products = skus - sum(extra)
+    products = sample_products(n_products, rng)
+    split_products = rng.choice(n_products, size=len(extra), replace=False)
+    listings = [(p, 0) for p in range(n_products)]
+    for p, e in zip(split_products, extra, strict=True):
+        listings += [(int(p), s + 1) for s in range(e)]
+    order = rng.permutation(len(listings))
+    sku_of = [""] * len(listings)  # listing position -> SKU id
+    sku_product: dict[str, int] = {}
+    sku_seller: dict[str, int] = {}
+    for new_id, li in enumerate(order):
+        sku = f"S{new_id:05d}"
+        sku_of[int(li)] = sku
+        sku_product[sku], sku_seller[sku] = listings[int(li)]
+    sku_ids = sorted(sku_product)
+    product_skus: dict[int, list[str]] = {}
+    for sku in sku_ids:
+        product_skus.setdefault(sku_product[sku], []).append(sku)
+
+    # -- shop images, mislabels, near-duplicates -----------------------------------------
+    shop_jobs: list[Job] = []
+    shop_sku: list[str] = []
+    for sku in sku_ids:
+        for j in range(shop_per_sku):
+            closeup = shop_per_sku >= 3 and j == shop_per_sku - 1 and rng.uniform() < 0.5
+            shop_jobs.append(("shop", f"shop/{sku}_{j + 1}.jpg", sku_product[sku],
+                              len(shop_jobs), bool(closeup)))
+            shop_sku.append(sku)
+    n_shop = len(shop_jobs)
+    n_mis = int(round(mislabel_rate * n_shop))
+    mislabelled = []
+    mis_rows = set()
+    if n_products >= 2:
+        for r in sorted(int(i) for i in rng.choice(n_shop, size=n_mis, replace=False)):
+            filed = products[shop_jobs[r][2]]
+            pool = [i for i, p in enumerate(products) if p.family != filed.family]
+            same = [i for i in pool if products[i].category == filed.category]
+            if same and rng.uniform() < 0.5:
+                pool = same
+            if not pool:
+                continue
+            true_p = pool[int(rng.integers(len(pool)))]
+            kind, path, _, key, closeup = shop_jobs[r]
+            shop_jobs[r] = (kind, path, true_p, key, closeup)
+            mis_rows.add(r)
+            mislabelled.append({"image": path, "filed_sku": shop_sku[r],
+                                "true_sku": product_skus[true_p][0]})
+    candidates = [r for r in range(n_shop) if r not in mis_rows]
+    n_dup = min(int(round(dup_rate * n_shop)), len(candidates))
+    dup_sources = sorted(int(candidates[i]) for i in
+                         rng.choice(len(candidates), size=n_dup, replace=False))
+    transforms = [NEAR_DUP_TRANSFORMS[i % len(NEAR_DUP_TRANSFORMS)] for i in range(n_dup)]
+    transforms = [transforms[int(i)] for i in rng.permutation(n_dup)]
+    next_index = dict.fromkeys(sku_ids, shop_per_sku)
+    dup_jobs: list[Job] = []
+    near_duplicates = []
+    for k, (r, t) in enumerate(zip(dup_sources, transforms, strict=True)):
+        sku = shop_sku[r]
+        next_index[sku] += 1
+        path = f"shop/{sku}_{next_index[sku]}.jpg"
+        dup_jobs.append(("dup", path, shop_jobs[r][2], k, (shop_jobs[r], t)))
+        near_duplicates.append({"image": path, "source": shop_jobs[r][1], "transform": t})
+
+    # -- user photos (queries) and detection scenes --------------------------------------
+    pairs = [(sku, k) for sku in sku_ids for k in range(photos_per_sku)]
+    photo_jobs: list[Job] = []
+    photo_sku: list[str] = []
+    for qi, pi in enumerate(rng.permutation(len(pairs)) if pairs else []):
+        sku = pairs[int(pi)][0]
+        photo_jobs.append(("photo", f"photos/Q{qi + 1:06d}.jpg", sku_product[sku], qi, None))
+        photo_sku.append(sku)
+    n_val = int(round(val_fraction * n_scenes))
+    n_train = n_scenes - n_val
+    mains = np.concatenate([rng.permutation(n_products)
+                            for _ in range(n_scenes // n_products + 1)])[:n_scenes]
+    scene_jobs: list[Job] = [
+        ("scene", f"scenes/T{i + 1:06d}.jpg" if i < n_train else
+         f"scenes/V{i - n_train + 1:06d}.jpg", int(mains[i]), i, None)
+        for i in range(n_scenes)
+    ]
+
+    # -- render ----------------------------------------------------------------------------
+    jobs = shop_jobs + dup_jobs + photo_jobs + scene_jobs
+    results = _render(jobs, products, out, image_size, seed, workers, progress)
+
+    # -- manifests -------------------------------------------------------------------------
+    def row(path: str, sku: str, box: Box) -> dict:
+        spec = products[sku_product[sku]]
+        return {"image": path, "sku": sku, "category": spec.category, "bbox": list(box),
+                "attributes": spec.attributes(), "title": spec.title(sku_seller[sku])}
+
+    catalog = [row(j[1], shop_sku[i], results[i][1][0][1]) for i, j in enumerate(shop_jobs)]
+    for k, job in enumerate(dup_jobs):
+        src_row = job[4][0][3]
+        catalog.append(row(job[1], shop_sku[src_row], results[n_shop + k][1][0][1]))
+    catalog.sort(key=lambda r: (r["sku"], int(r["image"].rsplit("_", 1)[1][:-4])))
+    base = n_shop + len(dup_jobs)
+    queries = []
+    for q, job in enumerate(photo_jobs):
+        _, boxes, _ = results[base + q]
+        assert boxes and boxes[0][0] == job[2], "the main product is always visible"
+        queries.append(row(job[1], photo_sku[q], boxes[0][1]))
+    base += len(photo_jobs)
+    cat_id = {c: i + 1 for i, c in enumerate(CATEGORIES)}
+    coco_sets = {"train": results[base:base + n_train], "val": results[base + n_train:]}
+    n_ann = {}
+    for split, res in coco_sets.items():
+        coco = _coco(res, products, cat_id)
+        n_ann[split] = len(coco["annotations"])
+        _dump_json(out / "detection" / f"{split}.json", coco)
+    _dump_jsonl(out / "catalog.jsonl", catalog)
+    _dump_jsonl(out / "queries.jsonl", queries)
+
+    families: dict[str, list[str]] = {}
+    for p, spec in enumerate(products):
+        families.setdefault(spec.family, []).extend(product_skus[p])
+    fam_products: dict[str, int] = {}
+    for spec in products:
+        fam_products[spec.family] = fam_products.get(spec.family, 0) + 1
+    truth = {
+        "seed": seed,
+        "categories": list(CATEGORIES),
+        "near_duplicates": near_duplicates,
+        "mislabelled": mislabelled,
+        "split_skus": [{"product": products[p].product, "skus": s}
+                       for p, s in sorted(product_skus.items()) if len(s) > 1],
+        "lookalike_families": [{"family": f, "skus": sorted(s)} for f, s in families.items()
+                               if fam_products[f] > 1],
+    }
+    _dump_json(out / "truth.json", truth)
+    world = {
+        "format": FORMAT_VERSION,
+        "generator": "visearch.synth",
+        "params": {
+            "skus": skus, "seed": seed, "image_size": image_size, "shop_per_sku": shop_per_sku,
+            "photos_per_sku": photos_per_sku, "scenes": n_scenes, "dup_rate": dup_rate,
+            "mislabel_rate": mislabel_rate, "split_rate": split_rate,
+            "val_fraction": val_fraction,
+        },
+        "counts": {
+            "categories": len(CATEGORIES), "products": n_products, "skus": len(sku_ids),
+            "families": len(families), "lookalike_families": len(truth["lookalike_families"]),
+            "catalog_rows": len(catalog), "shop_images": n_shop,
+            "near_duplicates": len(near_duplicates), "mislabelled": len(mislabelled),
+            "split_products": len(truth["split_skus"]), "queries": len(queries),
+            "scenes_train": n_train, "scenes_val": n_val,
+            "annotations_train": n_ann["train"], "annotations_val": n_ann["val"],
+            "images": len(jobs),
+        },
+    }
+    _dump_json(out / "world.json", world)
+    log.info("synthetic world in %s: %s", out, world["counts"])
+    return world
+
+
+def _render(jobs: list[Job], products: list[ProductSpec], out: Path, size: int, seed: int,
+            workers: int, progress: bool) -> list[tuple[str, list[tuple[int, Box]], tuple]]:
+    bar = tqdm(total=len(jobs), desc="render", unit="img", disable=not progress)
+    args = (products, str(out), size, seed)
+    try:
+        if workers == 1:
+            _init_worker(*args)
+            results = []
+            for job in jobs:
+                results.append(_run_job(job))
+                bar.update()
+            return results
+        # spawn: workers do not inherit the caller's threads (torch, BLAS) or open files.
+        ctx = multiprocessing.get_context("spawn")
+        chunk = max(1, min(64, len(jobs) // (workers * 8)))
+        with ctx.Pool(workers, initializer=_init_worker, initargs=args) as pool:
+            results = []
+            for res in pool.imap(_run_job, jobs, chunksize=chunk):
+                results.append(res)
+                bar.update()
+            return results
+    finally:
+        bar.close()
+
+
+def _coco(results: list, products: list[ProductSpec], cat_id: dict[str, int]) -> dict:
+    images, annotations = [], []
+    for image_id, (path, boxes, (w, h)) in enumerate(results, start=1):
+        images.append({"id": image_id, "file_name": path, "width": w, "height": h})
+        for product, (x1, y1, x2, y2) in boxes:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id,
+                "category_id": cat_id[products[product].category],
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                "iscrowd": 0,
+            })
+    categories = [{"id": i, "name": c, "supercategory": "product"} for c, i in cat_id.items()]
+    return {"info": {"description": "visearch synthetic scenes"}, "images": images,
+            "annotations": annotations, "categories": categories}
