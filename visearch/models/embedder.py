@@ -1,0 +1,157 @@
+"""The retrieval embedder: trunk -> (spatial attention) -> pooling -> projection -> BN-neck.
+
+``Embedder.forward`` returns L2-normalised embeddings, so inner product is cosine similarity
+(the index searches by inner product). ``forward_features`` returns the same vectors before
+normalisation, which is what the losses take (they normalise where their formula says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visearch.models.attention import SpatialAttention
+from visearch.models.backbones import BACKBONES
+from visearch.models.pooling import POOLINGS
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FORMAT = "visearch-embedder/1"
+
+
+class Embedder(nn.Module):
+    """Image -> embedding. Input ``float [B, 3, H, W]`` (normalised with ``config['mean']`` and
+    ``config['std']``, H = W = ``config['input_size']`` by convention); output ``float [B, dim]``.
+
+    Build it with :func:`build_embedder`; ``config`` is a plain dict that, with the state dict,
+    fully describes the model (it is what :func:`save_embedder` writes).
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        channels: int,
+        *,
+        dim: int,
+        pooling: nn.Module,
+        attention: nn.Module | None,
+        config: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.attention = attention if attention is not None else nn.Identity()
+        self.pool = pooling
+        self.proj = nn.Linear(channels, dim, bias=False)
+        # BN-neck (Luo et al. 2019, "Bag of Tricks"): batch-normalised embedding, bias frozen at
+        # zero so the normalised vectors stay centred on the origin.
+        self.neck = nn.BatchNorm1d(dim)
+        self.neck.bias.requires_grad_(False)
+        self.config = dict(config)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self.config["dim"])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Un-normalised embeddings ``float [B, dim]`` (what the losses take)."""
+        fmap = self.attention(self.trunk(x))
+        pooled = self.pool(fmap)
+        return self.neck(self.proj(pooled.to(self.proj.weight.dtype)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings ``float [B, dim]``."""
+        return F.normalize(self.forward_features(x).float(), dim=1)
+
+
+def build_embedder(
+    backbone: str,
+    *,
+    dim: int = 256,
+    pooling: str = "gem",
+    attention: bool = False,
+    pretrained: str | os.PathLike[str] | None = None,
+    input_size: int = 224,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Embedder:
+    """Build an :class:`Embedder`.
+
+    Args:
+        backbone: a name in ``visearch.models.BACKBONES``.
+        dim: embedding dimension.
+        pooling: ``"gem"`` (generalised mean, learnable p) or ``"avg"``.
+        attention: insert a :class:`SpatialAttention` block after the trunk.
+        pretrained: a local torchvision weights file for the backbone's classification model
+            (e.g. ``weights/mobilenet_v2-b0353104.pth``); None trains from scratch.
+        input_size: square input side in pixels the model is trained and served at.
+        mean, std: per-channel input normalisation (RGB, for values in [0, 1]).
+    """
+    if dim <= 0:
+        raise ValueError(f"dim must be positive, got {dim}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)}")
+    factory = BACKBONES.get(backbone)
+    trunk, channels = factory(Path(pretrained) if pretrained is not None else None)
+    config = {
+        "format": FORMAT,
+        "backbone": backbone,
+        "dim": int(dim),
+        "pooling": pooling,
+        "attention": bool(attention),
+        "input_size": int(input_size),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "pretrained": os.fspath(pretrained) if pretrained is not None else None,
+    }
+    return Embedder(
+        trunk,
+        channels,
+        dim=dim,
+        pooling=POOLINGS[pooling](),
+        attention=SpatialAttention() if attention else None,
+        config=config,
+    )
+
+
+def save_embedder(model: Embedder, path: str | os.PathLike[str]) -> None:
+    """Write ``{"config", "state_dict"}`` to one file (written to a temp name, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"config": dict(model.config), "state_dict": state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_embedder(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Embedder:
+    """Load a model written by :func:`save_embedder`, in eval mode, on ``device``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embedder file {path} not found")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise ValueError(f"{path} is not a visearch embedder file (no config/state_dict)")
+    cfg = blob["config"]
+    model = build_embedder(
+        cfg["backbone"],
+        dim=cfg["dim"],
+        pooling=cfg["pooling"],
+        attention=cfg["attention"],
+        pretrained=None,
+        input_size=cfg["input_size"],
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+    )
+    model.load_state_dict(blob["state_dict"], strict=True)
+    model.config = dict(cfg)
+    logger.debug("loaded embedder %s from %s", cfg["backbone"], path)
+    return model.to(device).eval()

@@ -1,0 +1,429 @@
+"""Training loop for the retrieval embedder (library side: objects and typed args in).
+
+One epoch = ``len(sampler)`` P x K batches. After each epoch: optional validation (user-photo
+queries against the gallery, Recall@k by label) and a checkpoint holding everything needed to
+continue bit-for-bit: model, loss (its class weights), optimiser, scheduler, AMP scaler,
+epoch, config, RNG states and history. On CUDA it trains in fp16 autocast with channels_last.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from visearch.embedding import embed_arrays, load_crop
+from visearch.imageio import ImageSource
+from visearch.losses.weighted import WeightedLoss
+from visearch.metrics import retrieval_metrics
+from visearch.models.embedder import Embedder, save_embedder
+from visearch.train.sampler import PKSampler
+from visearch.transforms import train_transform
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+MODEL_FILE = "embedder.pt"
+
+Box = Sequence[float]
+
+
+@dataclass
+class ImageSet:
+    """Images with labels. ``sources[i]`` is a path, bytes or RGB ``uint8 [H, W, 3]`` array,
+    ``boxes[i]`` an ``(x1, y1, x2, y2)`` pixel crop or None, ``labels[name]`` an ``int64 [N]``
+    (or ``[N, A]`` for attributes) array; ``labels["sku"]`` is required."""
+
+    sources: Sequence[ImageSource | np.ndarray]
+    boxes: Sequence[Box | None]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.sources) != len(self.boxes):
+            raise ValueError(f"{len(self.sources)} sources but {len(self.boxes)} boxes")
+        if "sku" not in self.labels:
+            raise ValueError("ImageSet.labels needs an 'sku' int64 [N] array")
+        for name, arr in self.labels.items():
+            if len(arr) != len(self.sources):
+                raise ValueError(f"labels[{name!r}] has {len(arr)} rows for {len(self)} images")
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def crops(self) -> list[np.ndarray]:
+        """All images decoded and cropped, ``uint8 [h, w, 3]`` each."""
+        return [load_crop(s, b) for s, b in zip(self.sources, self.boxes, strict=True)]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_embedder` did. ``history`` has one dict per epoch (loss, parts,
+    images_per_s, lr, and recall@k when validating); ``step_losses`` the losses of the steps
+    run in this call (not those restored from a checkpoint)."""
+
+    model_path: Path
+    checkpoint_path: Path
+    history: list[dict[str, Any]]
+    step_losses: list[float]
+
+
+class _TrainDataset(Dataset):
+    def __init__(self, images: ImageSet, transform: Callable[[np.ndarray], torch.Tensor]):
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        crop = load_crop(self.images.sources[i], self.images.boxes[i])
+        return self.transform(crop), i
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader seeds torch per worker from the main RNG; numpy/random follow that seed.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _labels_to_tensors(labels: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v), dtype=torch.int64) for k, v in labels.items()}
+
+
+def rank_labels(
+    query_feats: np.ndarray,
+    gallery_feats: np.ndarray,
+    gallery_labels: np.ndarray,
+    depth: int,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Per query, the first ``depth`` *distinct* gallery labels ranked by inner product, and
+    each label's best score. Feats ``float32 [n, d]`` L2-normalised, labels ``int64 [G]``."""
+    sims = query_feats @ gallery_feats.T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    ranked: list[list[int]] = []
+    scores: list[list[float]] = []
+    for q in range(len(query_feats)):
+        labels = gallery_labels[order[q]]
+        # The first occurrence of each label along the item ranking gives the label ranking.
+        _, first = np.unique(labels, return_index=True)
+        keep = order[q][np.sort(first)[:depth]]
+        ranked.append([int(v) for v in gallery_labels[keep]])
+        scores.append([float(v) for v in sims[q, keep]])
+    return ranked, scores
+
+
+def evaluate(
+    model: Embedder,
+    gallery: ImageSet,
+    queries: ImageSet,
+    *,
+    relevant: Sequence[Collection[int]] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    gallery_crops: Sequence[np.ndarray] | None = None,
+    query_crops: Sequence[np.ndarray] | None = None,
+) -> dict[str, float]:
+    """Query -> gallery retrieval by ``"sku"`` label: ``recall@k``, ``map@k``, ``ndcg@k``
+    (:func:`visearch.metrics.retrieval_metrics`, tie-aware) over the distinct gallery labels.
+
+    ``relevant`` gives each query's correct labels (default: its own ``"sku"`` label; pass
+    several when one product has several SKUs). Images are cropped to their boxes;
+    pre-decoded crops may be passed to skip decoding.
+    """
+    gc = gallery_crops if gallery_crops is not None else gallery.crops()
+    qc = query_crops if query_crops is not None else queries.crops()
+    gf = embed_arrays(model, gc, batch_size=batch_size, device=device)
+    qf = embed_arrays(model, qc, batch_size=batch_size, device=device)
+    if relevant is None:
+        relevant = [{int(v)} for v in queries.labels["sku"]]
+    ranked, scores = rank_labels(qf, gf, np.asarray(gallery.labels["sku"]), max(ks))
+    return retrieval_metrics(
+        [[str(v) for v in r] for r in ranked],
+        [{str(v) for v in rel} for rel in relevant],
+        ks,
+        scores=scores,
+    )
+
+
+def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train_embedder(
+    model: Embedder,
+    loss: WeightedLoss,
+    train: ImageSet,
+    *,
+    out_dir: str | os.PathLike[str],
+    val: tuple[ImageSet, ImageSet] | None = None,
+    epochs: int = 10,
+    p: int = 16,
+    k: int = 4,
+    steps_per_epoch: int | None = None,
+    lr: float = 1e-3,
+    backbone_lr_mult: float = 0.1,
+    weight_decay: float = 5e-4,
+    warmup_steps: int | None = None,
+    transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    amp: bool = True,
+    progress: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` with ``loss`` on ``train`` using P x K batches; write checkpoints.
+
+    Args:
+        model: the embedder to train (in place); its ``forward_features`` feeds ``loss``.
+        loss: the weighted loss; its terms read ``train.labels`` by target name.
+        train: training images, cropped to their boxes, labels incl. ``"sku"`` (0..C-1).
+        out_dir: receives ``checkpoint.pt`` (after every epoch) and ``embedder.pt`` (the final
+            model, :func:`~visearch.models.save_embedder` format).
+        val: ``(gallery, queries)`` for Recall@k after each epoch (by ``"sku"`` label).
+        epochs: total epochs (a resumed run continues up to this number).
+        p, k: labels per batch and images per label; batch size ``p * k``.
+        steps_per_epoch: batches per epoch; default ``#labels // p``.
+        lr: peak learning rate (AdamW) of the head and loss parameters; the trunk uses
+            ``lr * backbone_lr_mult``. Linear warm-up (default: one epoch, at most 100 steps)
+            then cosine decay to 0 over all steps.
+        transform: ``uint8 [H, W, 3] -> float [3, S, S]``; default
+            :func:`visearch.transforms.train_transform` at the model's input size.
+        seed: seeds torch, numpy and python RNGs and the sampler; on CPU two runs with the
+            same arguments give identical weights.
+        resume: continue from ``out_dir/checkpoint.pt`` when it exists.
+        device: default CUDA when available, else CPU.
+        num_workers: DataLoader decode/augment processes.
+        amp: fp16 autocast + GradScaler on CUDA (ignored on CPU).
+        progress: show a tqdm bar with loss and images/s (for CLIs).
+        callback: called after each epoch with that epoch's history dict.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    use_amp = amp and dev.type == "cuda"
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+    cfg = model.config
+    if transform is None:
+        transform = train_transform(int(cfg["input_size"]), mean=cfg["mean"], std=cfg["std"])
+    targets_all = _labels_to_tensors(train.labels)
+    sampler = PKSampler(train.labels["sku"], p, k, seed=seed, steps_per_epoch=steps_per_epoch)
+    total_steps = epochs * len(sampler)
+    if warmup_steps is None:
+        warmup_steps = min(len(sampler), 100)
+
+    model.to(dev)
+    loss.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    trunk_ids = {id(q) for q in model.trunk.parameters()}
+    head = [q for q in model.parameters() if id(q) not in trunk_ids and q.requires_grad]
+    groups = [
+        {
+            "params": [q for q in model.trunk.parameters() if q.requires_grad],
+            "lr": lr * backbone_lr_mult,
+        },
+        {"params": head + [q for q in loss.parameters() if q.requires_grad], "lr": lr},
+    ]
+    optimiser = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, _warmup_cosine(total_steps, warmup_steps)
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    run_config = {
+        "model": dict(cfg),
+        "epochs": epochs,
+        "p": p,
+        "k": k,
+        "steps_per_epoch": len(sampler),
+        "lr": lr,
+        "backbone_lr_mult": backbone_lr_mult,
+        "weight_decay": weight_decay,
+        "warmup_steps": warmup_steps,
+        "seed": seed,
+        "amp": use_amp,
+        "loss_terms": {
+            n: [loss.weights[n], loss.targets[n], type(m).__name__] for n, m in loss.losses.items()
+        },
+    }
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        loss.load_state_dict(ckpt["loss"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        start_epoch = int(ckpt["epoch"])
+        history = list(ckpt["history"])
+        logger.info("resumed from %s at epoch %d/%d", ckpt_path, start_epoch, epochs)
+    elif resume:
+        logger.info("no checkpoint at %s; starting from scratch", ckpt_path)
+
+    gen = torch.Generator()
+    loader = DataLoader(
+        _TrainDataset(train, transform),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        worker_init_fn=_seed_worker,
+        generator=gen,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+    )
+    val_crops = (val[0].crops(), val[1].crops()) if val is not None else None
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=total_steps,
+            initial=start_epoch * len(sampler),
+            unit="step",
+            desc="train-embedder",
+        )
+    step_losses: list[float] = []
+    try:
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch)
+            # Worker seeds come from this generator; derive it from the main RNG stream so a
+            # resumed run (RNG restored) draws the same augmentations.
+            gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            model.train()
+            loss.train()
+            t0, seen, epoch_loss = time.perf_counter(), 0, 0.0
+            parts_sum: dict[str, float] = {}
+            for x, idx in loader:
+                x = x.to(dev, non_blocking=True)
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                targets = {name: t[idx].to(dev) for name, t in targets_all.items()}
+                with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+                    feats = model.forward_features(x)
+                total, parts = loss(feats.float(), targets)
+                optimiser.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                scaler.step(optimiser)
+                scaler.update()
+                scheduler.step()
+                value = float(total.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"loss became {value} at epoch {epoch + 1}; lower --lr or the margin"
+                    )
+                step_losses.append(value)
+                epoch_loss += value
+                for name, part in parts.items():
+                    parts_sum[name] = parts_sum.get(name, 0.0) + float(part)
+                seen += len(x)
+                if bar is not None:
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", img_s=f"{rate:.0f}")
+                    bar.update(1)
+            seconds = time.perf_counter() - t0
+            steps = len(sampler)
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "loss": epoch_loss / steps,
+                "parts": {n: v / steps for n, v in parts_sum.items()},
+                "images_per_s": seen / max(seconds, 1e-9),
+                "seconds": seconds,
+                "lr": scheduler.get_last_lr()[-1],
+            }
+            if val is not None and val_crops is not None:
+                # Val queries of labels absent from the gallery count as misses.
+                record.update(
+                    evaluate(
+                        model,
+                        val[0],
+                        val[1],
+                        device=dev,
+                        gallery_crops=val_crops[0],
+                        query_crops=val_crops[1],
+                    )
+                )
+            history.append(record)
+            logger.info(
+                "epoch %d/%d %s",
+                epoch + 1,
+                epochs,
+                {k_: v for k_, v in record.items() if k_ != "parts"},
+            )
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "loss": loss.state_dict(),
+                    "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1,
+                    "config": run_config,
+                    "rng": _rng_state(),
+                    "history": history,
+                },
+            )
+            if callback is not None:
+                callback(record)
+    finally:
+        if bar is not None:
+            bar.close()
+    model_path = out / MODEL_FILE
+    save_embedder(model, model_path)
+    return TrainResult(model_path, ckpt_path, history, step_losses)
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
