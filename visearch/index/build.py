@@ -1,0 +1,265 @@
+"""Write complete index versions: ``build_version`` (from gallery vectors) and
+``update_version`` (add/remove items of an existing version, written as a new version).
+
+Both write into an ``IndexRoot.staging()`` directory, which is verified and renamed into
+place only when complete; the active version is never touched until ``activate``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visearch.index import _io
+from visearch.index.gallery import GalleryIndex
+from visearch.index.graph import NeighbourGraph, build_neighbour_graph, update_neighbour_graph
+from visearch.index.items import ITEM_FIELDS, ItemStore
+from visearch.index.root import (
+    DETECTOR_FILE,
+    EMBEDDER_FILE,
+    GRAPH_DIR,
+    INDEX_DIR,
+    ITEMS_FILE,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    IndexRoot,
+    IndexVersion,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    _io.before_write(dst)
+    shutil.copyfile(src, dst)
+
+
+def _timed(what: str, t0: float) -> float:
+    seconds = time.perf_counter() - t0
+    logger.info("%s in %.2f s", what, seconds)
+    return round(seconds, 3)
+
+
+def _write_version(
+    root: IndexRoot,
+    *,
+    index: GalleryIndex,
+    graph: NeighbourGraph,
+    items: Iterable[tuple[int, Mapping[str, Any]]],
+    embedder_path: Path,
+    detector_path: Path | None,
+    manifest: dict[str, Any],
+    activate: bool,
+    timings: dict[str, float],
+) -> IndexVersion:
+    """Stage every file of a version, write its manifest, verify, publish, maybe activate."""
+    cur = root.current()
+    staging = root.staging()
+    try:
+        with staging as tmp:
+            t0 = time.perf_counter()
+            index.save(tmp / INDEX_DIR)
+            (tmp / GRAPH_DIR).mkdir()
+            graph.save(tmp / GRAPH_DIR)
+            n_items = ItemStore.write(tmp / ITEMS_FILE, items)
+            if n_items != index.ntotal:
+                raise ValueError(f"{n_items} item records for {index.ntotal} indexed vectors")
+            _copy(embedder_path, tmp / EMBEDDER_FILE)
+            model = {"file": EMBEDDER_FILE, "sha256": _io.sha256_file(tmp / EMBEDDER_FILE),
+                     "source": str(embedder_path)}
+            detector = None
+            if detector_path is not None:
+                _copy(detector_path, tmp / DETECTOR_FILE)
+                detector = {"file": DETECTOR_FILE,
+                            "sha256": _io.sha256_file(tmp / DETECTOR_FILE),
+                            "source": str(detector_path)}
+            timings["write"] = _timed("wrote index files", t0)
+            files = {}
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                rel = path.relative_to(tmp).as_posix()
+                files[rel] = {"sha256": _io.sha256_file(path), "bytes": path.stat().st_size}
+            manifest.update(
+                format_version=MANIFEST_FORMAT,
+                model=model,
+                detector=detector,
+                embedding_dim=index.dim,
+                metric="inner_product",
+                counts={"total": index.ntotal, "per_category": index.counts()},
+                factories={k or "*": v for k, v in index.factories.items()},
+                built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                timings=timings,
+                files=files,
+            )
+            _io.before_write(tmp / MANIFEST)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"disk full while writing a new index version under {root.path}: free space "
+                f"and run again; the active version ({cur}) is untouched ({e})",
+            ) from e
+        raise
+    assert staging.version is not None
+    version = root.open(staging.version)
+    if activate:
+        root.activate(version.version)
+    return version
+
+
+def build_version(
+    root: IndexRoot | str | os.PathLike[str],
+    xb: np.ndarray,
+    ids: np.ndarray,
+    items: Sequence[Mapping[str, Any]],
+    embedder_path: str | os.PathLike[str],
+    *,
+    detector_path: str | os.PathLike[str] | None = None,
+    factory: str | None = None,
+    k1: int = 20,
+    config: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, str] | None = None,
+    activate: bool = True,
+    progress: bool = False,
+) -> IndexVersion:
+    """Build a complete index version from gallery vectors and publish it under ``root``.
+
+    Args:
+        root: the index root directory (created if needed).
+        xb: float32 [N, d] L2-normalised gallery embeddings.
+        ids: int64 [N] unique item ids.
+        items: N metadata dicts with ``sku`` and ``category`` (and ``image_key``,
+            ``title``; extra keys are kept), aligned with ``xb``.
+        embedder_path: the embedder weights that produced ``xb`` (copied in).
+        detector_path: optional detector weights (copied in).
+        factory: forced faiss factory string; None chooses by gallery size.
+        k1: neighbours per item in the gallery neighbour graph.
+        config: extra JSON-serialisable build settings recorded in the manifest.
+        inputs: input name -> checksum (catalog, store...) recorded in the manifest.
+        activate: switch ``CURRENT`` to the new version.
+        progress: tqdm bars for the long stages.
+
+    Returns:
+        The published version.
+
+    Raises:
+        ValueError/TypeError: bad arguments. OSError: I/O failure (disk full says so);
+        the active version is untouched either way.
+    """
+    root = root if isinstance(root, IndexRoot) else IndexRoot(root)
+    embedder_path = Path(embedder_path)
+    if not embedder_path.is_file():
+        raise ValueError(f"embedder weights {embedder_path} do not exist")
+    det = Path(detector_path) if detector_path is not None else None
+    if det is not None and not det.is_file():
+        raise ValueError(f"detector weights {det} do not exist")
+    if len(items) != len(xb):
+        raise ValueError(f"{len(items)} item records for {len(xb)} vectors")
+    records = [{f: str(meta.get(f, "")) for f in ITEM_FIELDS} | dict(meta) for meta in items]
+    categories = [str(r["category"]) for r in records]
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    index = GalleryIndex.build(xb, ids, categories, factory=factory)
+    timings["index"] = _timed(f"built index of {index.ntotal} vectors", t0)
+    t0 = time.perf_counter()
+    graph = build_neighbour_graph(index, k1=k1, progress=progress)
+    timings["graph"] = _timed("built neighbour graph", t0)
+    ids64 = np.asarray(ids, dtype=np.int64)
+    manifest = {
+        "parent": None,
+        "next_id": int(ids64.max()) + 1,
+        "config": {"factory": factory, "k1": int(k1), **dict(config or {})},
+        "inputs": dict(inputs or {}),
+    }
+    return _write_version(
+        root, index=index, graph=graph,
+        items=zip(ids64.tolist(), records, strict=True),
+        embedder_path=embedder_path, detector_path=det, manifest=manifest,
+        activate=activate, timings=timings,
+    )
+
+
+def update_version(
+    root: IndexRoot | str | os.PathLike[str],
+    base: IndexVersion | str | None = None,
+    *,
+    add_xb: np.ndarray | None = None,
+    add_items: Sequence[Mapping[str, Any]] = (),
+    add_ids: np.ndarray | None = None,
+    remove_ids: np.ndarray | None = None,
+    activate: bool = True,
+    progress: bool = False,
+) -> IndexVersion:
+    """Write a new version equal to ``base`` plus added items minus removed ones.
+
+    The base version is not modified. The faiss index is updated in place of a rebuild
+    (IVF quantizers are not retrained), the neighbour graph incrementally.
+
+    Args:
+        root: the index root.
+        base: the version to start from (None: the active one).
+        add_xb: float32 [n, d] embeddings of new items, made with the base's embedder.
+        add_items: n metadata dicts (``sku``, ``category``, ``image_key``, ``title``).
+        add_ids: int64 [n] ids for them; None assigns ``manifest["next_id"]`` onwards.
+        remove_ids: int64 item ids to remove (unknown ids are ignored and logged).
+        activate: switch ``CURRENT`` to the new version.
+
+    Raises:
+        IndexFormatError: ``add_xb`` has the wrong dimension for the base index.
+    """
+    root = root if isinstance(root, IndexRoot) else IndexRoot(root)
+    if not isinstance(base, IndexVersion):
+        base = root.open(base)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    index = GalleryIndex.load(base.path / INDEX_DIR)
+    next_id = int(base.manifest["next_id"])
+    n_add = 0 if add_xb is None else len(add_xb)
+    if n_add != len(add_items):
+        raise ValueError(f"{len(add_items)} item records for {n_add} added vectors")
+    if add_ids is None:
+        add_ids = np.arange(next_id, next_id + n_add, dtype=np.int64)
+    add_ids = np.asarray(add_ids, dtype=np.int64)
+    records = [{f: str(meta.get(f, "")) for f in ITEM_FIELDS} | dict(meta) for meta in add_items]
+    removed = np.zeros(0, dtype=np.int64)
+    if remove_ids is not None and len(remove_ids):
+        remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))
+        present = np.isin(remove_ids, index.ids)
+        if not present.all():
+            logger.warning("ignoring %d ids not in %s: %s", int((~present).sum()),
+                           base.version, remove_ids[~present][:10].tolist())
+        removed = remove_ids[present]
+        index.remove(removed)
+    if n_add:
+        assert add_xb is not None
+        index.add(add_xb, add_ids, [r["category"] for r in records])
+    timings["index"] = _timed(f"updated index (+{n_add}, -{len(removed)})", t0)
+    t0 = time.perf_counter()
+    graph = update_neighbour_graph(base.graph, index, added_ids=add_ids, removed_ids=removed,
+                                   progress=progress)
+    timings["graph"] = _timed("updated neighbour graph", t0)
+    removed_set = set(removed.tolist())
+    kept = ((i, meta) for i, meta in base.items.items_iter() if i not in removed_set)
+    all_items = list(kept) + list(zip(add_ids.tolist(), records, strict=True))
+    manifest = {
+        "parent": base.version,
+        "next_id": max(next_id, int(add_ids.max()) + 1 if n_add else next_id),
+        "config": dict(base.manifest["config"]),
+        "inputs": dict(base.manifest.get("inputs", {})),
+        "update": {"added": n_add, "removed": int(len(removed))},
+    }
+    detector = base.detector_path
+    return _write_version(
+        root, index=index, graph=graph, items=all_items,
+        embedder_path=base.embedder_path, detector_path=detector, manifest=manifest,
+        activate=activate, timings=timings,
+    )
