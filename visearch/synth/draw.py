@@ -204,22 +204,29 @@ def _pattern(kind: str, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
 def draw_shoe(c: Canvas) -> tuple[float, float]:
     s, d = c.spec.shape, c.spec.detail
     acc = d["accent"]
-    kind = int(s["variant"])
-    top = (0.12, 0.42, 0.55)[kind] + 0.06 * s["a"]
-    toe = 0.62 + 0.1 * s["b"]
+    kind = int(s["variant"])  # 0 boot, 1 sneaker, 2 low shoe
+    top = (0.1, 0.4, 0.52)[kind] + 0.06 * s["a"]
+    back = 0.06 + 0.04 * s["b"]
+    collar = (0.36, 0.34, 0.3)[kind]
+    instep = (0.5, 0.56, 0.6)[kind] + 0.05 * s["d"]
+    toe_h = 0.62 + 0.08 * s["b"]
     sole_col = (235, 235, 228) if s["c"] > 0.4 else (40, 38, 36)
-    c.rect(0.02, 0.84, 0.98, 0.95, sole_col)
-    c.poly([(0.05, 0.86), (0.04, top), (0.3, top), (0.42, top + 0.08 + 0.1 * s["d"]),
-            (0.55, toe - 0.06), (0.86, toe + 0.06), (0.97, 0.8), (0.97, 0.86)], "body")
-    c.rect(0.04, top - 0.02, 0.3, top + 0.03, shade(c.spec.color, 0.7))
-    n = int(d["count"]) + 2
+    c.poly([(0.03, 0.84), (0.97, 0.84), (0.98, 0.9), (0.94, 0.95), (0.04, 0.95)], sole_col)
+    upper = [(back, 0.86), (back - 0.02, (top + 0.86) / 2), (back, top), (collar, top),
+             (collar + 0.04, instep), (0.62, toe_h - 0.02)]
+    upper += [(0.86 + 0.1 * math.cos(a), 0.84 - (0.84 - toe_h) * math.sin(a))
+              for a in np.linspace(math.pi / 2, 0.0, 6)]
+    c.poly(upper, "body")
+    c.rect(back, top, collar, top + 0.05, shade(c.spec.color, 0.7))
+    n = int(d["count"]) + 1
     for i in range(n):
-        u = 0.42 + 0.3 * i / n
-        vv = top + 0.08 + (toe - top) * 0.8 * i / n
-        c.line([(u, vv), (u + 0.07, vv + 0.03)], acc, 0.022)
-    c.line([(0.25, 0.8), (0.78, 0.74)], acc, 0.02)
-    c.logo(0.2, 0.66, 0.06)
-    return (0.2, 0.66)
+        f = (i + 0.5) / n
+        u = collar + 0.04 + (0.62 - collar - 0.04) * f
+        vv = instep + (toe_h - 0.02 - instep) * f
+        c.line([(u - 0.06, vv - 0.02), (u + 0.05, vv + 0.03)], acc, 0.022)
+    c.line([(0.2, 0.8), (0.8, 0.8)], acc, 0.02)
+    c.logo(0.26, 0.62, 0.06)
+    return (0.26, 0.62)
 
 
 def draw_bag(c: Canvas) -> tuple[float, float]:

@@ -148,17 +148,22 @@ def render_scene(
     size: int,
     rng: np.random.Generator,
     *,
+    distractors: Sequence[int] | None = None,
     max_distractors: int = 3,
 ) -> tuple[Image.Image, list[Placed]]:
     """A phone-style photo of product ``main`` among distractors of other categories.
 
     Returns the RGB image (``size`` x ``size``) and the placed products, main first, each
     with its tight box (x1, y1, x2, y2 in pixels, x2/y2 exclusive) after perspective.
-    Distractors are placed so that at most a quarter of either box overlaps another.
+    Distractors (indices into ``products``, default: every product of another category
+    than ``main``) are placed so that at most a quarter of either box overlaps another.
     """
     image = _clutter(size, rng)
     main_cat = products[main].category
-    others = [i for i, p in enumerate(products) if p.category != main_cat]
+    others = (
+        [i for i, p in enumerate(products) if p.category != main_cat]
+        if distractors is None else distractors
+    )
     ms = float(rng.uniform(0.38, 0.72)) * size
     mcx = float(rng.uniform(0.3, 0.7)) * size
     mcy = float(rng.uniform(0.3, 0.7)) * size
@@ -263,7 +268,7 @@ def near_duplicate(
         box = (math.floor(x1 * nw / w), math.floor(y1 * nh / h),
                min(nw, math.ceil(x2 * nw / w)), min(nh, math.ceil(y2 * nh / h)))
     elif transform == "crop":
-        m = rng.uniform(0.03, 0.08, size=4)
+        m = rng.uniform(0.02, 0.05, size=4)
         cx1, cy1 = int(m[0] * w), int(m[1] * h)
         cx2, cy2 = w - int(m[2] * w), h - int(m[3] * h)
         img = img.crop((cx1, cy1, cx2, cy2)).resize((w, h), Image.Resampling.BILINEAR)

@@ -42,7 +42,10 @@ _STATE: dict[str, Any] = {}
 
 
 def _init_worker(products: Sequence[ProductSpec], out: str, size: int, seed: int) -> None:
-    _STATE.update(products=list(products), out=Path(out), size=size, seed=seed)
+    others: dict[str, list[int]] = {}
+    for cat in {p.category for p in products}:
+        others[cat] = [i for i, p in enumerate(products) if p.category != cat]
+    _STATE.update(products=list(products), out=Path(out), size=size, seed=seed, others=others)
 
 
 def _rng(kind: int, index: int) -> np.random.Generator:
@@ -73,8 +76,11 @@ def _run_job(job: Job) -> tuple[str, list[tuple[int, Box]], tuple[int, int]]:
     else:
         kind_code = _KIND_PHOTO if kind == "photo" else _KIND_SCENE
         rng = _rng(kind_code, key)
-        image, placed = render_scene(_STATE["products"], product, size, rng,
-                                     max_distractors=3 if kind == "photo" else 4)
+        products = _STATE["products"]
+        image, placed = render_scene(
+            products, product, size, rng, distractors=_STATE["others"][products[product].category],
+            max_distractors=3 if kind == "photo" else 4,
+        )
         quality = int(rng.integers(25, 76))
         data = to_jpeg(image, quality)
         boxes = [(p.product, p.box) for p in placed]
