@@ -84,21 +84,22 @@ class Canvas:
             x1, y1 = min(w, int(self.cx + reach) + 1), min(h, int(self.cy + reach) + 1)
             x0, y0 = min(x0, max(0, x1 - 1)), min(y0, max(0, y1 - 1))
             x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-            ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-            dx, dy = xs - self.cx, ys - self.cy
-            rx = dx * self.cos + dy * self.sin
-            ry = -dx * self.sin + dy * self.cos
-            u = rx / (self.fx * self.size) + 0.5
-            v = ry / self.size + 0.5
+            dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(self.cx)
+            dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(self.cy)
+            cos, sin = np.float32(self.cos), np.float32(self.sin)
+            u = (dx * cos + dy * sin) * np.float32(1.0 / (self.fx * self.size)) + np.float32(0.5)
+            v = (dy * cos - dx * sin) * np.float32(1.0 / self.size) + np.float32(0.5)
             t = _pattern(self.spec.pattern, u, v, self.spec.pattern_scale)
             body = np.asarray(self.spec.color, np.float32)
             pat = np.asarray(self.spec.pattern_color, np.float32)
-            col = body * (1.0 - t[..., None]) + pat * t[..., None]
-            light = 1.12 - 0.28 * np.clip(v, 0, 1) - 0.18 * np.abs(np.clip(u, 0, 1) - 0.45)
-            col = col * light[..., None]
+            light = (1.12 - 0.28 * np.clip(v, 0, 1) - 0.18 * np.abs(np.clip(u, 0, 1) - 0.45))
             if self.spec.material in _GLOSSY:
-                band = np.exp(-(((u - 0.3) / 0.05) ** 2)).astype(np.float32)
-                col = col + (255.0 - col) * (0.45 * band)[..., None]
+                gloss = (0.45 * np.exp(-(((u - 0.3) * 20.0) ** 2))).astype(np.float32)
+            else:
+                gloss = np.zeros_like(u)
+            tl, gl = t[..., None], gloss[..., None]
+            col = (body + (pat - body) * tl) * light[..., None]
+            col += (255.0 - col) * gl
             tex = Image.fromarray(np.clip(col, 0, 255).astype(np.uint8))
             self._texture = (tex, (x0, y0))
         return self._texture

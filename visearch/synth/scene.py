@@ -200,9 +200,10 @@ def render_scene(
         if not skin:
             col = tuple(int(v) for v in rng.integers(0, 256, size=3))
         side = int(rng.integers(4))
-        ow, oh = float(rng.uniform(0.2, 0.4)) * ms, float(rng.uniform(0.3, 0.6)) * ms
-        ex = (mcx - reach, mcy, mcx + reach, mcy)[side]
-        ey = (mcy, mcy - reach, mcy, mcy + reach)[side]
+        ow, oh = float(rng.uniform(0.12, 0.28)) * ms, float(rng.uniform(0.2, 0.42)) * ms
+        edge = 1.1 * reach  # the occluder's centre sits just outside the product's edge
+        ex = (mcx - edge, mcy, mcx + edge, mcy)[side]
+        ey = (mcy, mcy - edge, mcy, mcy + edge)[side]
         d.ellipse((ex - ow, ey - oh, ex + ow, ey + oh), fill=col)
     # Camera perspective: the output samples a quad inside the frame, so no empty borders.
     corners = np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64)
@@ -226,13 +227,17 @@ def _camera(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     size = image.size[0]
     if rng.uniform() < 0.7:
         image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.4))))
-    a = np.asarray(image, np.float32) / 255.0
     gamma = float(rng.uniform(0.7, 1.45))
-    gain = float(rng.uniform(0.65, 1.25)) * rng.uniform(0.78, 1.22, size=3).astype(np.float32)
-    a = (a ** gamma) * gain
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    a *= (1.0 - float(rng.uniform(0.0, 0.9)) * (xx * xx + yy * yy))[..., None]
-    a = a * 255.0 + rng.normal(0.0, float(rng.uniform(2.0, 12.0)), size=a.shape)
+    gain = float(rng.uniform(0.65, 1.25)) * rng.uniform(0.78, 1.22, size=3)
+    # exposure and gamma through a per-channel lookup table: 256 values, not H*W*3
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    lut = np.clip(255.0 * (levels[None, :] ** gamma) * gain[:, None], 0, 255)
+    image = image.point(lut.round().astype(np.uint8).ravel().tolist())
+    a = np.asarray(image, np.float32)
+    r = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+    vignette = 1.0 - np.float32(rng.uniform(0.0, 0.9)) * (r[None, :] ** 2 + r[:, None] ** 2)
+    noise = rng.standard_normal(size=a.shape, dtype=np.float32)
+    a = a * vignette[..., None] + noise * np.float32(rng.uniform(2.0, 12.0))
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 

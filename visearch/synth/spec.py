@@ -151,13 +151,17 @@ def sample_products(n_products: int, rng: np.random.Generator) -> list[ProductSp
         shape = _shape_params(rng)
         brand = "".join(_SYLLABLES[int(i)] for i in rng.integers(0, len(_SYLLABLES), 2)).title()
         family = f"F{fam:05d}"
-        # Members share one base pattern colour; their pattern kinds may differ.
+        # Members share the base pattern colour; pattern kind and accent colour may differ.
         pattern_color = _contrast_color(rng, color_name)
         base_pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+        family_accent = _contrast_color(rng, color_name)
         for m in range(size):
             pattern = base_pattern
-            if m > 0 and rng.uniform() < 0.5:
+            if m > 0 and rng.uniform() < 0.35:
                 pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+            detail = _detail(rng, color_name)
+            if rng.uniform() < 0.5:
+                detail["accent"] = family_accent  # same strap/handle colour: logo tells them apart
             products.append(
                 ProductSpec(
                     product=f"P{len(products):05d}",
@@ -170,7 +174,7 @@ def sample_products(n_products: int, rng: np.random.Generator) -> list[ProductSp
                     pattern_color=pattern_color,
                     pattern_scale=float(rng.uniform(0.07, 0.16)),
                     shape=shape,
-                    detail=_detail(rng, color_name),
+                    detail=detail,
                     brand=brand,
                 )
             )
