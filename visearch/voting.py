@@ -5,8 +5,12 @@ Each source is turned into a distribution over categories, the two are mixed wit
 configurable weights, and the top category wins:
 
 ``detector[c] = score_c / sum(scores)`` (the main object's per-class scores),
-``neighbours[c] = sum(w_j for neighbours j of category c) / sum(w_j)`` with
-``w_j = max(s_j, 0) ** power`` (similarity-weighted),
+``neighbours[c] = sum(w_j for neighbours j of category c) / sum(w_j)``, similarity-weighted
+with ``w_j = exp(-(s_1 - s_j) / (t * (s_1 - s_k)))`` (a softmax over the similarities whose
+temperature ``t`` is relative to their spread over the k neighbours: the weights mean the
+same for a sharp trained model and a flat untrained one, where every similarity is ~0.98 and
+raw similarities would give every neighbour the same vote), or ``w_j = max(s_j, 0)`` when
+``t`` is None,
 ``combined[c] = (a * detector[c] + b * neighbours[c]) / (a + b)``, where a source that has
 nothing to say (no detector, a fallback box, no neighbours) drops out of the mix.
 """
@@ -21,11 +25,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class VoteWeights:
-    """How much each source counts. ``power`` sharpens the neighbours' similarity weights."""
+    """How much each source counts, and the neighbours' relative softmax temperature
+    (None: raw similarities as weights)."""
 
     detector: float = 1.0
     neighbours: float = 1.0
-    power: float = 1.0
+    temperature: float | None = 0.25
 
     def __post_init__(self) -> None:
         if self.detector < 0 or self.neighbours < 0 or self.detector + self.neighbours <= 0:
@@ -33,8 +38,8 @@ class VoteWeights:
                 f"vote weights must be >= 0 with a positive sum, got {self.detector=}, "
                 f"{self.neighbours=}"
             )
-        if self.power <= 0:
-            raise ValueError(f"power must be > 0, got {self.power}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (or None), got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,11 @@ def vote_category(
         if total > 0:
             det = {c: max(v, 0.0) / total for c, v in detector_scores.items()}
     nn: dict[str, float] = {}
-    w = np.maximum(sims, 0.0) ** weights.power
+    if weights.temperature is None or len(sims) == 0:
+        w = np.maximum(sims, 0.0)
+    else:
+        spread = max(float(sims.max() - sims.min()), 1e-6)
+        w = np.exp(-(sims.max() - sims) / (weights.temperature * spread))
     if w.sum() > 0:
         for category, wj in zip(neighbour_categories, w, strict=True):
             nn[category] = nn.get(category, 0.0) + float(wj)

@@ -1,0 +1,455 @@
+"""The query pipeline, usable without gRPC.
+
+decode and validate -> detect -> main object crop (or the caller's box) -> embed ->
+top-k neighbours over the whole index -> category vote -> search that category (or the
+caller's hint) -> k-reciprocal re-ranking -> best item per SKU -> top-K.
+
+Model inference goes through :class:`~visearch.batching.MicroBatcher` workers, so concurrent
+searches share forward passes (and the models, which are not thread-safe, see one caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from visearch.batching import MicroBatcher
+from visearch.embedding import embed_arrays
+from visearch.imageio import MAX_PIXELS, crop, decode_image
+from visearch.rerank import KReciprocalReranker
+from visearch.voting import CategoryDecision, VoteWeights, vote_category
+
+if TYPE_CHECKING:
+    from visearch.index import IndexVersion
+    from visearch.models import Embedder
+    from visearch.models.detector import Detections, MainObject, ProductDetector
+
+log = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class RerankParams:
+    """k-reciprocal parameters (the paper's defaults) and how many hits get re-ranked."""
+
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    shortlist: int = 50
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: box (x1, y1, x2, y2) in original pixels, category, score."""
+
+    box: Box
+    category: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ChosenObject:
+    """The region that was embedded. ``source``: "detector", "request" or "image"."""
+
+    box: Box
+    category: str | None
+    score: float
+    fallback: bool
+    source: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result SKU, represented by its best item. ``score`` ranks (higher is better):
+    ``1 - d*`` when re-ranked, else the cosine ``similarity``."""
+
+    sku: str
+    score: float
+    item_id: int
+    category: str
+    title: str
+    image_key: str
+    similarity: float
+
+
+@dataclass
+class SearchResult:
+    """Everything a search decided, with per-stage timings in milliseconds."""
+
+    detections: list[Detection]
+    main_object: ChosenObject
+    category: CategoryDecision
+    hits: list[Hit]
+    index_version: str
+    reranked: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DetectResult:
+    """Detections and the main object of one image (``width`` x ``height`` pixels)."""
+
+    detections: list[Detection]
+    main_object: ChosenObject
+    width: int
+    height: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    """Per-stage wall-clock timings (ms) and the deadline check between stages."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.timings: dict[str, float] = {}
+        self._t0 = self._last = time.perf_counter()
+
+    def remaining(self, before: str) -> float | None:
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"deadline exceeded before {before}")
+        return left
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + (now - self._last) * 1000.0
+        self._last = now
+
+    def done(self) -> dict[str, float]:
+        self.timings["total"] = (time.perf_counter() - self._t0) * 1000.0
+        return self.timings
+
+
+def default_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SearchPipeline:
+    """Search one index version with its embedder and an optional detector.
+
+    Args:
+        version: the index version (its index, graph and item map are used; closed by
+            :meth:`close`).
+        embedder: the model the version's gallery was embedded with.
+        detector: the product detector; None embeds the whole image (or the caller's box).
+        vote_weights: the category vote's mix (default: equal).
+        rerank: k-reciprocal parameters; None disables re-ranking altogether.
+        vote_k: neighbours over the whole index that vote on the category.
+        detect_thresh: minimum score of a main object (else the whole image is used).
+        default_top_k, max_top_k: SKUs returned when the caller says 0, and the limit.
+        max_pixels: larger images are rejected (decompression bombs, huge photos).
+        max_batch_size, batch_window_ms: dynamic micro-batching of model inference.
+        device: torch device for the models' inputs (default: where the models are).
+    """
+
+    def __init__(
+        self,
+        version: IndexVersion,
+        embedder: Embedder,
+        detector: ProductDetector | None = None,
+        *,
+        vote_weights: VoteWeights | None = None,
+        rerank: RerankParams | None = None,
+        vote_k: int = 20,
+        detect_thresh: float = 0.3,
+        default_top_k: int = 10,
+        max_top_k: int = 100,
+        max_pixels: int = MAX_PIXELS,
+        max_batch_size: int = 8,
+        batch_window_ms: float = 2.0,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if vote_k < 1 or not 1 <= default_top_k <= max_top_k:
+            raise ValueError(
+                f"need vote_k >= 1 and 1 <= default_top_k <= max_top_k, got {vote_k=}, "
+                f"{default_top_k=}, {max_top_k=}"
+            )
+        self.version = version
+        self.index = version.index
+        if self.index.dim != embedder.dim:
+            raise ValueError(
+                f"index {version.version} holds {self.index.dim}-d vectors but the embedder "
+                f"makes {embedder.dim}-d ones; load the embedder the index was built with"
+            )
+        self.embedder = embedder
+        self.detector = detector
+        self.vote_weights = vote_weights or VoteWeights()
+        self.rerank_params = rerank
+        self.vote_k = vote_k
+        self.detect_thresh = detect_thresh
+        self.default_top_k = default_top_k
+        self.max_top_k = max_top_k
+        self.max_pixels = max_pixels
+        self.device = device
+        self.categories = list(self.index.categories)
+        self.reranker: KReciprocalReranker | None = None
+        if rerank is not None and self.index.ntotal > 1:
+            graph = version.graph
+            xb = self.index.reconstruct(np.asarray(graph.ids))
+            self.reranker = KReciprocalReranker(
+                np.asarray(graph.ids), np.asarray(graph.I), xb,
+                k1=rerank.k1, k2=rerank.k2, lambda_value=rerank.lambda_value,
+            )
+        self._embed = MicroBatcher(
+            self._embed_batch, max_batch_size=max_batch_size, max_wait_ms=batch_window_ms,
+            name=f"embed-{version.version}",
+        )
+        self._detect: MicroBatcher | None = None
+        if detector is not None:
+            self._detect = MicroBatcher(
+                self._detect_batch, max_batch_size=max_batch_size,
+                max_wait_ms=batch_window_ms, name=f"detect-{version.version}",
+            )
+
+    @classmethod
+    def from_version(
+        cls,
+        version: IndexVersion,
+        *,
+        detector_path: str | None = None,
+        use_detector: bool = True,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> SearchPipeline:
+        """Load the version's embedder (and its detector, or ``detector_path``) and build."""
+        from visearch.models import load_embedder
+        from visearch.models.detector import load_detector
+
+        device = device or default_device()
+        embedder = load_embedder(version.embedder_path, device=device)
+        detector = None
+        det_path = detector_path or version.detector_path
+        if use_detector and det_path is not None:
+            detector = load_detector(det_path, device=device)
+        return cls(version, embedder, detector, device=device, **kwargs)
+
+    # ------------------------------------------------------------------ batched models
+    def _embed_batch(self, crops: list[np.ndarray]) -> np.ndarray:
+        return embed_arrays(self.embedder, crops, batch_size=len(crops), device=self.device)
+
+    def _detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
+        assert self.detector is not None
+        return self.detector.detect(images, batch_size=len(images))
+
+    @property
+    def batch_sizes(self) -> dict[str, list[int]]:
+        """Recent micro-batch sizes per model (for benchmarks)."""
+        out = {"embed": list(self._embed.batch_sizes)}
+        if self._detect is not None:
+            out["detect"] = list(self._detect.batch_sizes)
+        return out
+
+    def close(self) -> None:
+        """Stop the inference workers and release the index version's files."""
+        self._embed.close()
+        if self._detect is not None:
+            self._detect.close()
+        self.version.close()
+
+    # ------------------------------------------------------------------ validation
+    def check_top_k(self, top_k: int) -> int:
+        """0 -> the default; otherwise 1..max_top_k (ValueError saying so)."""
+        if top_k == 0:
+            return self.default_top_k
+        if not 1 <= top_k <= self.max_top_k:
+            raise ValueError(f"top_k must be between 1 and {self.max_top_k} (0 for the "
+                             f"default {self.default_top_k}), got {top_k}")
+        return int(top_k)
+
+    def check_category(self, category: str | None) -> str | None:
+        """None/"" -> None; otherwise one of the index's categories (ValueError listing them)."""
+        if not category:
+            return None
+        if category not in self.categories:
+            raise ValueError(f"unknown category {category!r}; this index has: "
+                             f"{', '.join(self.categories)}")
+        return category
+
+    @staticmethod
+    def check_box(box: Sequence[float], width: int, height: int) -> Box:
+        """A box inside the ``width`` x ``height`` image, at least 1 px (ValueError if not)."""
+        if len(box) != 4:
+            raise ValueError(f"a bbox has 4 numbers (x1, y1, x2, y2), got {len(box)}")
+        x1, y1, x2, y2 = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            raise ValueError(f"bbox has non-finite coordinates: {(x1, y1, x2, y2)}")
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            raise ValueError(f"bbox {(x1, y1, x2, y2)} is empty: need x2 > x1 and y2 > y1 "
+                             "(pixels, at least 1 wide and high)")
+        tol = 0.5
+        if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+            raise ValueError(f"bbox {(x1, y1, x2, y2)} lies outside the {width}x{height} "
+                             "image; give pixel coordinates inside it")
+        return (max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
+
+    # ------------------------------------------------------------------ stages
+    def _decode(self, image_bytes: bytes) -> np.ndarray:
+        if not image_bytes:
+            from visearch.errors import ImageDecodeError
+
+            raise ImageDecodeError("empty image: send the encoded bytes of a photo")
+        return decode_image(bytes(image_bytes), max_pixels=self.max_pixels)
+
+    def _locate(
+        self, image: np.ndarray, bbox: Sequence[float] | None, skip_detection: bool,
+        clock: _Clock,
+    ) -> tuple[list[Detection], ChosenObject, MainObject | None]:
+        h, w = image.shape[:2]
+        if bbox is not None:
+            box = self.check_box(bbox, w, h)
+            return [], ChosenObject(box, None, 1.0, False, "request"), None
+        if self._detect is None or skip_detection:
+            return [], ChosenObject((0.0, 0.0, float(w), float(h)), None, 0.0, True, "image"), None
+        from visearch.models.detector import select_main_object
+
+        dets = self._detect(image, timeout=clock.remaining("detect"))
+        names = dets.category_names()
+        detections = [
+            Detection(tuple(float(v) for v in b), c, float(s))  # type: ignore[arg-type]
+            for b, c, s in zip(dets.boxes, names, dets.scores, strict=True)
+        ]
+        main = select_main_object(dets, image.shape, score_thresh=self.detect_thresh)
+        chosen = ChosenObject(tuple(float(v) for v in main.box), main.category,  # type: ignore[arg-type]
+                              float(main.score), bool(main.fallback),
+                              "image" if main.fallback else "detector")
+        return detections, chosen, main
+
+    def _embed_crop(self, image: np.ndarray, box: Box, clock: _Clock) -> np.ndarray:
+        region = np.array(crop(image, box))  # a writable copy for torch
+        return np.asarray(self._embed(region, timeout=clock.remaining("embed")), np.float32)
+
+    # ------------------------------------------------------------------ public API
+    def detect(self, image_bytes: bytes, *, deadline: float | None = None) -> DetectResult:
+        """Detections and the main object (the whole image without a detector)."""
+        clock = _Clock(deadline)
+        image = self._decode(image_bytes)
+        clock.lap("decode")
+        detections, chosen, _ = self._locate(image, None, False, clock)
+        clock.lap("detect")
+        h, w = image.shape[:2]
+        return DetectResult(detections, chosen, w, h, clock.done())
+
+    def embed(
+        self, image_bytes: bytes, *, bbox: Sequence[float] | None = None,
+        skip_detection: bool = False, deadline: float | None = None,
+    ) -> tuple[np.ndarray, ChosenObject, dict[str, float]]:
+        """(float32 [d] L2-normalised embedding, the embedded region, timings ms)."""
+        clock = _Clock(deadline)
+        image = self._decode(image_bytes)
+        clock.lap("decode")
+        _, chosen, _ = self._locate(image, bbox, skip_detection, clock)
+        clock.lap("detect")
+        vec = self._embed_crop(image, chosen.box, clock)
+        clock.lap("embed")
+        return vec, chosen, clock.done()
+
+    def search(
+        self,
+        image_bytes: bytes,
+        *,
+        top_k: int = 0,
+        category_hint: str | None = None,
+        bbox: Sequence[float] | None = None,
+        rerank: bool = True,
+        skip_detection: bool = False,
+        deadline: float | None = None,
+    ) -> SearchResult:
+        """Find the SKUs of the product in a photo.
+
+        Args:
+            image_bytes: the encoded photo.
+            top_k: SKUs to return (0: the default; at most ``max_top_k``).
+            category_hint: search this category instead of the voted one.
+            bbox: (x1, y1, x2, y2) pixels of the product, instead of the detector's.
+            rerank: k-reciprocal re-ranking (when the pipeline has it).
+            skip_detection: embed the whole image (or ``bbox``) without detecting.
+            deadline: ``time.monotonic()`` instant after which ``TimeoutError`` is raised.
+
+        Raises:
+            ImageDecodeError (a ValueError): empty, broken, non-image or oversized input.
+            ValueError: bad top_k, unknown category, bbox outside the image.
+            TimeoutError: the deadline passed.
+        """
+        top_k = self.check_top_k(top_k)
+        hint = self.check_category(category_hint)
+        clock = _Clock(deadline)
+        image = self._decode(image_bytes)
+        clock.lap("decode")
+        detections, chosen, main = self._locate(image, bbox, skip_detection, clock)
+        clock.lap("detect")
+        xq = self._embed_crop(image, chosen.box, clock)[None]
+        clock.lap("embed")
+
+        use_rerank = rerank and self.reranker is not None
+        k_all = self.vote_k
+        if use_rerank:
+            assert self.reranker is not None
+            k_all = max(k_all, self.reranker.k1)
+        D, I = self.index.search(xq, k_all)  # noqa: E741
+        nn_ids, nn_sims = I[0][I[0] >= 0], D[0][I[0] >= 0]
+        clock.lap("search_all")
+
+        vote_ids = nn_ids[: self.vote_k]
+        det_scores = None
+        if main is not None and not main.fallback:
+            det_scores = {c: s for c, s in main.category_scores.items() if c in self.categories}
+        decision = vote_category(
+            det_scores, self.index.categories_of(vote_ids), nn_sims[: self.vote_k],
+            weights=self.vote_weights, hint=hint,
+        )
+        clock.lap("vote")
+
+        clock.remaining("search_category")
+        shortlist = max(4 * top_k, self.rerank_params.shortlist if self.rerank_params else 0)
+        Dc, Ic = self.index.search(xq, shortlist, category=decision.category)
+        keep = Ic[0] >= 0
+        cand_ids, cand_sims = Ic[0][keep], Dc[0][keep]
+        clock.lap("search_category")
+
+        scores = cand_sims.astype(np.float32)
+        if use_rerank and len(cand_ids):
+            assert self.reranker is not None
+            clock.remaining("rerank")
+            final, _ = self.reranker.rerank(xq[0], nn_ids, cand_ids)
+            scores = 1.0 - final
+            order = np.argsort(final, kind="stable")
+            cand_ids, cand_sims, scores = cand_ids[order], cand_sims[order], scores[order]
+        clock.lap("rerank")
+
+        hits = self._group(cand_ids, cand_sims, scores, top_k)
+        clock.lap("group")
+        return SearchResult(detections, chosen, decision, hits, self.version.version,
+                            bool(use_rerank), clock.done())
+
+    def _group(
+        self, ids: np.ndarray, sims: np.ndarray, scores: np.ndarray, top_k: int
+    ) -> list[Hit]:
+        """Best (first) item per SKU, in rank order, ``top_k`` SKUs."""
+        metas = self.version.items.get_many(ids.tolist())
+        hits: list[Hit] = []
+        seen: set[str] = set()
+        for item_id, sim, score, meta in zip(ids, sims, scores, metas, strict=True):
+            if meta is None:
+                log.warning("item %d is in the index but not in the item map", item_id)
+                continue
+            sku = str(meta["sku"])
+            if sku in seen:
+                continue
+            seen.add(sku)
+            hits.append(Hit(sku, float(score), int(item_id), str(meta.get("category", "")),
+                            str(meta.get("title", "")), str(meta.get("image_key", "")),
+                            float(sim)))
+            if len(hits) == top_k:
+                break
+        return hits
