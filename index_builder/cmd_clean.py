@@ -1,9 +1,474 @@
-"""Subcommands of ``visearch-index`` (placeholder until its subsystem lands)."""
+"""``visearch-index dedup | clean | merge``: the catalog-cleaning stages.
+
+Each is a resumable stage (``index_builder.stage.run_stage``) under ``--out``: it is skipped
+when its inputs (checksums) and parameters are unchanged. None rewrites the catalog; each
+writes what to drop or rename, which ``visearch.cleaning.apply_cleaning`` applies:
+
+- ``<out>/dedup/removed.json``: JSON list of catalog ``image`` fields (duplicates to drop);
+  ``report.json`` has the groups, each removal's representative and distance.
+- ``<out>/clean/removed.jsonl``: one ``{"image", "sku", "reason", "distance"}`` per line.
+- ``<out>/merge/sku_map.json``: ``{old_sku: style_id}`` for every SKU; ``report.json`` has
+  the merge groups with their scores and the rounds.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index_builder.stage import StageResult, file_checksum, run_stage
+from visearch.catalog import CatalogRow, read_manifest
+from visearch.cleaning import apply_cleaning, denoise_skus, merge_skus
+from visearch.cleaning.denoise import EPS, MIN_SIZE, RETURN_THRESH
+from visearch.cleaning.merge import FOLDS, THRESHOLDS
+from visearch.dedup import HASH_SIZE, RADIUS, dedup_images
+from visearch.errors import ManifestError
+
+EMBED_STAGE = "clean-embed"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to ``sub`` (none yet)."""
+    """Add ``dedup``, ``clean`` and ``merge``."""
+    p = sub.add_parser(
+        "dedup",
+        help="find exact (MD5) and near (dHash) duplicate catalog images",
+        description="Hash every catalog image (MD5 of the bytes, dHash of a small decode), "
+        "group duplicates within a Hamming radius, keep the largest (then earliest) image of "
+        "each group. Writes <out>/dedup/removed.json and report.json; deletes nothing.",
+    )
+    _common(p)
+    p.add_argument("--radius", type=int, default=RADIUS, help="inclusive Hamming radius")
+    p.add_argument("--hash-size", type=int, default=HASH_SIZE, help="dHash grid side")
+    p.add_argument(
+        "--method",
+        choices=("auto", "flat", "multihash"),
+        default="auto",
+        help="faiss binary index for the Hamming range search",
+    )
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="hashing processes")
+    p.set_defaults(func=run_dedup)
+
+    p = sub.add_parser(
+        "clean",
+        help="SKU denoising: drop images that do not fit their SKU (hierarchical DBSCAN)",
+        description="Per SKU: DBSCAN (cosine, min_samples 2) keeps the largest cluster; images "
+        "outside it within --return-thresh of it come back. Writes <out>/clean/removed.jsonl.",
+    )
+    _common(p)
+    _embedding_args(p)
+    p.add_argument("--eps", type=float, default=EPS, help="step-1 DBSCAN eps (cosine dist.)")
+    p.add_argument(
+        "--return-thresh",
+        type=float,
+        default=RETURN_THRESH,
+        help="step 2 returns images within this cosine distance of the core; <0 skips step 2",
+    )
+    p.add_argument("--return-rule", choices=("centroid", "nearest"), default="centroid")
+    p.add_argument("--min-size", type=int, default=MIN_SIZE, help="smaller SKUs are kept whole")
+    p.set_defaults(func=run_clean)
+
+    p = sub.add_parser(
+        "merge",
+        help="SKU merging: merge SKUs a classifier confuses both ways (one product, two ids)",
+        description="Cross-validated linear classifier over SKUs; SKU pairs whose symmetrised "
+        "confusion exceeds the threshold merge; retrain and repeat down the threshold "
+        "schedule. Writes <out>/merge/sku_map.json and report.json.",
+    )
+    _common(p)
+    _embedding_args(p)
+    p.add_argument(
+        "--thresholds",
+        type=_floats,
+        default=THRESHOLDS,
+        help="comma-separated schedule, highest first (default %(default)s)",
+    )
+    p.add_argument("--folds", type=int, default=FOLDS, help="cross-validation folds")
+    p.add_argument("--soft", action="store_true", help="confusion from probabilities")
+    p.add_argument(
+        "--across-categories",
+        action="store_true",
+        help="one classifier over all SKUs (default: one per category, merging within it)",
+    )
+    p.set_defaults(func=run_merge)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalog", type=Path, required=True, help="catalog.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="work directory of the stages")
+    p.add_argument("--force", action="store_true", help="run even when up to date")
+    p.add_argument("--lenient", action="store_true", help="skip bad catalog rows")
+
+
+def _embedding_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="embedder .pt (visearch save_embedder)")
+    src.add_argument(
+        "--embeddings",
+        type=Path,
+        help=".npz with 'embeddings' float32 [N, D] and 'images' [N] (catalog image fields), "
+        "or .npy [rows, D] aligned with the catalog rows",
+    )
+    p.add_argument(
+        "--exclude",
+        type=Path,
+        action="append",
+        default=[],
+        help="removed.json / removed.jsonl of an earlier stage (repeatable)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
+    p.add_argument("--num-workers", type=int, default=0, help="decode workers when embedding")
+    p.add_argument("--device", default=None, help="torch device (default: the model's)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+# ---- stage outputs, for the rebuild pipeline ------------------------------------------------
+
+
+def read_removed(path: str | os.PathLike[str]) -> set[str]:
+    """Catalog ``image`` fields listed in a ``removed.json`` (JSON list of strings or of
+    objects with ``image``) or ``removed.jsonl`` (one object with ``image`` per line)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        items: Iterable[Any] = (json.loads(line) for line in text.splitlines() if line.strip())
+    else:
+        items = json.loads(text)
+    out: set[str] = set()
+    for it in items:
+        out.add(it if isinstance(it, str) else it["image"])
+    return out
+
+
+def read_sku_map(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``{old_sku: style_id}`` map written by ``merge``."""
+    return dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def rows_digest(rows: Sequence[CatalogRow]) -> str:
+    """Digest of every image's name, size and mtime: changes when an image file changes,
+    without reading the images."""
+    h = hashlib.sha256()
+    for r in rows:
+        st = r.path.stat()
+        h.update(f"{r.image}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _labels_digest(rows: Sequence[CatalogRow]) -> str:
+    """Digest of the rows' images, SKUs and categories (what denoise and merge read)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r.image}\0{r.sku}\0{r.category}\n".encode())
+    return h.hexdigest()
+
+
+def _read_catalog(args: argparse.Namespace) -> list[CatalogRow] | None:
+    try:
+        return read_manifest(args.catalog, strict=not args.lenient).rows
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _report(result: StageResult, what: str) -> None:
+    state = "up to date, skipped" if result.skipped else f"done in {result.seconds:.1f} s"
+    summary = ", ".join(f"{k} {v}" for k, v in result.summary.items())
+    print(f"{what}: {state}: {summary} -> {result.out_dir}")
+
+
+# ---- dedup ------------------------------------------------------------------------------------
+
+
+def dedup_stage(
+    rows: Sequence[CatalogRow],
+    work_dir: Path,
+    *,
+    inputs: dict[str, Any],
+    radius: int = RADIUS,
+    hash_size: int = HASH_SIZE,
+    method: str = "auto",
+    workers: int = 1,
+    force: bool = False,
+) -> StageResult:
+    """The ``dedup`` stage over catalog ``rows``: ``<work_dir>/dedup/removed.json`` and
+    ``report.json``. ``inputs`` identifies the catalog (e.g. ``{"catalog": checksum}``); the
+    images' names, sizes and mtimes are added to the fingerprint here."""
+    fingerprint = {**inputs, "images": rows_digest(rows), "radius": radius, "hash_size": hash_size}
+
+    def work(out: Path) -> dict[str, Any]:
+        result = dedup_images(
+            [r.path for r in rows],
+            [r.image for r in rows],
+            radius=radius,
+            hash_size=hash_size,
+            method=method,
+            workers=workers,
+            progress=True,
+        )
+        _write_json(out / "removed.json", sorted(result.removed_images))
+        _write_json(out / "report.json", result.to_dict())
+        return result.summary()
+
+    return run_stage("dedup", work_dir, fingerprint, work, force=force)
+
+
+def run_dedup(args: argparse.Namespace) -> int:
+    rows = _read_catalog(args)
+    if rows is None:
+        return 1
+    result = dedup_stage(
+        rows,
+        args.out,
+        inputs={"catalog": file_checksum(args.catalog)},
+        radius=args.radius,
+        hash_size=args.hash_size,
+        method=args.method,
+        workers=args.workers,
+        force=args.force,
+    )
+    _report(result, "dedup")
+    return 0
+
+
+# ---- embeddings shared by clean and merge -----------------------------------------------------
+
+
+def _load_embeddings(path: Path, rows: Sequence[CatalogRow]) -> np.ndarray:
+    """``float32 [len(rows), D]`` for the catalog ``rows``, from an ``.npz`` (matched by
+    image) or an ``.npy`` (one row per catalog row, in catalog order)."""
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            emb, images = z["embeddings"], [str(s) for s in z["images"]]
+        pos = {name: i for i, name in enumerate(images)}
+        missing = [r.image for r in rows if r.image not in pos]
+        if missing:
+            raise ValueError(f"{path}: no embedding for {len(missing)} image(s), e.g. {missing[0]}")
+        return np.ascontiguousarray(emb[[pos[r.image] for r in rows]], dtype=np.float32)
+    emb = np.load(path, allow_pickle=False)
+    if emb.ndim != 2 or len(emb) != len(rows):
+        raise ValueError(
+            f"{path}: expected [{len(rows)}, D] (one row per catalog row), got {emb.shape}; "
+            "or pass an .npz with 'embeddings' and 'images'"
+        )
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def _embeddings(args: argparse.Namespace, rows: list[CatalogRow]) -> tuple[np.ndarray, str]:
+    """Embeddings of all catalog ``rows`` and a checksum of where they came from."""
+    if args.embeddings is not None:
+        emb = _load_embeddings(args.embeddings, rows)
+        return emb, file_checksum(args.embeddings)
+    from visearch.embedding import embed_items
+    from visearch.models import load_embedder
+
+    fingerprint = {
+        "catalog": file_checksum(args.catalog),
+        "images": rows_digest(rows),
+        "model": file_checksum(args.model),
+    }
+
+    def work(out: Path) -> dict[str, Any]:
+        model = load_embedder(args.model, device=args.device or "cpu")
+        items = ((i, r.path, r.bbox) for i, r in enumerate(rows))
+        ids, feats = [], []
+        for b_ids, b_feats in embed_items(
+            model,
+            items,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            progress=True,
+        ):
+            ids.append(b_ids)
+            feats.append(b_feats)
+        emb = np.concatenate(feats)[np.argsort(np.concatenate(ids))]
+        np.savez(out / "embeddings.npz", embeddings=emb, images=np.array([r.image for r in rows]))
+        return {"images": len(rows), "dim": int(emb.shape[1])}
+
+    result = run_stage(EMBED_STAGE, args.out, fingerprint, work, force=args.force)
+    _report(result, "embed")
+    path = result.out_dir / "embeddings.npz"
+    return _load_embeddings(path, rows), file_checksum(path)
+
+
+def _cleaning_inputs(
+    args: argparse.Namespace,
+) -> tuple[list[CatalogRow], np.ndarray, dict[str, Any]] | None:
+    """The catalog rows left after ``--exclude``, their embeddings, and the fingerprint."""
+    rows = _read_catalog(args)
+    if rows is None:
+        return None
+    try:
+        emb, emb_sum = _embeddings(args, rows)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    removed: set[str] = set()
+    for path in args.exclude:
+        removed |= read_removed(path)
+    keep = np.array([r.image not in removed for r in rows], dtype=bool)
+    kept_rows = apply_cleaning(rows, removed)
+    fingerprint = {
+        "catalog": file_checksum(args.catalog),
+        "embeddings": emb_sum,
+        "exclude": [file_checksum(p) for p in args.exclude],
+    }
+    return kept_rows, emb[keep], fingerprint
+
+
+# ---- clean ------------------------------------------------------------------------------------
+
+
+def clean_stage(
+    rows: Sequence[CatalogRow],
+    embeddings: np.ndarray,
+    work_dir: Path,
+    *,
+    inputs: dict[str, Any],
+    eps: float = EPS,
+    return_thresh: float | None = RETURN_THRESH,
+    return_rule: str = "centroid",
+    min_size: int = MIN_SIZE,
+    force: bool = False,
+) -> StageResult:
+    """The ``clean`` stage (SKU denoising) over ``rows`` and their ``embeddings``
+    (``float32 [len(rows), D]``): ``<work_dir>/clean/removed.jsonl`` and ``report.json``.
+    ``inputs`` identifies rows and embeddings (checksums) for the fingerprint."""
+    fingerprint = {
+        **inputs,
+        "rows": _labels_digest(rows),
+        "eps": eps,
+        "return_thresh": return_thresh,
+        "return_rule": return_rule,
+        "min_size": min_size,
+    }
+
+    def work(out: Path) -> dict[str, Any]:
+        result = denoise_skus(
+            embeddings,
+            [r.sku for r in rows],
+            eps=eps,
+            return_thresh=return_thresh,
+            return_rule=return_rule,
+            min_size=min_size,
+            progress=True,
+        )
+        with open(out / "removed.jsonl", "w", encoding="utf-8") as f:
+            for rem in result.removed:
+                rec = {
+                    "image": rows[rem.index].image,
+                    "sku": rem.sku,
+                    "reason": rem.reason,
+                    "distance": rem.distance,
+                }
+                f.write(json.dumps(rec) + "\n")
+        report = result.to_dict()
+        for rec in report["removed_detail"]:
+            rec["image"] = rows[rec.pop("index")].image
+        _write_json(out / "report.json", report)
+        return result.summary()
+
+    return run_stage("clean", work_dir, fingerprint, work, force=force)
+
+
+def run_clean(args: argparse.Namespace) -> int:
+    inputs = _cleaning_inputs(args)
+    if inputs is None:
+        return 1
+    rows, emb, fingerprint = inputs
+    result = clean_stage(
+        rows,
+        emb,
+        args.out,
+        inputs=fingerprint,
+        eps=args.eps,
+        return_thresh=args.return_thresh if args.return_thresh >= 0 else None,
+        return_rule=args.return_rule,
+        min_size=args.min_size,
+        force=args.force,
+    )
+    _report(result, "clean")
+    return 0
+
+
+# ---- merge ------------------------------------------------------------------------------------
+
+
+def merge_stage(
+    rows: Sequence[CatalogRow],
+    embeddings: np.ndarray,
+    work_dir: Path,
+    *,
+    inputs: dict[str, Any],
+    thresholds: Sequence[float] = THRESHOLDS,
+    folds: int = FOLDS,
+    soft: bool = False,
+    by_category: bool = True,
+    force: bool = False,
+) -> StageResult:
+    """The ``merge`` stage over ``rows`` and their ``embeddings``: ``<work_dir>/merge/
+    sku_map.json`` (every SKU -> style id) and ``report.json``."""
+    fingerprint = {
+        **inputs,
+        "rows": _labels_digest(rows),
+        "thresholds": list(thresholds),
+        "folds": folds,
+        "soft": soft,
+        "by_category": by_category,
+    }
+
+    def work(out: Path) -> dict[str, Any]:
+        result = merge_skus(
+            embeddings,
+            [r.sku for r in rows],
+            categories=[r.category for r in rows] if by_category else None,
+            thresholds=thresholds,
+            folds=folds,
+            soft=soft,
+            progress=True,
+        )
+        _write_json(out / "sku_map.json", result.sku_map)
+        _write_json(out / "report.json", result.to_dict())
+        return result.summary()
+
+    return run_stage("merge", work_dir, fingerprint, work, force=force)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    inputs = _cleaning_inputs(args)
+    if inputs is None:
+        return 1
+    rows, emb, fingerprint = inputs
+    result = merge_stage(
+        rows,
+        emb,
+        args.out,
+        inputs=fingerprint,
+        thresholds=args.thresholds,
+        folds=args.folds,
+        soft=args.soft,
+        by_category=not args.across_categories,
+        force=args.force,
+    )
+    _report(result, "merge")
+    return 0

@@ -1,0 +1,142 @@
+"""The dedup / clean / merge stages through their CLI: outputs, and skipping when up to date."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from index_builder import cmd_clean
+
+D = 16
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    cmd_clean.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _run(*argv: str) -> int:
+    args = _parser().parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+@pytest.fixture()
+def world(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A 13-row catalog: SKUs A and C are one product (embeddings from one cluster), B is
+    another; a4 is a byte copy of a0; b3 is filed under B but is something else. Returns the
+    catalog and an .npz of hand-built embeddings."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    names = [f"a{i}" for i in range(4)] + [f"b{i}" for i in range(4)] + [f"c{i}" for i in range(4)]
+    for name in names:
+        noise = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / "img" / f"{name}.jpg", quality=90)
+    shutil.copyfile(tmp_path / "img" / "a0.jpg", tmp_path / "img" / "a4.jpg")
+    names.append("a4")
+    with open(tmp_path / "catalog.jsonl", "w") as f:
+        for name in names:
+            row = {"image": f"img/{name}.jpg", "sku": name[0].upper(), "category": "bag"}
+            f.write(json.dumps(row) + "\n")
+
+    def around(axis: int, n: int) -> np.ndarray:
+        x = np.eye(D)[axis] + 0.3 * rng.standard_normal((n, D)) / np.sqrt(D)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    emb = np.concatenate([around(0, 4), around(1, 3), np.eye(D)[[7]], around(0, 4), around(0, 1)])
+    np.savez(
+        tmp_path / "emb.npz",
+        embeddings=emb.astype(np.float32),
+        images=np.array([f"img/{n}.jpg" for n in names]),
+    )
+    return tmp_path / "catalog.jsonl", tmp_path / "emb.npz"
+
+
+def test_dedup_writes_removed_and_skips_when_up_to_date(world, tmp_path, capsys):
+    catalog, _ = world
+    out = tmp_path / "work"
+    assert _run("dedup", "--catalog", catalog, "--out", out, "--workers", 1) == 0
+    assert json.loads((out / "dedup" / "removed.json").read_text()) == ["img/a4.jpg"]
+    report = json.loads((out / "dedup" / "report.json").read_text())
+    assert report["groups_detail"] == [
+        {"keep": "img/a0.jpg", "members": ["img/a0.jpg", "img/a4.jpg"]}
+    ]
+    done = out / "dedup" / "done.json"
+    mtime = done.stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert _run("dedup", "--catalog", catalog, "--out", out, "--workers", 1) == 0
+    assert "up to date, skipped" in capsys.readouterr().out
+    assert done.stat().st_mtime_ns == mtime
+
+    # A changed parameter runs the stage again.
+    assert _run("dedup", "--catalog", catalog, "--out", out, "--radius", 3) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert json.loads(done.read_text())["fingerprint"]["radius"] == 3
+
+
+def test_clean_then_merge_from_precomputed_embeddings(world, tmp_path, capsys):
+    catalog, emb = world
+    out = tmp_path / "work"
+    assert _run("dedup", "--catalog", catalog, "--out", out, "--workers", 1) == 0
+    dedup_removed = out / "dedup" / "removed.json"
+
+    common = ("--catalog", catalog, "--out", out, "--embeddings", emb, "--exclude", dedup_removed)
+    assert _run("clean", *common, "--eps", 0.1, "--return-thresh", 0.3) == 0
+    lines = (out / "clean" / "removed.jsonl").read_text().splitlines()
+    assert [json.loads(x)["image"] for x in lines] == ["img/b3.jpg"]
+    assert json.loads(lines[0])["sku"] == "B" and json.loads(lines[0])["reason"] == "noise"
+    assert cmd_clean.read_removed(out / "clean" / "removed.jsonl") == {"img/b3.jpg"}
+
+    clean_removed = out / "clean" / "removed.jsonl"
+    merge_args = (*common, "--exclude", clean_removed, "--thresholds", "0.4,0.2", "--folds", 3)
+    assert _run("merge", *merge_args) == 0
+    sku_map = cmd_clean.read_sku_map(out / "merge" / "sku_map.json")
+    assert sku_map == {"A": "A", "B": "B", "C": "A"}
+    report = json.loads((out / "merge" / "report.json").read_text())
+    assert [g["skus"] for g in report["groups"]] == [["A", "C"]]
+    done = out / "merge" / "done.json"
+    mtime = done.stat().st_mtime_ns
+    capsys.readouterr()
+    assert _run("merge", *merge_args) == 0
+    assert "merge: up to date, skipped" in capsys.readouterr().out
+    assert done.stat().st_mtime_ns == mtime
+
+
+def test_misaligned_embeddings_are_refused(world, tmp_path, capsys):
+    catalog, _ = world
+    np.save(tmp_path / "short.npy", np.eye(D, dtype=np.float32)[:5])
+    rc = _run(
+        "clean",
+        "--catalog",
+        catalog,
+        "--out",
+        tmp_path / "w",
+        "--embeddings",
+        tmp_path / "short.npy",
+    )
+    assert rc == 1
+    assert "one row per catalog row" in capsys.readouterr().err
+
+
+def test_stage_function_reports_skipped(world, tmp_path):
+    from visearch.catalog import read_manifest
+
+    catalog, _ = world
+    rows = read_manifest(catalog).rows
+    first = cmd_clean.dedup_stage(rows, tmp_path / "w", inputs={"catalog": "x"})
+    again = cmd_clean.dedup_stage(rows, tmp_path / "w", inputs={"catalog": "x"})
+    assert (first.skipped, again.skipped) == (False, True)
+    assert again.summary == first.summary and first.summary["removed"] == 1
+    # Touching an image file changes the fingerprint: the stage runs again.
+    (catalog.parent / "img" / "b0.jpg").write_bytes(
+        (catalog.parent / "img" / "b1.jpg").read_bytes()
+    )
+    third = cmd_clean.dedup_stage(rows, tmp_path / "w", inputs={"catalog": "x"})
+    assert not third.skipped and third.summary["removed"] == 2
