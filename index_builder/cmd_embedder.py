@@ -1,9 +1,289 @@
-"""Subcommands of ``visearch-index`` (placeholder until its subsystem lands)."""
+"""``visearch-index train-embedder`` and ``visearch-index embed``.
+
+Loss and backbone names are resolved here (the CLI edge) through registries; the library
+receives objects and plain arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from visearch.catalog import read_manifest
+from visearch.embedding import embed_items
+from visearch.losses import (
+    ArcFaceLoss,
+    AttributeLoss,
+    BatchHardTripletLoss,
+    CosFaceLoss,
+    LossTerm,
+    NormFaceLoss,
+    SoftmaxLoss,
+    WeightedLoss,
+)
+from visearch.models import BACKBONES, POOLINGS, build_embedder, load_embedder
+from visearch.registry import Registry
+from visearch.train.embedder import LabelVocab, train_embedder
+from visearch.transforms import train_transform
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = {"mobilenet_v2": "mobilenet_v2-b0353104.pth"}
+_REPO = Path(__file__).resolve().parent.parent
+
+# name -> factory(dim, num_classes, margin | None, scale | None) -> loss module
+LossFactory = Callable[[int, int, float | None, float | None], nn.Module]
+LOSSES: Registry[LossFactory] = Registry("loss")
+
+
+def _kw(margin: float | None, scale: float | None) -> dict[str, float]:
+    out = {}
+    if margin is not None:
+        out["margin"] = margin
+    if scale is not None:
+        out["scale"] = scale
+    return out
+
+
+LOSSES.register("arcface")(lambda d, c, m, s: ArcFaceLoss(d, c, **_kw(m, s)))
+LOSSES.register("cosface")(lambda d, c, m, s: CosFaceLoss(d, c, **_kw(m, s)))
+LOSSES.register("normface")(lambda d, c, m, s: NormFaceLoss(d, c, **_kw(None, s)))
+LOSSES.register("softmax")(lambda d, c, m, s: SoftmaxLoss(d, c))
+
+
+def default_pretrained(backbone: str) -> Path | None:
+    """The local ImageNet weights file for ``backbone`` when one is shipped, else None."""
+    name = DEFAULT_WEIGHTS.get(backbone)
+    if name is None:
+        return None
+    for root in (Path.cwd(), _REPO):
+        if (root / "weights" / name).is_file():
+            return root / "weights" / name
+    return None
+
+
+def build_loss(
+    name: str,
+    dim: int,
+    vocab: LabelVocab,
+    *,
+    margin: float | None = None,
+    scale: float | None = None,
+    triplet_weight: float = 0.0,
+    triplet_margin: float = 0.3,
+    category_weight: float = 0.0,
+    attribute_weight: float = 0.0,
+) -> WeightedLoss:
+    """The training loss from CLI choices: ``name`` on SKUs (+ optional triplet on SKUs,
+    category head, attribute heads)."""
+    terms = [LossTerm(name, LOSSES.get(name)(dim, len(vocab.skus), margin, scale))]
+    if triplet_weight > 0:
+        terms.append(LossTerm("triplet", BatchHardTripletLoss(triplet_margin), triplet_weight))
+    if category_weight > 0 and len(vocab.categories) > 1:
+        terms.append(
+            LossTerm(
+                "category",
+                SoftmaxLoss(dim, len(vocab.categories)),
+                category_weight,
+                target="category",
+            )
+        )
+    if attribute_weight > 0 and vocab.attributes:
+        sizes = [max(1, len(v)) for v in vocab.attributes.values()]
+        terms.append(
+            LossTerm("attributes", AttributeLoss(dim, sizes), attribute_weight, target="attributes")
+        )
+    return WeightedLoss(terms)
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    catalog = read_manifest(args.catalog, strict=not args.lenient)
+    attr_names = [a for a in args.attributes.split(",") if a] if args.attribute_weight else []
+    vocab = LabelVocab.from_rows(catalog.rows, attr_names)
+    train = vocab.image_set(catalog.rows)
+    val = None
+    if args.val_queries:
+        queries = read_manifest(args.val_queries, strict=not args.lenient)
+        val = (train, vocab.image_set(queries.rows))
+    if args.pretrained == "none":
+        pretrained = None
+    elif args.pretrained:
+        pretrained = Path(args.pretrained)
+    else:
+        pretrained = default_pretrained(args.backbone)
+    model = build_embedder(
+        args.backbone,
+        dim=args.dim,
+        pooling=args.pooling,
+        attention=args.attention,
+        pretrained=pretrained,
+        input_size=args.image_size,
+    )
+    loss = build_loss(
+        args.loss,
+        args.dim,
+        vocab,
+        margin=args.margin,
+        scale=args.scale,
+        triplet_weight=args.triplet_weight,
+        category_weight=args.category_weight,
+        attribute_weight=args.attribute_weight,
+    )
+    cfg = model.config
+    transform = train_transform(
+        args.image_size, mean=cfg["mean"], std=cfg["std"], erasing=args.erasing
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "labels.json").write_text(
+        json.dumps(
+            {"skus": vocab.skus, "categories": vocab.categories, "attributes": vocab.attributes}
+        )
+    )
+    print(
+        f"training {args.backbone} ({'pretrained ' + str(pretrained) if pretrained else 'scratch'})"
+        f" on {len(train)} images of {len(vocab.skus)} SKUs; loss {list(loss.losses)}"
+    )
+    t0 = time.perf_counter()
+    result = train_embedder(
+        model,
+        loss,
+        train,
+        out_dir=out,
+        val=val,
+        epochs=args.epochs,
+        p=args.p,
+        k=args.k,
+        steps_per_epoch=args.steps_per_epoch,
+        lr=args.lr,
+        backbone_lr_mult=args.backbone_lr_mult,
+        transform=transform,
+        seed=args.seed,
+        resume=args.resume,
+        device=_device(args.device),
+        num_workers=args.workers,
+        progress=not args.quiet,
+        callback=lambda r: print(_epoch_line(r), flush=True),
+    )
+    summary = {
+        "model": str(result.model_path),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "last_epoch": {k: v for k, v in result.history[-1].items() if k != "parts"}
+        if result.history
+        else None,
+    }
+    (out / "history.json").write_text(json.dumps(result.history, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _epoch_line(r: dict) -> str:
+    line = f"epoch {r['epoch']}: loss {r['loss']:.4f}, {r['images_per_s']:.1f} img/s"
+    if "recall@1" in r:
+        line += f", val R@1 {r['recall@1']:.4f} R@5 {r['recall@5']:.4f}"
+    return line
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    catalog = read_manifest(args.catalog, strict=not args.lenient)
+    model = load_embedder(args.model, device=_device(args.device))
+    items = ((r.line, r.path, r.bbox if not args.no_crop else None) for r in catalog.rows)
+    feats = np.zeros((len(catalog.rows), model.dim), dtype=np.float32)
+    ids = np.zeros(len(catalog.rows), dtype=np.int64)
+    n = 0
+    t0 = time.perf_counter()
+    for batch_ids, batch_feats in embed_items(
+        model,
+        items,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=not args.quiet,
+    ):
+        ids[n : n + len(batch_ids)] = batch_ids
+        feats[n : n + len(batch_ids)] = batch_feats
+        n += len(batch_ids)
+    seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, feats)
+    ids_path = out.with_name(out.stem + ".ids.npy")
+    np.save(ids_path, ids)
+    print(
+        f"embedded {n} images ({n / max(seconds, 1e-9):.1f} img/s) -> {out} and {ids_path}"
+        " (ids = catalog line numbers)"
+    )
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to ``sub`` (none yet)."""
+    """Add ``train-embedder`` and ``embed`` to ``sub``."""
+    t = sub.add_parser("train-embedder", help="train the margin-loss retrieval embedder")
+    t.add_argument("--catalog", required=True, type=Path, help="catalog.jsonl (shop images)")
+    t.add_argument("--val-queries", type=Path, help="queries.jsonl for Recall@k each epoch")
+    t.add_argument("--out", required=True, type=Path, help="output dir (checkpoint, model)")
+    t.add_argument("--backbone", default="mobilenet_v2", choices=BACKBONES.names())
+    t.add_argument("--dim", type=int, default=256, help="embedding dimension")
+    t.add_argument("--pooling", default="gem", choices=sorted(POOLINGS))
+    t.add_argument("--attention", action="store_true", help="add the spatial attention block")
+    t.add_argument("--loss", default="arcface", choices=LOSSES.names())
+    t.add_argument("--margin", type=float, help="margin (loss default when unset)")
+    t.add_argument("--scale", type=float, help="logit scale s (loss default when unset)")
+    t.add_argument("--triplet-weight", type=float, default=0.0, help="batch-hard triplet term")
+    t.add_argument("--category-weight", type=float, default=0.0, help="auxiliary category head")
+    t.add_argument("--attribute-weight", type=float, default=0.0, help="auxiliary attribute heads")
+    t.add_argument(
+        "--attributes",
+        default="color,pattern,material",
+        help="comma-separated attribute names for the attribute heads",
+    )
+    t.add_argument("--erasing", type=float, default=0.5, help="random erasing probability")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--p", type=int, default=32, help="SKUs per batch")
+    t.add_argument("--k", type=int, default=4, help="images per SKU in a batch")
+    t.add_argument("--steps-per-epoch", type=int, help="default: #SKUs // p")
+    t.add_argument("--image-size", type=int, default=224, help="square input side, pixels")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW lr (head, loss)")
+    t.add_argument("--backbone-lr-mult", type=float, default=0.1, help="trunk lr = lr * this")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--pretrained",
+        help="torchvision weights file, or 'none' (default: "
+        "weights/mobilenet_v2-b0353104.pth for mobilenet_v2 when present)",
+    )
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--workers", type=int, default=0, help="DataLoader decode processes")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    t.add_argument("--lenient", action="store_true", help="skip bad manifest rows")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("embed", help="embed a catalog's images with a trained embedder")
+    e.add_argument("--catalog", required=True, type=Path)
+    e.add_argument("--model", required=True, type=Path, help="embedder.pt")
+    e.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="features .npy (float32 [N, dim]); ids go to <stem>.ids.npy",
+    )
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--device")
+    e.add_argument("--no-crop", action="store_true", help="ignore bboxes")
+    e.add_argument("--lenient", action="store_true", help="skip bad manifest rows")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_embed)

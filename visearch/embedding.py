@@ -93,13 +93,14 @@ def _check_array(image: np.ndarray) -> np.ndarray:
         raise TypeError(f"expected an RGB uint8 [H, W, 3] array, got {got}")
     if image.shape[2] != 3:
         raise ValueError(f"expected 3 channels (RGB), got shape {image.shape}")
-    return image
+    # torch.from_numpy (inside the transform) warns on read-only arrays such as PIL's.
+    return image if image.flags.writeable else image.copy()
 
 
 def load_crop(src: ImageSource | np.ndarray, box: Box | None) -> np.ndarray:
     """Decode ``src`` (path, bytes or an RGB array) and crop it to ``box`` (pixels) if given."""
     image = _check_array(src) if isinstance(src, np.ndarray) else decode_image(src)
-    return np.ascontiguousarray(crop(image, box))
+    return np.array(crop(image, box), dtype=np.uint8, order="C")  # a writable copy
 
 
 class _ItemDataset(Dataset):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from visearch.catalog import CatalogRow
 from visearch.embedding import embed_arrays, load_crop
 from visearch.imageio import ImageSource
 from visearch.losses.weighted import WeightedLoss
@@ -63,6 +64,47 @@ class ImageSet:
     def crops(self) -> list[np.ndarray]:
         """All images decoded and cropped, ``uint8 [h, w, 3]`` each."""
         return [load_crop(s, b) for s, b in zip(self.sources, self.boxes, strict=True)]
+
+
+@dataclass
+class LabelVocab:
+    """String labels -> contiguous ids: ``skus[i]`` is SKU label ``i``, likewise categories
+    and the values of each attribute in ``attributes`` (names in a fixed order)."""
+
+    skus: list[str]
+    categories: list[str]
+    attributes: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(
+        cls, rows: Sequence[CatalogRow], attribute_names: Sequence[str] = ()
+    ) -> LabelVocab:
+        """Sorted vocabularies of the SKUs, categories and named attributes in ``rows``."""
+        return cls(
+            skus=sorted({r.sku for r in rows}),
+            categories=sorted({r.category for r in rows}),
+            attributes={
+                a: sorted({r.attributes[a] for r in rows if a in r.attributes})
+                for a in attribute_names
+            },
+        )
+
+    def image_set(self, rows: Sequence[CatalogRow]) -> ImageSet:
+        """``rows`` as an :class:`ImageSet` (path + bbox) with ``"sku"``, ``"category"`` and,
+        when attributes are named, ``"attributes"`` ``[N, A]`` labels; unknown values -> -1."""
+        sku = {v: i for i, v in enumerate(self.skus)}
+        cat = {v: i for i, v in enumerate(self.categories)}
+        labels = {
+            "sku": np.array([sku.get(r.sku, -1) for r in rows], dtype=np.int64),
+            "category": np.array([cat.get(r.category, -1) for r in rows], dtype=np.int64),
+        }
+        if self.attributes:
+            index = {a: {v: i for i, v in enumerate(vals)} for a, vals in self.attributes.items()}
+            labels["attributes"] = np.array(
+                [[index[a].get(r.attributes.get(a, ""), -1) for a in index] for r in rows],
+                dtype=np.int64,
+            ).reshape(len(rows), len(index))
+        return ImageSet([r.path for r in rows], [r.bbox for r in rows], labels)
 
 
 @dataclass

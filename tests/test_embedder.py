@@ -1,0 +1,105 @@
+"""The embedder model: registry, shapes, normalisation, pooling, attention, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from visearch.models import (
+    BACKBONES,
+    GeM,
+    SpatialAttention,
+    build_embedder,
+    load_embedder,
+    save_embedder,
+)
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def test_registry_lists_the_backbones() -> None:
+    assert {"resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "tiny"} <= set(
+        BACKBONES.names()
+    )
+    with pytest.raises(KeyError, match="mobilenet_v2"):
+        build_embedder("vgg16")
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "mobilenet_v3_large"])
+def test_forward_gives_unit_vectors_of_dim(backbone: str) -> None:
+    torch.manual_seed(0)
+    model = build_embedder(backbone, dim=24, attention=True).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 64, 64))
+    assert out.shape == (3, 24) and out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    assert model.config["backbone"] == backbone and model.config["attention"] is True
+    assert {"dim", "pooling", "input_size", "mean", "std"} <= set(model.config)
+
+
+def test_gem_matches_formula_and_p1_is_average_pooling() -> None:
+    x = torch.rand(2, 5, 4, 3) + 0.1
+    gem = GeM(p=3.0)
+    expected = (x**3).mean(dim=(2, 3)) ** (1 / 3)
+    torch.testing.assert_close(gem(x), expected)
+    torch.testing.assert_close(GeM(p=1.0)(x), x.mean(dim=(2, 3)))
+    assert gem(x).sum().requires_grad and gem.p.requires_grad
+
+
+def test_spatial_attention_starts_as_scaled_identity_and_learns_a_spatial_mask() -> None:
+    att = SpatialAttention(kernel_size=3)
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(att(x), 1.5 * x)  # zero-initialised: mask = sigmoid(0)
+    assert att.mask(x).shape == (2, 1, 5, 5)  # one weight per location, none per channel
+    att(x).square().sum().backward()
+    assert att.conv.weight.grad.abs().sum() > 0
+
+
+def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_embedder("tiny", dim=16, pooling="avg", attention=True, input_size=40)
+    model.train()
+    model(torch.randn(4, 3, 40, 40))  # move the BN running statistics off their defaults
+    model.eval()
+    path = tmp_path / "m" / "embedder.pt"
+    save_embedder(model, path)
+    loaded = load_embedder(path)
+    assert loaded.config == model.config and not loaded.training
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_load_rejects_missing_and_foreign_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_embedder(tmp_path / "nope.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a visearch embedder"):
+        load_embedder(tmp_path / "other.pt")
+
+
+def test_bad_arguments_say_what_to_do() -> None:
+    with pytest.raises(ValueError, match="pooling"):
+        build_embedder("tiny", pooling="max")
+    with pytest.raises(ValueError, match="no pretrained"):
+        build_embedder("tiny", pretrained="x.pth")
+    with pytest.raises(FileNotFoundError, match="pretrained=None"):
+        build_embedder("resnet18", pretrained="/nonexistent/weights.pth")
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="ImageNet MobileNetV2 weights not installed")
+def test_pretrained_mobilenet_v2_loads_the_official_weights_strictly() -> None:
+    model = build_embedder("mobilenet_v2", pretrained=WEIGHTS).eval()
+    reference = torchvision.models.mobilenet_v2(weights=None)
+    reference.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+    reference.eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model.trunk(x), reference.features(x))
+        # ImageNet features are meaningful: the reference classifier still works on them.
+        logits = reference.classifier(F.adaptive_avg_pool2d(model.trunk(x), 1).flatten(1))
+    assert logits.shape == (1, 1000)
