@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     digest = sha256_of(part)
     if not digest.startswith(SHA256_PREFIX):
         part.unlink()
-        print(f"weights: sha256 {digest[:8]} does not match {SHA256_PREFIX}; refused", file=sys.stderr)
+        print(
+            f"weights: sha256 {digest[:8]} does not match {SHA256_PREFIX}; refused",
+            file=sys.stderr,
+        )
         return 1
     part.replace(target)
     print(f"weights: {target} (sha256 {digest[:8]}...) ready")
