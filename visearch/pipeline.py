@@ -177,6 +177,7 @@ class SearchPipeline:
             )
         self.version = version
         self.index = version.index
+        self.items = version.items  # opened here: lazy opening from many threads would race
         if self.index.dim != embedder.dim:
             raise ValueError(
                 f"index {version.version} holds {self.index.dim}-d vectors but the embedder "
@@ -436,7 +437,7 @@ class SearchPipeline:
         self, ids: np.ndarray, sims: np.ndarray, scores: np.ndarray, top_k: int
     ) -> list[Hit]:
         """Best (first) item per SKU, in rank order, ``top_k`` SKUs."""
-        metas = self.version.items.get_many(ids.tolist())
+        metas = self.items.get_many(ids.tolist())
         hits: list[Hit] = []
         seen: set[str] = set()
         for item_id, sim, score, meta in zip(ids, sims, scores, metas, strict=True):
