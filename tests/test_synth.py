@@ -339,4 +339,4 @@ def test_cli_generates_a_world_and_a_contact_sheet(tmp_path, capsys):
     sheet = tmp_path / "sheet.png"
     assert synth_main(["sheet", "--world", str(out), "--out", str(sheet), "--rows", "3"]) == 0
     with Image.open(sheet) as im:
-        assert im.size == (150 + 7 * 128, 3 * 128)
+        assert im.size == (150 + 7 * 128, (3 + 1) * 128)  # + the row of detection scenes

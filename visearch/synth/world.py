@@ -203,16 +203,28 @@ def generate_world(
     n_mis = int(round(mislabel_rate * n_shop))
     mislabelled = []
     mis_rows = set()
-    if n_products >= 2:
+    by_category: dict[str, list[int]] = {}
+    for i, p in enumerate(products):
+        by_category.setdefault(p.category, []).append(i)
+    if len({p.family for p in products}) >= 2:
         for r in sorted(int(i) for i in rng.choice(n_shop, size=n_mis, replace=False)):
             filed = products[shop_jobs[r][2]]
-            pool = [i for i, p in enumerate(products) if p.family != filed.family]
-            same = [i for i in pool if products[i].category == filed.category]
-            if same and rng.uniform() < 0.5:
-                pool = same
-            if not pool:
+            # Half the time a product of the same category (the hard case for cleaning);
+            # rejection sampling keeps planning O(1) per row at any catalog size.
+            pools = [range(n_products)]
+            if rng.uniform() < 0.5:
+                pools.insert(0, by_category[filed.category])
+            true_p = -1
+            for pool in pools:
+                for _try in range(64):
+                    cand = pool[int(rng.integers(len(pool)))]
+                    if products[cand].family != filed.family:
+                        true_p = cand
+                        break
+                if true_p >= 0:
+                    break
+            if true_p < 0:
                 continue
-            true_p = pool[int(rng.integers(len(pool)))]
             kind, path, _, key, closeup = shop_jobs[r]
             shop_jobs[r] = (kind, path, true_p, key, closeup)
             mis_rows.add(r)
