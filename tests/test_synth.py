@@ -65,6 +65,14 @@ def test_different_seeds_differ(small_world, tmp_path):
     assert not same
 
 
+def test_regenerating_in_place_leaves_no_stale_images(tmp_path):
+    tiny = {"image_size": 48, "scenes": 4, "workers": 1}
+    generate_world(tmp_path / "w", skus=20, seed=2, **tiny)
+    generate_world(tmp_path / "w", skus=12, seed=3, **tiny)
+    generate_world(tmp_path / "fresh", skus=12, seed=3, **tiny)
+    assert _tree(tmp_path / "w") == _tree(tmp_path / "fresh")
+
+
 # ---- manifests -----------------------------------------------------------------------------
 
 

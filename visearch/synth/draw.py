@@ -133,6 +133,7 @@ class Canvas:
 
     def rect(self, u1: float, v1: float, u2: float, v2: float, fill: RGB | str,
              outline: bool = True):
+        """An axis-aligned rectangle in product coordinates (rotates with the product)."""
         self.poly([(u1, v1), (u2, v1), (u2, v2), (u1, v2)], fill, outline)
 
     def line(self, pts: Sequence[tuple[float, float]], fill: Sequence[int], width: float):
@@ -144,6 +145,7 @@ class Canvas:
 
     def ring(self, cu: float, cv: float, ru: float, rv: float, fill: Sequence[int],
              width: float, a0: float = 0.0, a1: float = 2 * math.pi, n: int = 20):
+        """An elliptic arc drawn as a line of ``width`` product units (handles, straps)."""
         pts = [
             (cu + ru * math.cos(a0 + (a1 - a0) * i / n), cv + rv * math.sin(a0 + (a1 - a0) * i / n))
             for i in range(n + 1)
