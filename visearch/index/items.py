@@ -11,6 +11,7 @@ import json
 import numbers
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,36 @@ def _key(item_id: int) -> bytes:
     return _KEY.pack(int(item_id))
 
 
+# py-lmdb refuses to open one file twice in a process, but several IndexVersion objects
+# (a reload, a verify beside a server) may read the same version: share one env per file.
+_ENVS: dict[str, list[Any]] = {}  # realpath -> [env, users]
+_ENVS_LOCK = threading.Lock()
+
+
+def _acquire_env(path: Path) -> lmdb.Environment:
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            env = lmdb.open(key, subdir=False, readonly=True, lock=False, readahead=False,
+                            max_readers=512)
+            entry = _ENVS[key] = [env, 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_env(path: Path) -> None:
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            entry[0].close()
+            del _ENVS[key]
+
+
 class ItemStore(Mapping[int, dict[str, Any]]):
     """Read-only ``Mapping[int, dict]`` of item metadata; ``close()`` when done."""
 
@@ -36,12 +67,10 @@ class ItemStore(Mapping[int, dict[str, Any]]):
         if not self.path.is_file():
             raise IndexFormatError(f"missing item map {self.path}")
         try:
-            self._env = lmdb.open(
-                str(self.path), subdir=False, readonly=True, lock=False,
-                readahead=False, max_readers=512,
-            )
+            self._env = _acquire_env(self.path)
         except lmdb.Error as e:
             raise IndexFormatError(f"cannot open item map {self.path}: {e}") from e
+        self._closed = False
 
     @staticmethod
     def write(
@@ -110,4 +139,7 @@ class ItemStore(Mapping[int, dict[str, Any]]):
             return txn.get(_key(item_id)) is not None
 
     def close(self) -> None:
-        self._env.close()
+        """Release this store's handle (the file closes when its last reader closes)."""
+        if not self._closed:
+            self._closed = True
+            _release_env(self.path)
