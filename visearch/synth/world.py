@@ -186,12 +186,12 @@ def generate_world(
     for p, e in zip(split_products, extra, strict=True):
         listings += [(int(p), s + 1) for s in range(e)]
     order = rng.permutation(len(listings))
-    sku_of = [""] * len(listings)  # listing position -> SKU id
+    # fixed-width ids sort in id order (S00012 < S00100), however large the world
+    sku_width = max(5, len(str(skus - 1)))
     sku_product: dict[str, int] = {}
     sku_seller: dict[str, int] = {}
     for new_id, li in enumerate(order):
-        sku = f"S{new_id:05d}"
-        sku_of[int(li)] = sku
+        sku = f"S{new_id:0{sku_width}d}"
         sku_product[sku], sku_seller[sku] = listings[int(li)]
     sku_ids = sorted(sku_product)
     product_skus: dict[int, list[str]] = {}
@@ -258,17 +258,20 @@ def generate_world(
     pairs = [(sku, k) for sku in sku_ids for k in range(photos_per_sku)]
     photo_jobs: list[Job] = []
     photo_sku: list[str] = []
+    q_width = max(6, len(str(len(pairs))))
     for qi, pi in enumerate(rng.permutation(len(pairs)) if pairs else []):
         sku = pairs[int(pi)][0]
-        photo_jobs.append(("photo", f"photos/Q{qi + 1:06d}.jpg", sku_product[sku], qi, None))
+        photo_jobs.append(("photo", f"photos/Q{qi + 1:0{q_width}d}.jpg", sku_product[sku], qi,
+                           None))
         photo_sku.append(sku)
     n_val = int(round(val_fraction * n_scenes))
     n_train = n_scenes - n_val
+    t_width = max(6, len(str(n_scenes)))
     mains = np.concatenate([rng.permutation(n_products)
                             for _ in range(n_scenes // n_products + 1)])[:n_scenes]
     scene_jobs: list[Job] = [
-        ("scene", f"scenes/T{i + 1:06d}.jpg" if i < n_train else
-         f"scenes/V{i - n_train + 1:06d}.jpg", int(mains[i]), i, None)
+        ("scene", f"scenes/T{i + 1:0{t_width}d}.jpg" if i < n_train else
+         f"scenes/V{i - n_train + 1:0{t_width}d}.jpg", int(mains[i]), i, None)
         for i in range(n_scenes)
     ]
 
