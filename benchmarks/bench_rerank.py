@@ -5,10 +5,11 @@ O(N^2) method on the same gallery, their agreement, and Recall@K with and withou
     .venv/bin/python -m benchmarks.bench_rerank --index-root ROOT --world DIR
 
 Synthetic (default): a seeded gallery of ``n / per`` SKUs in families of look-alikes, ``per``
-images each around the SKU's centre; queries are noisier draws of a SKU's centre (a domain gap like user photos vs
-shop images). With ``--index-root`` the gallery is a real index version and the queries are
-the world's user photos (ground-truth boxes), embedded with the version's embedder; split
-SKUs count as correct. Candidates are the query's top ``--shortlist`` over the whole gallery.
+images each around the SKU's centre; queries are noisier draws of a SKU's centre (a domain
+gap like user photos vs shop images). With ``--index-root`` the gallery is a real index
+version and the queries are the world's user photos (ground-truth boxes), embedded with the
+version's embedder; split SKUs count as correct. Candidates are the query's top
+``--shortlist`` over the whole gallery.
 """
 
 from __future__ import annotations
