@@ -1,9 +1,315 @@
-"""Subcommands of ``visearch-index`` (placeholder until its subsystem lands)."""
+"""``visearch-index`` index-version commands: build, list, activate, rollback, verify, add,
+remove, gc.
+
+Each command is a thin edge over ``visearch.index``: it reads the catalog, embeds with
+``visearch.embedding.embed_items`` (tqdm bar), calls the library and prints what happened.
+Library errors (bad rows, corrupt files, dimension mismatches) become one ``error:`` line
+on stderr and exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from index_builder.stage import file_checksum
+from visearch.catalog import CatalogRow, read_manifest
+from visearch.errors import IndexFormatError, VisearchError
+from visearch.index import IndexRoot, IndexVersion, build_version, update_version
+
+logger = logging.getLogger(__name__)
+
+
+def _cli_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the library's caller-facing errors into one stderr line and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (VisearchError, ValueError, OSError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _item(row: CatalogRow) -> dict[str, Any]:
+    return {"sku": row.sku, "category": row.category, "image_key": row.image,
+            "title": row.title, "attributes": dict(row.attributes), "line": row.line}
+
+
+def _read_catalog(path: Path, lenient: bool) -> list[CatalogRow]:
+    t0 = time.perf_counter()
+    catalog = read_manifest(path, strict=not lenient)
+    if catalog.rejects:
+        print(f"skipped {len(catalog.rejects)} bad row(s) of {path} (lines "
+              f"{', '.join(str(r.line) for r in catalog.rejects[:20])}"
+              f"{' ...' if len(catalog.rejects) > 20 else ''}); see "
+              f"{path.with_suffix('.rejects.jsonl')}", file=sys.stderr)
+    if not catalog.rows:
+        raise ValueError(f"{path}: no usable rows")
+    logger.info("read %d rows of %s in %.2f s", len(catalog.rows), path,
+                time.perf_counter() - t0)
+    return catalog.rows
+
+
+def _embed(rows: Sequence[CatalogRow], model_path: Path, args: argparse.Namespace
+           ) -> tuple[np.ndarray, int]:
+    """Embed catalog rows (cropped to their bbox): float32 [N, d] in row order, and d."""
+    from visearch.embedding import embed_items
+    from visearch.models import load_embedder
+
+    t0 = time.perf_counter()
+    model = load_embedder(model_path, device=_device(args.device))
+    dim = int(model.config["dim"])
+    xb = np.zeros((len(rows), dim), dtype=np.float32)
+    items = ((i, r.path, None if args.no_crop else r.bbox) for i, r in enumerate(rows))
+    for ids, feats in embed_items(model, items, batch_size=args.batch_size,
+                                  num_workers=args.workers, progress=not args.quiet):
+        xb[ids] = feats
+    seconds = time.perf_counter() - t0
+    logger.info("embedded %d images in %.1f s (%.1f img/s)", len(rows), seconds,
+                len(rows) / max(seconds, 1e-9))
+    return xb, dim
+
+
+def _summary(version: IndexVersion, root: IndexRoot) -> str:
+    m = version.manifest
+    active = " (active)" if root.current() == version.version else ""
+    return (f"{version.version}{active}: {m['counts']['total']} items in "
+            f"{len(m['counts']['per_category'])} categories, d={m['embedding_dim']}, "
+            f"{m['factories'].get('*')}, timings {m.get('timings')}")
+
+
+@_cli_errors
+def cmd_build(args: argparse.Namespace) -> int:
+    rows = _read_catalog(args.catalog, args.lenient)
+    xb, _ = _embed(rows, args.model, args)
+    t0 = time.perf_counter()
+    version = build_version(
+        args.root, xb, np.arange(len(rows), dtype=np.int64), [_item(r) for r in rows],
+        args.model, detector_path=args.detector, factory=args.factory, k1=args.k1,
+        config={"crop": not args.no_crop},
+        inputs={"catalog": file_checksum(args.catalog), "catalog_path": str(args.catalog)},
+        activate=not args.no_activate, progress=not args.quiet,
+    )
+    logger.info("built %s in %.1f s", version.version, time.perf_counter() - t0)
+    print(_summary(version, IndexRoot(args.root)))
+    return 0
+
+
+@_cli_errors
+def cmd_list(args: argparse.Namespace) -> int:
+    root = IndexRoot(args.root)
+    current, history = root.current(), root.history()
+    target = history[-1] if history else None
+    versions = root.versions()
+    if not versions:
+        print(f"no index versions in {root.path}")
+        return 0
+    print(f"{'':2}{'version':24} {'built (UTC)':21} {'items':>9} {'dim':>5} "
+          f"{'index':18} parent")
+    for name in versions:
+        try:
+            m = root.open(name).manifest
+        except IndexFormatError as e:
+            print(f"  {name:24} unreadable: {e}")
+            continue
+        mark = "*" if name == current else ("<" if name == target else "")
+        print(f"{mark:2}{name:24} {m['built_at']:21} {m['counts']['total']:>9} "
+              f"{m['embedding_dim']:>5} {m['factories'].get('*', '?'):18} {m.get('parent') or '-'}")
+    print("* active, < rollback target")
+    return 0
+
+
+@_cli_errors
+def cmd_activate(args: argparse.Namespace) -> int:
+    root = IndexRoot(args.root)
+    if not args.no_verify:
+        report = root.open(args.version).verify(checksums=True)
+        if not report.ok:
+            raise IndexFormatError(f"{args.version} fails verification, not activated: "
+                                   + "; ".join(report.problems))
+    before = root.current()
+    root.activate(args.version)
+    print(f"active: {args.version} (was {before})")
+    return 0
+
+
+@_cli_errors
+def cmd_rollback(args: argparse.Namespace) -> int:
+    root = IndexRoot(args.root)
+    before = root.current()
+    target = root.rollback()
+    print(f"active: {target} (was {before})")
+    return 0
+
+
+@_cli_errors
+def cmd_verify(args: argparse.Namespace) -> int:
+    root = IndexRoot(args.root)
+    version = root.open(args.version)
+    report = version.verify(sample=args.sample, checksums=not args.no_checksums)
+    if report.ok and not args.no_model:
+        from visearch.models import load_embedder
+
+        dim = int(load_embedder(version.embedder_path).config["dim"])
+        report.checks["model_dim"] = dim
+        if dim != version.dim:
+            report.problems.append(f"embedder dim {dim} != index dim {version.dim}")
+    print(json.dumps({"version": version.version, "ok": report.ok,
+                      "problems": report.problems, "checks": report.checks}, indent=1))
+    return 0 if report.ok else 1
+
+
+@_cli_errors
+def cmd_add(args: argparse.Namespace) -> int:
+    root = IndexRoot(args.root)
+    base = root.open(args.version)
+    model_path = base.embedder_path
+    if args.model is not None:
+        model_path = args.model
+    rows = _read_catalog(args.catalog, args.lenient)
+    xb, dim = _embed(rows, model_path, args)
+    if dim != base.dim:
+        raise IndexFormatError(
+            f"model {model_path} makes {dim}-d embeddings but {base.version} holds {base.dim}-d"
+            " vectors: add with the version's own model, or `build` a new index"
+        )
+    if args.model is not None and file_checksum(args.model) != base.manifest["model"][
+            "sha256"]:
+        raise ValueError(
+            f"{args.model} is not the model {base.version} was built with; embeddings of "
+            "different models are not comparable: omit --model or `build` a new index"
+        )
+    version = update_version(root, base, add_xb=xb, add_items=[_item(r) for r in rows],
+                             activate=not args.no_activate, progress=not args.quiet)
+    print(f"added {len(rows)} items to {base.version}: " + _summary(version, root))
+    return 0
+
+
+@_cli_errors
+def cmd_remove(args: argparse.Namespace) -> int:
+    root = IndexRoot(args.root)
+    base = root.open(args.version)
+    skus = set(args.sku or [])
+    if args.skus_file:
+        skus.update(s.strip() for s in args.skus_file.read_text().splitlines() if s.strip())
+    if not skus:
+        raise ValueError("name SKUs to remove with --sku and/or --skus-file")
+    t0 = time.perf_counter()
+    ids, found = [], set()
+    for item_id, meta in base.items.items_iter():
+        if meta["sku"] in skus:
+            ids.append(item_id)
+            found.add(meta["sku"])
+    missing = sorted(skus - found)
+    if missing:
+        print(f"warning: {len(missing)} SKU(s) not in {base.version}: {missing[:20]}",
+              file=sys.stderr)
+    if not ids:
+        raise ValueError(f"none of the {len(skus)} SKU(s) is in {base.version}; nothing to do")
+    logger.info("found %d items of %d SKUs in %.2f s", len(ids), len(found),
+                time.perf_counter() - t0)
+    version = update_version(root, base, remove_ids=np.array(ids, dtype=np.int64),
+                             activate=not args.no_activate, progress=not args.quiet)
+    print(f"removed {len(ids)} items ({len(found)} SKUs) from {base.version}: "
+          + _summary(version, root))
+    return 0
+
+
+@_cli_errors
+def cmd_gc(args: argparse.Namespace) -> int:
+    deleted = IndexRoot(args.root).gc(args.keep)
+    print(f"deleted {len(deleted)} version(s): {' '.join(deleted) or '-'}")
+    return 0
+
+
+def _embed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64, help="images per embedder batch")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader decode processes")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--no-crop", action="store_true", help="embed whole images, ignore bboxes")
+    p.add_argument("--lenient", action="store_true",
+                   help="skip bad catalog rows (reported) instead of failing on the first")
+    p.add_argument("--no-activate", action="store_true", help="publish without activating")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to ``sub`` (none yet)."""
+    """Add the index-version subcommands to ``sub``."""
+
+    def root_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--root", required=True, type=Path, help="index root directory")
+
+    p = sub.add_parser("build", help="embed a catalog and build, verify and activate a version")
+    root_arg(p)
+    p.add_argument("--catalog", required=True, type=Path, help="catalog.jsonl")
+    p.add_argument("--model", required=True, type=Path, help="embedder.pt")
+    p.add_argument("--detector", type=Path, help="detector weights to ship with the version")
+    p.add_argument("--factory", help="force a faiss index_factory string (default: by size)")
+    p.add_argument("--k1", type=int, default=20, help="neighbours per item in the graph")
+    _embed_options(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("list", help="list index versions (active and rollback target marked)")
+    root_arg(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("activate", help="switch the active version (atomic)")
+    root_arg(p)
+    p.add_argument("version")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
+    p.set_defaults(func=cmd_activate)
+
+    p = sub.add_parser("rollback", help="re-activate the previously active version")
+    root_arg(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("verify", help="checksums, counts, dims and a self-search check")
+    root_arg(p)
+    p.add_argument("version", nargs="?", help="default: the active version")
+    p.add_argument("--sample", type=int, default=256, help="items in the self-search check")
+    p.add_argument("--no-checksums", action="store_true", help="sizes only, no sha256")
+    p.add_argument("--no-model", action="store_true", help="do not load the embedder")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("add", help="add catalog rows to a version, written as a new version")
+    root_arg(p)
+    p.add_argument("--catalog", required=True, type=Path, help="catalog.jsonl of new rows")
+    p.add_argument("--version", help="base version (default: the active one)")
+    p.add_argument("--model", type=Path,
+                   help="embedder (default and only accepted: the version's own)")
+    _embed_options(p)
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("remove", help="remove SKUs from a version, written as a new version")
+    root_arg(p)
+    p.add_argument("--sku", action="append", help="a SKU to remove (repeatable)")
+    p.add_argument("--skus-file", type=Path, help="a file of SKUs, one per line")
+    p.add_argument("--version", help="base version (default: the active one)")
+    p.add_argument("--no-activate", action="store_true", help="publish without activating")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("gc", help="delete old versions (never the active one or its rollback)")
+    root_arg(p)
+    p.add_argument("--keep", type=int, default=3, help="newest versions to keep")
+    p.set_defaults(func=cmd_gc)
