@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -246,6 +247,25 @@ def test_near_duplicates_are_transformed_copies_of_their_source(tiny_world):
         assert originals[int(np.argmax(gallery @ _thumb(img)))] == d["source"], d
     # photometric edits keep dHash close (what the dedup stage relies on)
     assert np.mean(np.asarray(hamming) <= 10) >= 0.9, hamming
+
+
+@pytest.mark.parametrize("transform", NEAR_DUP_TRANSFORMS)
+def test_near_duplicate_box_follows_the_edit(transform):
+    """A red rectangle at a known box: the returned box is the rectangle's box in the copy."""
+    from visearch.synth.scene import near_duplicate, to_jpeg
+
+    img = np.full((80, 96, 3), 255, np.uint8)  # not square, so rotations show in the box
+    box = (20, 12, 61, 50)
+    img[box[1]:box[3], box[0]:box[2]] = (220, 20, 20)
+    source = to_jpeg(Image.fromarray(img), 95)
+    for seed in range(16):  # several draws: every rotation angle, both edit directions
+        data, out_box = near_duplicate(source, box, transform, np.random.default_rng(seed))
+        with Image.open(io.BytesIO(data)) as im:
+            out = np.asarray(im.convert("RGB")).astype(np.int16)
+        red = (out[..., 0] - out[..., 1] > 80) & (out[..., 0] - out[..., 2] > 80)
+        ys, xs = np.nonzero(red)
+        found = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert np.abs(np.asarray(found) - np.asarray(out_box)).max() <= 2, (found, out_box)
 
 
 def _histogram(path: Path) -> np.ndarray:
