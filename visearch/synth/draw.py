@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
 from visearch.synth.spec import ProductSpec
 
@@ -25,7 +25,10 @@ _GLOSSY = {"glass", "steel", "plastic", "metal", "ceramic", "enamel", "tin", "le
 
 @lru_cache(maxsize=64)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+    # Pillow's embedded font scales only with FreeType; without it, the fixed bitmap font.
+    if features.check("freetype2"):
+        return ImageFont.load_default(size=size)
+    return ImageFont.load_default()
 
 
 def shade(c: Sequence[int], f: float) -> RGB:
