@@ -97,6 +97,18 @@ def test_category_search_equals_brute_force_within_category(gallery):
         index.search(xq, 10, category="hat")
 
 
+def test_unpartitioned_index_searches_the_whole_gallery_only(gallery):
+    xb, ids, cats, xq = gallery
+    index = GalleryIndex.build(xb, ids, cats, partitioned=False)
+    assert index.factories == {"": "Flat"} and index.counts()["bag"] == (cats == "bag").sum()
+    assert_same_topk(*index.search(xq, 5), *brute_force(xq, xb, ids, 5))
+    with pytest.raises(ValueError, match="without per-category partitions"):
+        index.search(xq, 5, category="bag")
+    index.remove(ids[:10])
+    index.add(xb[:10], ids[:10], ["new"] * 10)
+    assert index.counts()["new"] == 10 and index.ntotal == 3000
+
+
 def test_padding_when_fewer_than_k():
     xb = clustered(5, 8, clusters=2, seed=3)
     index = GalleryIndex.build(xb, np.arange(5), ["a", "a", "a", "b", "b"])

@@ -273,8 +273,10 @@ class GalleryIndex:
         categories_of_ids: np.ndarray,
         category_names: list[str],
         factory: str | None,
+        partitioned: bool = True,
     ) -> None:
         self._dim = int(dim)
+        self.partitioned = partitioned
         self._whole = whole
         self._parts = parts
         self._ids = ids
@@ -293,6 +295,7 @@ class GalleryIndex:
         categories: Sequence[str],
         *,
         factory: str | None = None,
+        partitioned: bool = True,
     ) -> GalleryIndex:
         """Build the index of a gallery.
 
@@ -304,6 +307,8 @@ class GalleryIndex:
                 partition (partitions too small to train it fall back to ``Flat``); None
                 chooses by size with ``choose_factory``. IVF and PQ are trained on the
                 gallery itself.
+            partitioned: also build one index per category (for ``search(category=...)``);
+                False builds only the whole index (half the memory, e.g. for benchmarks).
 
         Returns:
             The index; ``.ntotal == N``.
@@ -324,7 +329,7 @@ class GalleryIndex:
         whole = _Partition.create(factory or choose_factory(n, d), d, xb, fallback=False)
         whole.add(xb, ids)
         parts: dict[str, _Partition] = {}
-        for code, name in enumerate(names):
+        for code, name in enumerate(names if partitioned else []):
             mask = codes == code
             xc = np.ascontiguousarray(xb[mask])
             part = _Partition.create(factory or choose_factory(len(xc), d), d, xc, fallback=True)
@@ -334,7 +339,7 @@ class GalleryIndex:
             "built gallery index: %d vectors, d=%d, %s, %d categories",
             n, d, whole.factory, len(parts),
         )
-        return cls(d, whole, parts, ids, codes, names, factory)
+        return cls(d, whole, parts, ids, codes, names, factory, partitioned)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -350,8 +355,8 @@ class GalleryIndex:
 
     @property
     def categories(self) -> list[str]:
-        """Sorted names of the categories that have a partition (possibly emptied)."""
-        return sorted(self._parts)
+        """Sorted category names seen by the index (a partition may have been emptied)."""
+        return sorted(self._names)
 
     @property
     def ids(self) -> np.ndarray:
@@ -366,8 +371,10 @@ class GalleryIndex:
         return out
 
     def counts(self) -> dict[str, int]:
-        """Vectors per category partition."""
-        return {name: p.ntotal for name, p in sorted(self._parts.items())}
+        """Vectors per category."""
+        counts = np.bincount(self._codes, minlength=len(self._names))
+        return {name: int(counts[i]) for i, name in sorted(enumerate(self._names),
+                                                            key=lambda t: t[1])}
 
     def categories_of(self, ids: np.ndarray) -> list[str]:
         """Category of each of ``ids`` (int64 [n]); raises KeyError for an unknown id."""
@@ -420,6 +427,9 @@ class GalleryIndex:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if category is None:
             part = self._whole
+        elif not self.partitioned:
+            raise ValueError("this index was built without per-category partitions "
+                             "(partitioned=False): search with category=None")
         else:
             part = self._parts.get(category)
             if part is None:
@@ -457,17 +467,18 @@ class GalleryIndex:
         if len(dup):
             raise ValueError(f"item ids already in the index: {dup[:10].tolist()}")
         for name in sorted(set(cats)):
-            if name not in self._parts:
+            if name not in self._names:
+                self._names.append(name)
+            if self.partitioned and name not in self._parts:
                 xc = xb[np.array([c == name for c in cats])]
                 self._parts[name] = _Partition.create(
                     self.factory or choose_factory(len(xc), self._dim), self._dim, xc,
                     fallback=True,
                 )
-                self._names.append(name)
         code_of = {c: i for i, c in enumerate(self._names)}
         codes = np.fromiter((code_of[c] for c in cats), dtype=np.int32, count=n)
         self._whole.add(xb, ids)
-        for name in sorted(set(cats)):
+        for name in sorted(set(cats) & set(self._parts)):
             mask = codes == code_of[name]
             self._parts[name].add(np.ascontiguousarray(xb[mask]), ids[mask])
         self._order = None
@@ -484,6 +495,8 @@ class GalleryIndex:
         keep = ~hit
         for code in np.unique(self._codes[hit]):
             name = self._names[code]
+            if name not in self._parts:
+                continue
             in_part = self._codes == code
             self._parts[name].remove(self._ids[hit & in_part], self._ids[keep & in_part])
         removed = self._whole.remove(self._ids[hit], self._ids[keep])
@@ -531,6 +544,7 @@ class GalleryIndex:
             "ntotal": self.ntotal,
             "whole": {"file": WHOLE_FILE, "factory": self._whole.factory},
             "category_names": self._names,
+            "partitioned": self.partitioned,
             "partitions": parts,
         }
         _io.before_write(out / META_FILE)
@@ -586,4 +600,4 @@ class GalleryIndex:
         for p in meta["partitions"]:
             parts[p["category"]] = read(p["file"], p["factory"], int(p["ntotal"]))
         return cls(dim, whole, parts, ids.astype(np.int64), codes.astype(np.int32), names,
-                   meta.get("factory"))
+                   meta.get("factory"), bool(meta.get("partitioned", True)))
