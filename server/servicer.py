@@ -201,7 +201,7 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
                 results=[search_pb2.SearchResult(
                     sku=h.sku, score=h.score, item_id=h.item_id, category=h.category,
                     title=h.title, image_key=h.image_key, similarity=h.similarity)
-                    for h in res.hits],
+                    for h in res.results],
                 index_version=res.index_version,
                 timings=_timings(res.timings),
                 reranked=res.reranked,

@@ -166,12 +166,12 @@ def test_shop_images_come_back_first_and_grouped(small_index, rerank) -> None:
     try:
         for i in range(0, len(images), 5):
             res = pipe.search(images[i], top_k=5, rerank=rerank)
-            assert res.hits[0].sku == meta[i]["sku"]
-            assert res.hits[0].item_id == i
-            assert len({h.sku for h in res.hits}) == len(res.hits) == 5
+            assert res.results[0].sku == meta[i]["sku"]
+            assert res.results[0].item_id == i
+            assert len({h.sku for h in res.results}) == len(res.results) == 5
             assert res.reranked == rerank
             assert res.category.category == meta[i]["category"]
-            assert all(h.category == meta[i]["category"] for h in res.hits)
+            assert all(h.category == meta[i]["category"] for h in res.results)
     finally:
         pipe.close()
 
@@ -189,8 +189,8 @@ def test_grouping_matches_a_brute_force_best_item_per_sku(small_index) -> None:
         for i, s in zip(ids, sims, strict=True):
             best[meta[i]["sku"]] = max(best.get(meta[i]["sku"], -2.0), float(s))
         expect = sorted(best, key=lambda k: -best[k])[:4]
-        assert [h.sku for h in res.hits] == expect
-        np.testing.assert_allclose([h.score for h in res.hits], [best[k] for k in expect],
+        assert [h.sku for h in res.results] == expect
+        np.testing.assert_allclose([h.score for h in res.results], [best[k] for k in expect],
                                    atol=1e-5)
         assert list(res.timings) == ["decode", "detect", "embed", "search_all", "vote",
                                      "search_category", "rerank", "group", "total"]
@@ -209,7 +209,7 @@ def test_detector_box_is_embedded_and_votes(small_index) -> None:
         assert [d.category for d in res.detections] == ["shoe", "bag"]
         assert (res.category.category, res.category.source) == ("shoe", "detector")
         assert res.category.score == pytest.approx(1.0)  # the bag box has IoU < 0.5
-        assert {h.category for h in res.hits} == {"shoe"}
+        assert {h.category for h in res.results} == {"shoe"}
         # The detector's crop is what was embedded.
         with_det, chosen, _ = pipe.embed(images[0])
         by_box, _, _ = pipe.embed(images[0], bbox=box)
@@ -229,7 +229,7 @@ def test_weak_detections_fall_back_to_the_whole_image(small_index) -> None:
         assert res.main_object.fallback and res.main_object.source == "image"
         assert res.main_object.box == (0.0, 0.0, 64.0, 64.0)
         assert res.category.source == "neighbours"  # a fallback's scores do not vote
-        assert res.hits[0].sku == meta[3]["sku"]
+        assert res.results[0].sku == meta[3]["sku"]
     finally:
         pipe.close()
 
@@ -238,7 +238,7 @@ def test_bad_requests_raise_value_errors(small_index) -> None:
     root, meta, images = small_index
     pipe = _pipeline(root, max_top_k=20, default_top_k=3)
     try:
-        assert len(pipe.search(images[0]).hits) == 3  # top_k 0 -> default
+        assert len(pipe.search(images[0]).results) == 3  # top_k 0 -> default
         with pytest.raises(ImageDecodeError, match="empty"):
             pipe.search(b"")
         with pytest.raises(ImageDecodeError):
@@ -254,6 +254,6 @@ def test_bad_requests_raise_value_errors(small_index) -> None:
         with pytest.raises(TimeoutError, match="deadline"):
             pipe.search(images[0], deadline=time.monotonic() - 1)
         hinted = pipe.search(images[0], top_k=2, category_hint="cap")
-        assert hinted.category.source == "hint" and {h.category for h in hinted.hits} == {"cap"}
+        assert hinted.category.source == "hint" and {h.category for h in hinted.results} == {"cap"}
     finally:
         pipe.close()

@@ -87,7 +87,7 @@ class SearchResult:
     detections: list[Detection]
     main_object: ChosenObject
     category: CategoryDecision
-    hits: list[Hit]
+    results: list[Hit]
     index_version: str
     reranked: bool
     timings: dict[str, float] = field(default_factory=dict)
