@@ -4,9 +4,9 @@
         [--concurrency 1,4,16,64] [--duration 5] [--max-requests 2000] [--json out.json]
     .venv/bin/python -m benchmarks.latency --server 127.0.0.1:50051 --photos DIR
 
-With ``--index-root`` a server is started in this process on a free loopback port (the
-figure is still measured through a real gRPC port), and the same pipeline is timed without
-gRPC, one request at a time, as the baseline. Every run is bounded by a request count and a
+With ``--index-root`` a ``visearch-serve`` child process is started on a free loopback port
+and stopped (SIGTERM) at the end, and the same pipeline is first timed here without gRPC, one
+request at a time, as the baseline. Every run is bounded by a request count and a
 duration per concurrency level and stops by itself; targets must be loopback addresses.
 """
 
@@ -17,6 +17,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -205,36 +207,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the report here")
 
 
+def _spawn_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """``visearch-serve`` in a child process (its own GIL) on a free loopback port."""
+    cmd = [sys.executable, "-m", "server.serve", "--index-root", str(args.index_root),
+           "--port", "0", "--host", "127.0.0.1", "--workers", str(args.workers),
+           "--max-batch-size", str(args.max_batch_size),
+           "--batch-window-ms", str(args.batch_window_ms), "--log-level", "WARNING"]
+    if args.no_detector:
+        cmd.append("--no-detector")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    return proc, f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
+
+
 def run(args: argparse.Namespace) -> int:
     levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     photos = _photos(args)
     rerank = False if args.no_rerank else None
-    running = None
+    proc = None
     baseline = None
-    try:
-        if args.index_root:
-            from server.serve import RunningServer, ServeConfig
+    if args.index_root:
+        from visearch.index import IndexRoot
+        from visearch.pipeline import SearchPipeline
 
-            config = ServeConfig(index_root=args.index_root, port=0, host="127.0.0.1",
-                                 workers=args.workers, use_detector=not args.no_detector,
-                                 max_batch_size=args.max_batch_size,
-                                 batch_window_ms=args.batch_window_ms)
-            running = RunningServer(config).start()
-            target = f"127.0.0.1:{running.port}"
-            with running.holder.lease() as pipeline:
-                baseline = _baseline(pipeline, photos, args.baseline_requests, args.top_k,
-                                     rerank is None)
-        else:
-            target = args.server
+        pipeline = SearchPipeline.from_version(IndexRoot(args.index_root).open(),
+                                               use_detector=not args.no_detector)
+        try:
+            baseline = _baseline(pipeline, photos, args.baseline_requests, args.top_k,
+                                 rerank is None)
+        finally:
+            pipeline.close()
+        proc, target = _spawn_server(args)
+    else:
+        target = args.server
+    try:
         report = run_latency(target, photos, levels, args.duration, args.max_requests,
                              top_k=args.top_k, rerank=rerank)
-        if running is not None:
-            with running.holder.lease() as pipeline:
-                report["batch_sizes"] = {k: (float(np.mean(v)) if v else 0.0)
-                                         for k, v in pipeline.batch_sizes.items()}
     finally:
-        if running is not None:
-            running.stop(grace=1.0)
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
     report["baseline_in_process"] = baseline
     report["machine"] = machine()
     report["photos"] = len(photos)
@@ -254,9 +270,6 @@ def run(args: argparse.Namespace) -> int:
         st = "  ".join(f"{k} {v:.1f}" for k, v in lv["server_stage_ms"].items())
         print(f"{lv['concurrency']:>4} {lv['ok']:>6} {sum(lv['errors'].values()):>5} "
               f"{lv['qps']:>7.1f} {lat['p50']:>8.1f} {lat['p95']:>8.1f} {lat['p99']:>8.1f}  {st}")
-    if report.get("batch_sizes"):
-        print("mean micro-batch size: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in report["batch_sizes"].items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
