@@ -26,12 +26,16 @@ into each at its similarity rank (``q`` enters ``N(g, m)`` iff ``s(g, q)`` beats
 similarity of ``g``'s m-th graph entry, pushing the m-th entry out), then the sets and
 vectors are computed for those items only.
 
-What is exact: given exact graph lists of length >= k1 + 1 and the query's exact top-k1
-(a flat index), the re-ranked distances of the candidates equal the brute force's (up to
-floating-point ties). What is approximated: (a) a graph built with an approximate index
+Why this is exact: in the (N + 1)-item set the only new item is ``q``, so an item's top-m
+list is its gallery top-m list with ``q`` merged in at its similarity, and ``m <= k1 + 1``
+entries of the graph suffice; the final distances of the query's row need only ``V'_q`` and
+the candidates' ``V'_g``, and the three hops above are every list those read. Given exact
+graph lists of length >= k1 + 1 and the query's exact top-k1 (a flat index), the re-ranked
+distances of the candidates equal the brute force's (up to floating-point ties; the tests
+check it on seeded galleries). What is approximated: (a) a graph built with an approximate index
 (IVF, HNSW) gives approximate lists, and every set inherits them; (b) only the candidates
 (e.g. one category's top hits) are re-ranked, items outside the shortlist are not
-considered; (c) items added to the index after the graph was built have no list and keep
+considered; (c) items the graph does not hold (added without updating it) have no list and keep
 their original distance (Jaccard distance 1).
 
 Cost per query: a few thousand graph rows and sparse vectors, milliseconds, independent of N.
