@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,40 @@ def test_caller_errors_say_what_to_do(tmp_path) -> None:
                        backbone_weights=tmp_path / "missing.pth")
     with pytest.raises(TypeError, match="uint8"):
         _tiny().detect([np.zeros((8, 8, 3), np.float32)])
+
+
+def test_cli_train_resume_label_and_crop(scenes, tmp_path) -> None:
+    from index_builder.cli import main
+
+    root, _, _ = scenes
+    common = ["--backbone", "tiny_fpn", "--min-size", "64", "--max-size", "64", "--lr", "3e-3",
+              "--batch-size", "8", "--quiet"]
+    out = tmp_path / "det"
+    args = ["train-detector", "--train", str(root / "train.json"), "--val", str(root / "val.json"),
+            "--images-root", str(root), "--out", str(out), *common]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    history = torch.load(out / "checkpoint.pt", weights_only=True)["history"]
+    assert [int(h["epoch"]) for h in history] == [0, 1] and "map50" in history[-1]
+
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"image": str(root / "val" / "0000.png"), "sku": "S1", "category": "box"},
+        {"image": str(root / "val" / "0001.png"), "sku": "S2", "category": "ball",
+         "bbox": [1, 2, 30, 40]},
+    ]))
+    rows_out = tmp_path / "crops" / "catalog.jsonl"
+    assert main(["crop", "--catalog", str(catalog), "--detector", str(out / "detector.pt"),
+                 "--out", str(rows_out), "--quiet"]) == 0
+    rows = [json.loads(x) for x in rows_out.read_text().splitlines()]
+    assert len(rows[0]["bbox"]) == 4 and rows[1]["bbox"] == [1, 2, 30, 40]
+    assert (rows_out.parent / rows[0]["image"]).resolve() == (root / "val" / "0000.png")
+
+    lab = tmp_path / "lab"
+    assert main(["label-detection", "--labelled", str(root / "val.json"), "--unlabelled",
+                 str(root / "train"), "--images-root", str(root), "--val", str(root / "val.json"),
+                 "--rounds", "1", "--out", str(lab), "--epochs", "1", *common]) == 0
+    stats = json.loads((lab / "rounds.json").read_text())
+    assert [s["round"] for s in stats] == [0, 1] and stats[0]["train_images"] == 16
+    assert stats[0]["kept_images"] + stats[0]["queued_images"] == 48
+    assert stats[1]["train_images"] == 16 + stats[0]["kept_images"]

@@ -140,7 +140,7 @@ DETECTOR_BACKBONES.register("resnet18_fpn")(
     DetectorBackbone(lambda c, w, p: _resnet_fpn("resnet18", c, w, p), fpn_channels=128)
 )
 DETECTOR_BACKBONES.register("mobilenet_v2_fpn")(
-    DetectorBackbone(_mobilenet_v2_fpn, fpn_channels=96)
+    DetectorBackbone(_mobilenet_v2_fpn, fpn_channels=64)
 )
 DETECTOR_BACKBONES.register("tiny_fpn")(DetectorBackbone(_tiny_fpn, fpn_channels=32))
 

@@ -99,6 +99,7 @@ def train_detector(
     resume: bool = False,
     progress: bool = False,
     extra_config: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, float]], None] | None = None,
 ) -> DetectorTrainResult:
     """Train ``model`` with AdamW, linear warm-up then cosine decay (stepped per batch).
 
@@ -118,6 +119,7 @@ def train_detector(
             must match ``model``'s).
         progress: show a tqdm bar per epoch.
         extra_config: JSON-like values stored in the checkpoint's config (e.g. CLI flags).
+        callback: called with each epoch's history row (e.g. for a CLI to print it).
     """
     if not train_samples:
         raise ValueError("no training images; check the COCO file and --images-root")
@@ -214,6 +216,8 @@ def train_detector(
         torch.save(ckpt, tmp)
         os.replace(tmp, ckpt_path)
         save_detector(model, out / DETECTOR)
+        if callback is not None:
+            callback(row)
         if _after_epoch_hook is not None:
             _after_epoch_hook(epoch)
     model.eval()
