@@ -72,7 +72,7 @@ def gallery():
 def test_choose_factory_follows_gallery_size():
     assert choose_factory(1_000, 256) == "Flat"
     assert choose_factory(100_000, 256) == "IVF1024,Flat"
-    assert choose_factory(5_000_000, 256) == "IVF8192,PQ64"
+    assert choose_factory(5_000_000, 256) == "IVF8192,PQ64np"
 
 
 def test_flat_search_equals_brute_force(gallery):

@@ -74,7 +74,8 @@ def choose_factory(n: int, d: int) -> str:
     """The ``faiss.index_factory`` string for a gallery of ``n`` vectors of dimension ``d``.
 
     ``Flat`` (exact) below ``FLAT_MAX``; ``IVF{nlist},Flat`` up to ``IVF_FLAT_MAX``;
-    ``IVF{nlist},PQ{m}`` (m = d/4 bytes per vector) above.
+    ``IVF{nlist},PQ{m}np`` (m = d/4 bytes per vector; ``np``: no polysemous training,
+    which only serves Hamming-filtered search and costs minutes of training) above.
     """
     if n < FLAT_MAX:
         return "Flat"
@@ -82,7 +83,7 @@ def choose_factory(n: int, d: int) -> str:
     if n < IVF_FLAT_MAX:
         return f"IVF{nlist},Flat"
     m = next(m for m in (d // 4, d // 8, d // 16, 1) if m >= 1 and d % m == 0)
-    return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist},PQ{m}np"
 
 
 def _as_vectors(x: np.ndarray, dim: int | None, what: str) -> np.ndarray:
@@ -369,6 +370,12 @@ class GalleryIndex:
         out = {"": self._whole.factory}
         out.update({name: p.factory for name, p in self._parts.items()})
         return out
+
+    def nbytes(self) -> int:
+        """Serialized size in bytes of all its faiss indexes (whole + partitions): the
+        memory they hold, give or take allocator overhead. Serializes: costs a copy."""
+        parts = [self._whole, *self._parts.values()]
+        return int(sum(faiss.serialize_index(p.index).nbytes for p in parts))
 
     def counts(self) -> dict[str, int]:
         """Vectors per category."""

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ class IndexVersion:
         self._index: GalleryIndex | None = None
         self._graph: NeighbourGraph | None = None
         self._items: ItemStore | None = None
+        # Servers touch these from many threads; each loads once.
+        self._load_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"IndexVersion({str(self.path)!r})"
@@ -106,23 +109,26 @@ class IndexVersion:
     @property
     def index(self) -> GalleryIndex:
         """The gallery index (IndexFormatError when a file is missing or corrupt)."""
-        if self._index is None:
-            self._index = GalleryIndex.load(self.path / INDEX_DIR)
-        return self._index
+        with self._load_lock:
+            if self._index is None:
+                self._index = GalleryIndex.load(self.path / INDEX_DIR)
+            return self._index
 
     @property
     def graph(self) -> NeighbourGraph:
         """The gallery neighbour graph (memory-mapped)."""
-        if self._graph is None:
-            self._graph = NeighbourGraph.load(self.path / GRAPH_DIR)
-        return self._graph
+        with self._load_lock:
+            if self._graph is None:
+                self._graph = NeighbourGraph.load(self.path / GRAPH_DIR)
+            return self._graph
 
     @property
     def items(self) -> ItemStore:
         """id -> {sku, category, image_key, title} (read-only LMDB mapping)."""
-        if self._items is None:
-            self._items = ItemStore(self.path / ITEMS_FILE)
-        return self._items
+        with self._load_lock:
+            if self._items is None:
+                self._items = ItemStore(self.path / ITEMS_FILE)
+            return self._items
 
     @property
     def embedder_path(self) -> Path:
@@ -137,9 +143,10 @@ class IndexVersion:
 
     def close(self) -> None:
         """Release the item map's LMDB handle (the index and graph are plain memory)."""
-        if self._items is not None:
-            self._items.close()
-            self._items = None
+        with self._load_lock:
+            if self._items is not None:
+                self._items.close()
+                self._items = None
 
     def verify(self, *, sample: int = 256, checksums: bool = True, seed: int = 0) -> VerifyReport:
         """Check the version: file checksums and sizes, counts, dimensions, graph/item/index
