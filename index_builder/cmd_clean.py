@@ -91,7 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated schedule, highest first (default %(default)s)",
     )
     p.add_argument("--folds", type=int, default=FOLDS, help="cross-validation folds")
-    p.add_argument("--soft", action="store_true", help="confusion from probabilities")
+    p.add_argument(
+        "--hard", action="store_true", help="confusion from argmax counts (default: probabilities)"
+    )
     p.add_argument(
         "--across-categories",
         action="store_true",
@@ -422,7 +424,7 @@ def merge_stage(
     inputs: dict[str, Any],
     thresholds: Sequence[float] = THRESHOLDS,
     folds: int = FOLDS,
-    soft: bool = False,
+    soft: bool = True,
     by_category: bool = True,
     force: bool = False,
 ) -> StageResult:
@@ -466,7 +468,7 @@ def run_merge(args: argparse.Namespace) -> int:
         inputs=fingerprint,
         thresholds=args.thresholds,
         folds=args.folds,
-        soft=args.soft,
+        soft=not args.hard,
         by_category=not args.across_categories,
         force=args.force,
     )

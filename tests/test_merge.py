@@ -33,14 +33,18 @@ def _two_alike_one_apart(seed: int = 0, n: int = 12) -> tuple[np.ndarray, list[s
 def test_confusion_matrix_of_two_alike_and_one_apart():
     x, skus = _two_alike_one_apart()
     labels = np.array([{"A": 0, "B": 1, "C": 2}[s] for s in skus])
-    P, acc = heldout_confusion(x, labels, folds=4)
-    # Held-out predictions of C are all C; A and B are confused with each other only.
+    P, acc = heldout_confusion(x, labels, folds=4, soft=False)
+    # Held-out argmax predictions of C are all C; A and B are confused with each other only.
     np.testing.assert_allclose(P[2], [0, 0, 1])
     assert P[0, 2] == 0 and P[1, 2] == 0
     np.testing.assert_allclose(P.sum(axis=1), 1.0)
     assert P[0, 1] > 0.25 and P[1, 0] > 0.25
     # Accuracy counts C's 12 right plus A's and B's diagonal hits, of 36.
     assert acc == pytest.approx((12 + 12 * P[0, 0] + 12 * P[1, 1]) / 36)
+    # Soft counts: the same picture in probabilities; rows still sum to 1.
+    Ps, _ = heldout_confusion(x, labels, folds=4, soft=True)
+    np.testing.assert_allclose(Ps.sum(axis=1), 1.0, atol=1e-9)
+    assert Ps[2, 2] > 0.8 and Ps[0, 2] < 0.1 and Ps[0, 1] > 0.25 and Ps[1, 0] > 0.25
 
 
 def test_symmetrise_by_hand():
@@ -61,8 +65,11 @@ def test_two_confused_skus_merge_and_the_third_does_not():
     # Round 0 merges; round 1 retrains on {A+B, C}, merges nothing, and stops.
     assert [r.merged_pairs for r in result.rounds] == [1, 0]
     assert [r.classes for r in result.rounds] == [3, 2]
-    assert result.rounds[1].heldout_accuracy == 1.0
+    assert result.rounds[1].heldout_accuracy > 0.9  # {A+B} vs C: separable
     assert result.summary()["styles"] == 2
+    hard = merge_skus(x, skus, thresholds=(0.2,), folds=4, soft=False)
+    assert hard.sku_map == result.sku_map
+    assert hard.rounds[1].heldout_accuracy == 1.0
 
 
 def test_schedule_lowers_the_threshold_until_nothing_merges():
