@@ -217,10 +217,13 @@ def dedup_stage(
     images' names, sizes and mtimes are added to the fingerprint here."""
     fingerprint = {**inputs, "images": rows_digest(rows), "radius": radius, "hash_size": hash_size}
 
+    # A catalog may list one image file on several rows: it is hashed (and kept) once.
+    unique = list({r.image: r for r in rows}.values())
+
     def work(out: Path) -> dict[str, Any]:
         result = dedup_images(
-            [r.path for r in rows],
-            [r.image for r in rows],
+            [r.path for r in unique],
+            [r.image for r in unique],
             radius=radius,
             hash_size=hash_size,
             method=method,

@@ -140,3 +140,25 @@ def test_stage_function_reports_skipped(world, tmp_path):
     )
     third = cmd_clean.dedup_stage(rows, tmp_path / "w", inputs={"catalog": "x"})
     assert not third.skipped and third.summary["removed"] == 2
+
+
+def test_model_embeddings_are_computed_once_and_shared(world, tmp_path, capsys):
+    import torch
+
+    from visearch.models import build_embedder, save_embedder
+
+    catalog, _ = world
+    torch.manual_seed(0)
+    save_embedder(build_embedder("tiny", dim=16, input_size=32), tmp_path / "emb.pt")
+    base = ("--catalog", catalog, "--out", tmp_path / "w", "--model", tmp_path / "emb.pt")
+    assert _run("clean", *base) == 0
+    assert "embed: done" in capsys.readouterr().out
+    with np.load(tmp_path / "w" / "clean-embed" / "embeddings.npz") as z:
+        emb, images = z["embeddings"], list(z["images"])
+    assert emb.shape == (13, 16) and images[0] == "img/a0.jpg"
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # a0 and a4 are the same bytes: the same embedding.
+    np.testing.assert_allclose(emb[0], emb[images.index("img/a4.jpg")], atol=1e-6)
+    assert _run("merge", *base) == 0
+    assert "embed: up to date, skipped" in capsys.readouterr().out
+    assert (tmp_path / "w" / "merge" / "sku_map.json").is_file()
