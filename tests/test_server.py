@@ -48,7 +48,6 @@ def build_world_index(world: Path, root: Path, *, versions: int = 1) -> tuple[li
     for _ in range(versions):
         # k1 = 21: the graph keeps each item itself, re-ranking needs 20 others.
         names.append(build_version(root, xb, ids, meta, weights, k1=21).version)
-        time.sleep(1.1)  # version names carry a second-resolution timestamp
     return names, rows
 
 
