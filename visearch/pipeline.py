@@ -177,12 +177,12 @@ class SearchPipeline:
             )
         self.version = version
         self.index = version.index
-        self.items = version.items  # opened here: lazy opening from many threads would race
         if self.index.dim != embedder.dim:
             raise ValueError(
                 f"index {version.version} holds {self.index.dim}-d vectors but the embedder "
                 f"makes {embedder.dim}-d ones; load the embedder the index was built with"
             )
+        self.items = version.items  # opened here: lazy opening from many threads would race
         self.embedder = embedder
         self.detector = detector
         self.vote_weights = vote_weights or VoteWeights()
@@ -223,17 +223,22 @@ class SearchPipeline:
         device: str | None = None,
         **kwargs: Any,
     ) -> SearchPipeline:
-        """Load the version's embedder (and its detector, or ``detector_path``) and build."""
+        """Load the version's embedder (and its detector, or ``detector_path``) and build.
+        The version is closed again when anything fails (it can then be reopened)."""
         from visearch.models import load_embedder
         from visearch.models.detector import load_detector
 
         device = device or default_device()
-        embedder = load_embedder(version.embedder_path, device=device)
-        detector = None
-        det_path = detector_path or version.detector_path
-        if use_detector and det_path is not None:
-            detector = load_detector(det_path, device=device)
-        return cls(version, embedder, detector, device=device, **kwargs)
+        try:
+            embedder = load_embedder(version.embedder_path, device=device)
+            detector = None
+            det_path = detector_path or version.detector_path
+            if use_detector and det_path is not None:
+                detector = load_detector(det_path, device=device)
+            return cls(version, embedder, detector, device=device, **kwargs)
+        except BaseException:
+            version.close()
+            raise
 
     # ------------------------------------------------------------------ batched models
     def _embed_batch(self, crops: list[np.ndarray]) -> np.ndarray:
