@@ -306,7 +306,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a corrected review_queue.jsonl (rows with \"reviewed\": true are "
                    "added as labels); repeatable")
     p.add_argument("--rounds", type=int, default=2, help="pseudo-labelling rounds")
-    p.add_argument("--keep-thresh", type=float, default=0.6,
+    p.add_argument("--keep-thresh", type=float, default=0.5,
                    help="boxes at or above this score become pseudo-labels")
     p.add_argument("--review-thresh", type=float, default=0.3,
                    help="boxes from here up to --keep-thresh send their image to review")
