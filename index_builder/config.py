@@ -1,0 +1,144 @@
+"""The ``rebuild`` pipeline's configuration: typed dataclasses, read from JSON at the edge.
+
+The library takes plain keyword arguments; this module is the one place where a config
+file becomes those arguments (STYLE.md rule 3). Unknown keys are errors, so a typo in a
+config file never silently falls back to a default.
+
+Profiles: ``cpu-small`` (the default; what ``make demo`` runs on 2 cores in minutes) and
+``gpu`` (bigger inputs and longer schedules for a machine with a GPU). A config file may
+name a profile and override any field: ``{"profile": "cpu-small", "embedder": {"epochs": 8}}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = True
+    radius: int | None = None  # dHash Hamming radius; None: the dedup stage's default
+    workers: int = 2
+
+
+@dataclass
+class DetectorConfig:
+    enabled: bool = True
+    backbone: str = "mobilenet_v2_fpn"
+    min_size: int = 128
+    max_size: int = 128
+    epochs: int = 6
+    batch_size: int = 8
+    lr: float = 2e-3
+    score_thresh: float = 0.3
+
+
+@dataclass
+class CleanConfig:
+    enabled: bool = True
+    eps: float = 0.25
+    return_thresh: float = 0.35
+
+
+@dataclass
+class MergeConfig:
+    enabled: bool = True
+    thresholds: list[float] = field(default_factory=lambda: [0.4, 0.3, 0.2])
+
+
+@dataclass
+class EmbedderConfig:
+    backbone: str = "mobilenet_v2"
+    dim: int = 256
+    pooling: str = "gem"
+    attention: bool = True
+    loss: str = "arcface"
+    triplet_weight: float = 0.5
+    epochs: int = 6
+    p: int = 16
+    k: int = 4
+    image_size: int = 96
+    lr: float = 1e-3
+    pretrained: str | None = "weights/mobilenet_v2-b0353104.pth"
+    #: epochs of the first-pass model whose embeddings drive denoising and merging
+    cleaning_epochs: int = 3
+
+
+@dataclass
+class IndexConfig:
+    factory: str | None = None  # None: chosen by gallery size
+    k1: int = 20
+
+
+@dataclass
+class RebuildConfig:
+    profile: str = "cpu-small"
+    seed: int = 0
+    workers: int = 2
+    lenient: bool = False
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu-small": {},
+    "gpu": {
+        "detector": {"backbone": "resnet50_fpn", "min_size": 512, "max_size": 512,
+                     "epochs": 24, "batch_size": 16},
+        "embedder": {"backbone": "resnet50", "image_size": 224, "epochs": 30, "p": 32,
+                     "cleaning_epochs": 10},
+    },
+}
+
+
+def _apply(obj: Any, overrides: dict[str, Any], where: str) -> None:
+    """Set fields of dataclass ``obj`` from ``overrides``, recursing into sections."""
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(
+                f"unknown config key {where}{key!r}; valid keys: {sorted(names)}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{key!r} must be an object")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, value)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RebuildConfig:
+    """A ``RebuildConfig`` from a profile, then a JSON file, then explicit overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"config {path} must hold a JSON object")
+    name = profile or data.get("profile", "cpu-small")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {sorted(PROFILES)}")
+    cfg = RebuildConfig(profile=name)
+    _apply(cfg, PROFILES[name], "")
+    _apply(cfg, {k: v for k, v in data.items() if k != "profile"}, "")
+    if overrides:
+        _apply(cfg, overrides, "")
+    return cfg
