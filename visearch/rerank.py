@@ -146,7 +146,11 @@ def _expanded_sets(lists: np.ndarray, rows: np.ndarray, k1: int, h: int) -> np.n
     rch_u = np.where(_reciprocal_mask(lists, cands, h), lists[cands, : h + 1], -1)
     at = np.searchsorted(cands, np.maximum(r1, 0))
     rch = np.where((r1 >= 0)[..., None], rch_u[np.minimum(at, len(cands) - 1)], -1)
-    inside = ((rch[..., None] == r1[:, None, None, :]) & (rch[..., None] >= 0)).any(-1)
+    # Membership of each R(c, h) member in R(row, k1), through a [rows, local] bit table.
+    member = np.zeros((len(rows), lists.shape[0]), bool)
+    rr, cc = np.nonzero(r1 >= 0)
+    member[rr, r1[rr, cc]] = True
+    inside = member[np.arange(len(rows))[:, None, None], np.maximum(rch, 0)] & (rch >= 0)
     size = (rch >= 0).sum(-1)
     accept = (r1 >= 0) & (inside.sum(-1) > 2.0 / 3.0 * size)
     expansion = np.where(accept[..., None], rch, -1).reshape(len(rows), -1)
