@@ -32,15 +32,27 @@ from visearch.index import GalleryIndex, build_neighbour_graph
 from visearch.index.gallery import DEFAULT_EF_SEARCH, default_nlist, default_nprobe
 
 
-def mixture(n: int, d: int, clusters: int, seed: int, spread: float) -> np.ndarray:
-    """float32 [n, d] L2-normalised draws of a Gaussian mixture (made in 64k-row chunks)."""
+def mixture(n: int, d: int, clusters: int, seed: int, spread: float, intrinsic: int
+            ) -> np.ndarray:
+    """float32 [n, d] L2-normalised draws of a mixture of low-dimensional Gaussians.
+
+    Each cluster is its centre plus a random ``intrinsic``-dimensional subspace of spread
+    ``spread`` (relative to the centre's norm) and a little isotropic noise: neighbours are
+    then decided by position within the cluster, as with real embeddings, rather than by
+    high-dimensional noise (on which every method finds the same few hub points).
+    Made in 64k-row chunks.
+    """
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    scale = spread * np.sqrt(d) / np.sqrt(intrinsic * d)
+    bases = (scale * rng.standard_normal((clusters, intrinsic, d))).astype(np.float32)
     out = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, 1 << 16):
         stop = min(n, start + (1 << 16))
-        c = centres[rng.integers(0, clusters, stop - start)]
-        out[start:stop] = c + spread * rng.standard_normal((stop - start, d), dtype=np.float32)
+        c = rng.integers(0, clusters, stop - start)
+        z = rng.standard_normal((stop - start, intrinsic), dtype=np.float32)
+        out[start:stop] = centres[c] + np.einsum("nr,nrd->nd", z, bases[c])
+        out[start:stop] += 0.05 * rng.standard_normal((stop - start, d), dtype=np.float32)
     faiss.normalize_L2(out)
     return out
 
@@ -90,10 +102,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info["faiss_gpus"] = faiss.get_num_gpus()
     print(json.dumps(info), flush=True)
     t0 = time.perf_counter()
-    x = mixture(args.n + args.queries, args.dim, args.clusters, args.seed, args.spread)
+    x = mixture(args.n + args.queries, args.dim, args.clusters, args.seed, args.spread,
+                args.intrinsic)
     xb, xq = x[: args.n], x[args.n :]
     ids = np.arange(args.n, dtype=np.int64)
-    print(f"data: N={args.n} d={args.dim} clusters={args.clusters} queries={len(xq)} "
+    print(f"data: N={args.n} d={args.dim} clusters={args.clusters} "
+          f"intrinsic={args.intrinsic} spread={args.spread} queries={len(xq)} "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
     exact_index = faiss.IndexFlatIP(args.dim)
     exact_index.add(xb)
@@ -200,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100_000, help="gallery vectors")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--clusters", type=int, default=1000, help="mixture components")
-    p.add_argument("--spread", type=float, default=0.6,
-                   help="per-dimension noise around a centre (centre norm ~ sqrt(d))")
+    p.add_argument("--clusters", type=int, default=100,
+                   help="mixture components (N/clusters points each, spread over many IVF lists)")
+    p.add_argument("--spread", type=float, default=0.7,
+                   help="cluster radius relative to the centre's norm")
+    p.add_argument("--intrinsic", type=int, default=16,
+                   help="dimension of each cluster's subspace")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--types", default="flat,ivf,ivfpq,hnsw",
                    help="comma-separated: flat, ivf, ivfpq, hnsw")

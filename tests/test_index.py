@@ -143,7 +143,7 @@ def test_ivf_pq_finds_gallery_items_in_top_10():
     # that an item searched with its own vector comes back near the top.
     xb = clustered(2500, 32, clusters=50, seed=9)
     index = GalleryIndex.build(xb, np.arange(2500), ["x"] * 2500, factory="IVF16,PQ16x4")
-    assert index.factories[""] == "IVF16,PQ16x4"
+    assert index.factories[""] == "IVF16,PQ16x4"  # trained without polysemous codes
     _, I = index.search(index.reconstruct(np.arange(300)), 10, nprobe=8)  # noqa: E741
     assert (np.arange(300)[:, None] == I).any(axis=1).mean() >= 0.9
 

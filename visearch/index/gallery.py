@@ -49,6 +49,13 @@ FLAT_MAX = 50_000
 IVF_FLAT_MAX = 2_000_000
 
 DEFAULT_EF_SEARCH = 64
+# faiss brute force switches to BLAS only when (queries x d) >= this threshold (128000 by
+# default: 500 queries at d=256), so exact search of batches of 16-256 ran 8-10x slower
+# than it could (measured: benchmarks/bench_index.py). 4096 = 16 queries at d=256.
+faiss.cvar.distance_compute_blas_threshold = min(
+    faiss.cvar.distance_compute_blas_threshold, 4096
+)
+
 # faiss pads missing results with this similarity (and id -1) for inner-product indexes.
 PAD_SIMILARITY = float(np.finfo(np.float32).min)
 
@@ -134,6 +141,14 @@ def _nlist_of(factory: str) -> int | None:
     return int(digits) if digits else None
 
 
+def _ivf_of(index: faiss.Index) -> faiss.Index | None:
+    """The (downcast) IndexIVF inside ``index``, or None."""
+    try:
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return None
+
+
 class _Partition:
     """One FAISS index with int64 ids: the whole gallery or one category's share of it."""
 
@@ -158,6 +173,11 @@ class _Partition:
             base = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise ValueError(f"bad faiss factory string {factory!r}: {e}") from e
+        # Polysemous training only serves Hamming-filtered PQ search, which is never used
+        # here, and costs most of PQ training time (10-20x, measured): always off.
+        for obj in (faiss.downcast_index(base), _ivf_of(base)):
+            if obj is not None and hasattr(obj, "do_polysemous_training"):
+                obj.do_polysemous_training = False
         if not base.is_trained:
             nlist = _nlist_of(factory)
             too_few = nlist is not None and len(xtrain) < nlist
