@@ -285,3 +285,14 @@ def test_open_errors_are_clear(tmp_path):
     (bad / "manifest.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(IndexFormatError, match="format version 99"):
         root.open("v0001-20260101T000000")
+
+
+def test_staging_that_fails_verification_is_not_published(tmp_path):
+    root = IndexRoot(tmp_path / "r")
+    manifest = {"format_version": 1, "files": {"index/whole.faiss": {"sha256": "0", "bytes": 9}}}
+    with (
+        pytest.raises(IndexFormatError, match="failed verification.*missing file index/whole"),
+        root.staging() as tmp,
+    ):
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+    assert root.versions() == [] and not list(root.path.glob(".staging-*"))

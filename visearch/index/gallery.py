@@ -266,14 +266,14 @@ class _Partition:
         elif self.is_hnsw and ef_search is not None:
             params = faiss.SearchParametersHNSW(efSearch=int(ef_search))
         index = self._search_index()
-        if params is None:
-            return index.search(xq, k)
         try:
-            return index.search(xq, k, params=params)
+            return index.search(xq, k) if params is None else index.search(xq, k, params=params)
         except RuntimeError:
             if index is self.index:
                 raise
-            # Some GPU index versions take no per-call parameters: the CPU copy does.
+            # What a GPU index refuses (k > 2048, per-call parameters on some versions),
+            # the CPU master copy answers.
+            logger.debug("GPU search failed, answering on CPU", exc_info=True)
             return self.index.search(xq, k, params=params)
 
 
