@@ -220,6 +220,19 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _speed_table(timings: list[dict]) -> str:
+    base = {(r["size"], r["batch"], r["precision"]): r["ms_per_image"]
+            for r in timings if r["backbone"] == "resnet50_fpn"}
+    return "\n## Detector speed (ms per image; baseline resnet50_fpn)\n" + _table(
+        ["backbone", "size", "batch", "precision", "ms/img", "img/s", "vs resnet50_fpn"],
+        [[r["backbone"], r["size"], r["batch"], r["precision"], round(r["ms_per_image"], 1),
+          round(r["images_per_s"], 1),
+          f"{base[(r['size'], r['batch'], r['precision'])] / r['ms_per_image']:.1f}x"
+          if (r["size"], r["batch"], r["precision"]) in base else "-"]
+         for r in timings],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_detector", description=__doc__.splitlines()[0])
     p.add_argument("--world", type=Path, default=None,
@@ -246,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-images", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--only-timing", action="store_true", help="skip the trainings")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -275,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     print("timing (untrained weights):", flush=True)
     sample_images = [decode_image(s.path) for s in val_samples[: max(8, args.time_images)]]
     report["timing"] = timing(args, categories, sample_images)
+    if args.only_timing:
+        (args.out / "bench_detector.json").write_text(json.dumps(report, indent=1))
+        print(_speed_table(report["timing"]))
+        return 0
 
     print(f"training {args.backbone} at {args.size}px on 100% of the boxes:", flush=True)
     full = _train(args, train, world, args.out / "full")
@@ -286,17 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         report["semi_supervised"] = semi_supervised(args, world, train, val, args.out)
     (args.out / "bench_detector.json").write_text(json.dumps(report, indent=1))
 
-    print("\n## Detector speed (ms per image; baseline resnet50_fpn)")
-    base = {(r["size"], r["batch"], r["precision"]): r["ms_per_image"]
-            for r in report["timing"] if r["backbone"] == "resnet50_fpn"}
-    print(_table(
-        ["backbone", "size", "batch", "precision", "ms/img", "img/s", "vs resnet50_fpn"],
-        [[r["backbone"], r["size"], r["batch"], r["precision"], round(r["ms_per_image"], 1),
-          round(r["images_per_s"], 1),
-          f"{base[(r['size'], r['batch'], r['precision'])] / r['ms_per_image']:.1f}x"
-          if (r["size"], r["batch"], r["precision"]) in base else "-"]
-         for r in report["timing"]],
-    ))
+    print(_speed_table(report["timing"]))
     q, b = report["full"]["queries"], report["baseline_whole_image"]
     print(f"\n## Accuracy ({args.backbone}, {args.size}px, {args.steps} steps, "
           f"{len(train['images'])} train scenes)")

@@ -58,7 +58,7 @@ class DetectorBackbone:
     fpn_channels: int
 
 
-DETECTOR_BACKBONES = Registry("detector backbone")
+DETECTOR_BACKBONES: Registry[DetectorBackbone] = Registry("detector backbone")
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
