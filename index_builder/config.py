@@ -72,7 +72,7 @@ class EmbedderConfig:
 @dataclass
 class IndexConfig:
     factory: str | None = None  # None: chosen by gallery size
-    k1: int = 20
+    k1: int = 21  # the graph row holds the item itself, so re-ranking with k1=20 needs 21
 
 
 @dataclass
