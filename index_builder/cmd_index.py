@@ -70,16 +70,19 @@ def _read_catalog(path: Path, lenient: bool) -> list[CatalogRow]:
     return catalog.rows
 
 
-def _embed(rows: Sequence[CatalogRow], model_path: Path, args: argparse.Namespace
-           ) -> tuple[np.ndarray, int]:
-    """Embed catalog rows (cropped to their bbox): float32 [N, d] in row order, and d."""
-    from visearch.embedding import embed_items
+def _load_model(path: Path, args: argparse.Namespace) -> torch.nn.Module:
     from visearch.models import load_embedder
 
+    return load_embedder(path, device=_device(args.device))
+
+
+def _embed(rows: Sequence[CatalogRow], model: torch.nn.Module, args: argparse.Namespace
+           ) -> np.ndarray:
+    """Embed catalog rows (cropped to their bbox): float32 [N, d] in row order."""
+    from visearch.embedding import embed_items
+
     t0 = time.perf_counter()
-    model = load_embedder(model_path, device=_device(args.device))
-    dim = int(model.config["dim"])
-    xb = np.zeros((len(rows), dim), dtype=np.float32)
+    xb = np.zeros((len(rows), int(model.config["dim"])), dtype=np.float32)
     items = ((i, r.path, None if args.no_crop else r.bbox) for i, r in enumerate(rows))
     for ids, feats in embed_items(model, items, batch_size=args.batch_size,
                                   num_workers=args.workers, progress=not args.quiet):
@@ -87,7 +90,7 @@ def _embed(rows: Sequence[CatalogRow], model_path: Path, args: argparse.Namespac
     seconds = time.perf_counter() - t0
     logger.info("embedded %d images in %.1f s (%.1f img/s)", len(rows), seconds,
                 len(rows) / max(seconds, 1e-9))
-    return xb, dim
+    return xb
 
 
 def _summary(version: IndexVersion, root: IndexRoot) -> str:
@@ -101,7 +104,7 @@ def _summary(version: IndexVersion, root: IndexRoot) -> str:
 @_cli_errors
 def cmd_build(args: argparse.Namespace) -> int:
     rows = _read_catalog(args.catalog, args.lenient)
-    xb, _ = _embed(rows, args.model, args)
+    xb = _embed(rows, _load_model(args.model, args), args)
     t0 = time.perf_counter()
     version = build_version(
         args.root, xb, np.arange(len(rows), dtype=np.int64), [_item(r) for r in rows],
@@ -187,7 +190,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     if args.model is not None:
         model_path = args.model
     rows = _read_catalog(args.catalog, args.lenient)
-    xb, dim = _embed(rows, model_path, args)
+    model = _load_model(model_path, args)
+    dim = int(model.config["dim"])
     if dim != base.dim:
         raise IndexFormatError(
             f"model {model_path} makes {dim}-d embeddings but {base.version} holds {base.dim}-d"
@@ -199,6 +203,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             f"{args.model} is not the model {base.version} was built with; embeddings of "
             "different models are not comparable: omit --model or `build` a new index"
         )
+    xb = _embed(rows, model, args)
     version = update_version(root, base, add_xb=xb, add_items=[_item(r) for r in rows],
                              activate=not args.no_activate, progress=not args.quiet)
     print(f"added {len(rows)} items to {base.version}: " + _summary(version, root))
