@@ -82,7 +82,7 @@ def factories(n: int, d: int, types: list[str]) -> list[tuple[str, str, list[dic
     """(label, factory string, search-option settings) for each requested type."""
     nlist = default_nlist(n)
     probe = default_nprobe(nlist)
-    m = d // 8  # 8 dims per PQ byte: 32 bytes/vector at d=256
+    m = d // 4  # as choose_factory: 4 dims per PQ byte, 64 bytes/vector at d=256
     table = {
         "flat": ("Flat", "Flat", [{}]),
         "ivf": ("IVF-Flat", f"IVF{nlist},Flat",
