@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     graph_rows = min(args.n, args.graph_rows)
     graphs = []
     for label in ("Flat", "IVF-Flat", "HNSW"):
-        if label not in built:
+        if label not in built or graph_rows <= 0:
             continue
         index = built[label]
         t0 = time.perf_counter()
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="queries timed one at a time")
     p.add_argument("--k1", type=int, default=20, help="neighbour graph k1")
     p.add_argument("--graph-rows", type=int, default=20_000,
-                   help="graph rows timed (extrapolated to N when fewer)")
+                   help="graph rows timed (extrapolated to N when fewer; 0: skip the graph)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
                    help="faiss OpenMP threads (0: faiss default; 1 on an oversubscribed CPU)")
