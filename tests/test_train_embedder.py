@@ -125,21 +125,31 @@ def test_training_lowers_loss_and_raises_recall_well_above_chance(toy, tmp_path)
     assert result.model_path.is_file() and result.checkpoint_path.is_file()
 
 
-def _run(train: ImageSet, out: Path, epochs: int, resume: bool):
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after_first_epoch(record: dict) -> None:
+    raise _Crash(f"simulated crash after epoch {record['epoch']}")
+
+
+def _run(train: ImageSet, out: Path, *, resume: bool, crash: bool = False):
     model = _tiny(seed=123 if resume else 0)  # a resumed run must not depend on fresh init
     loss = WeightedLoss([LossTerm("arcface", ArcFaceLoss(32, 12, scale=16, margin=0.3))])
     return model, train_embedder(
-        model, loss, train, out_dir=out, epochs=epochs, p=4, k=3, steps_per_epoch=3,
-        lr=3e-3, transform=train_transform(48, mean=MEAN, std=STD), seed=5, resume=resume,
+        model, loss, train, out_dir=out, epochs=3, p=4, k=3, steps_per_epoch=3, lr=3e-3,
+        transform=train_transform(48, mean=MEAN, std=STD), seed=5, resume=resume,
+        callback=_crash_after_first_epoch if crash else None,
     )  # fmt: skip
 
 
-def test_resume_continues_bit_for_bit(toy, tmp_path) -> None:
+def test_resume_after_a_crash_continues_bit_for_bit(toy, tmp_path) -> None:
     train = toy[0]
-    full_model, full = _run(train, tmp_path / "full", epochs=3, resume=False)
-    _, first = _run(train, tmp_path / "split", epochs=1, resume=False)
-    resumed_model, rest = _run(train, tmp_path / "split", epochs=3, resume=True)
-    assert first.step_losses == full.step_losses[:3]
+    full_model, full = _run(train, tmp_path / "full", resume=False)
+    with pytest.raises(_Crash):
+        _run(train, tmp_path / "split", resume=False, crash=True)  # checkpoint of epoch 1 kept
+    resumed_model, rest = _run(train, tmp_path / "split", resume=True)
+    assert len(full.step_losses) == 9
     assert rest.step_losses == full.step_losses[3:]  # bit-for-bit, not approximately
     assert [h["epoch"] for h in rest.history] == [1, 2, 3]
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values(),

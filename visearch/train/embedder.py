@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from visearch.catalog import CatalogRow
 from visearch.embedding import embed_arrays, load_crop
 from visearch.imageio import ImageSource
-from visearch.losses.weighted import WeightedLoss
+from visearch.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss
 from visearch.metrics import retrieval_metrics
 from visearch.models.embedder import Embedder, save_embedder
 from visearch.train.sampler import PKSampler
@@ -219,6 +219,52 @@ def evaluate(
     )
 
 
+def imprint_classifiers(
+    model: Embedder,
+    loss: WeightedLoss,
+    train: ImageSet,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """Initialise each classifier term of ``loss`` (cosine-softmax family, plain softmax) with
+    its classes' mean normalised embedding under the current model ("weight imprinting",
+    Qi, Brown & Lowe 2018). A random classifier's first gradients would pull every embedding
+    toward a random direction and scramble the pretrained geometry; imprinted centres start
+    training where the pretrained features already are. Returns the names of imprinted terms.
+    Classes without images keep their random weights.
+    """
+    terms = []
+    for name, term in loss.losses.items():
+        labels = np.asarray(train.labels.get(loss.targets[name], np.empty(0)))
+        if labels.ndim != 1 or len(labels) != len(train):
+            continue
+        if isinstance(term, CosineSoftmaxLoss):
+            weight = term.weight
+        elif isinstance(term, SoftmaxLoss):
+            weight = term.fc.weight
+        else:
+            continue
+        terms.append((name, weight, labels))
+    if not terms:
+        return []
+    feats = embed_arrays(model, train.crops(), batch_size=batch_size, device=device)
+    for _, weight, labels in terms:
+        n_classes, dim = weight.shape
+        if dim != feats.shape[1]:
+            raise ValueError(f"classifier dim {dim} != embedding dim {feats.shape[1]}")
+        ok = (labels >= 0) & (labels < n_classes)
+        sums = np.zeros((n_classes, dim), dtype=np.float64)
+        np.add.at(sums, labels[ok], feats[ok])
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        has = norms[:, 0] > 0
+        centres = torch.as_tensor((sums[has] / norms[has]).astype(np.float32))
+        with torch.no_grad():
+            scale = weight[has].norm(dim=1, keepdim=True).mean()  # keep the init's norm
+            weight[torch.as_tensor(has)] = (centres * scale).to(weight.device, weight.dtype)
+    return [name for name, _, _ in terms]
+
+
 def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -243,6 +289,7 @@ def train_embedder(
     lr: float = 1e-3,
     backbone_lr_mult: float = 0.1,
     frozen_blocks: int = 0,
+    imprint: bool = True,
     weight_decay: float = 5e-4,
     warmup_steps: int | None = None,
     transform: Callable[[np.ndarray], torch.Tensor] | None = None,
@@ -267,8 +314,10 @@ def train_embedder(
         p, k: labels per batch and images per label; batch size ``p * k``.
         steps_per_epoch: batches per epoch; default ``#labels // p``.
         lr: peak learning rate (AdamW) of the head and loss parameters; the trunk uses
-            ``lr * backbone_lr_mult``. Linear warm-up (default: one epoch, at most 100 steps)
+            ``lr * backbone_lr_mult``. Linear warm-up (default: a tenth of all steps, at most 100)
             then cosine decay to 0 over all steps.
+        imprint: start the classifiers from class-mean embeddings
+            (:func:`imprint_classifiers`; skipped when resuming from a checkpoint).
         frozen_blocks: freeze the first this many children of ``model.trunk`` (weights and
             BatchNorm statistics): no backward pass through them, so CPU training is faster
             (MobileNetV2's trunk has 19 blocks, the ResNets' 8).
@@ -302,7 +351,7 @@ def train_embedder(
     sampler = PKSampler(train.labels["sku"], p, k, seed=seed, steps_per_epoch=steps_per_epoch)
     total_steps = epochs * len(sampler)
     if warmup_steps is None:
-        warmup_steps = min(len(sampler), 100)
+        warmup_steps = max(1, min(100, total_steps // 10))
 
     blocks = list(model.trunk.children())
     if not 0 <= frozen_blocks <= len(blocks):
@@ -338,6 +387,7 @@ def train_embedder(
         "lr": lr,
         "backbone_lr_mult": backbone_lr_mult,
         "frozen_blocks": frozen_blocks,
+        "imprint": imprint,
         "weight_decay": weight_decay,
         "warmup_steps": warmup_steps,
         "seed": seed,
@@ -360,8 +410,12 @@ def train_embedder(
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt["history"])
         logger.info("resumed from %s at epoch %d/%d", ckpt_path, start_epoch, epochs)
-    elif resume:
-        logger.info("no checkpoint at %s; starting from scratch", ckpt_path)
+    else:
+        if resume:
+            logger.info("no checkpoint at %s; starting from scratch", ckpt_path)
+        if imprint:
+            done = imprint_classifiers(model, loss, train, device=dev)
+            logger.info("imprinted classifier weights of %s", done)
 
     gen = torch.Generator()
     loader = DataLoader(
