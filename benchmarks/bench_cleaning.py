@@ -331,9 +331,9 @@ def bench_merge(emb: np.ndarray, rows: Sequence[CatalogRow], truth: dict) -> dic
         "lookalike_pairs": len(lookalike),
     }
     configs = {
-        "soft, default schedule": {"soft": True, "thresholds": THRESHOLDS},
-        "soft, (0.5, 0.4, 0.3)": {"soft": True, "thresholds": (0.5, 0.4, 0.3)},
-        "hard counts, default schedule": {"soft": False, "thresholds": THRESHOLDS},
+        f"soft, default {THRESHOLDS}": {"soft": True, "thresholds": THRESHOLDS},
+        "soft, (0.3, 0.25, 0.2)": {"soft": True, "thresholds": (0.3, 0.25, 0.2)},
+        f"hard counts, default {THRESHOLDS}": {"soft": False, "thresholds": THRESHOLDS},
     }
     for name, kw in configs.items():
         t0 = time.perf_counter()
@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": machine(),
         "world": str(world),
+        "rows": len(rows),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
 
