@@ -561,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (args.out / "report.md").write_text(text)
+    if args.world is None:
+        shutil.rmtree(world, ignore_errors=True)  # generated here; pass --world to keep one
     return 0
 
 
