@@ -84,10 +84,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=0, help="image-decoding processes")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is fastest on a CPU shared with other jobs)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _build(args: argparse.Namespace, categories: list[str]) -> ProductDetector:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     return build_detector(
         args.backbone,
