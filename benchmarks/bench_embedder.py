@@ -42,22 +42,34 @@ from visearch.transforms import train_transform
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "mobilenet_v2-b0353104.pth"
 
+# Margin-loss hyper-parameters (set from --margin/--scale; the loss classes' defaults if None).
+MARGIN: dict[str, float] = {}
+
+
+def _arc(d: int, c: int) -> ArcFaceLoss:
+    return ArcFaceLoss(d, c, **MARGIN)
+
+
+def _cos(d: int, c: int) -> CosFaceLoss:
+    return CosFaceLoss(d, c, **MARGIN)
+
+
 # name -> (loss terms factory(dim, classes), erasing probability, spatial attention)
 VARIANTS: dict[str, tuple[Any, float, bool]] = {
     "softmax": (lambda d, c: [LossTerm("softmax", SoftmaxLoss(d, c))], 0.5, False),
     "normface": (lambda d, c: [LossTerm("normface", NormFaceLoss(d, c))], 0.5, False),
-    "cosface": (lambda d, c: [LossTerm("cosface", CosFaceLoss(d, c))], 0.5, False),
-    "arcface": (lambda d, c: [LossTerm("arcface", ArcFaceLoss(d, c))], 0.5, False),
+    "cosface": (lambda d, c: [LossTerm("cosface", _cos(d, c))], 0.5, False),
+    "arcface": (lambda d, c: [LossTerm("arcface", _arc(d, c))], 0.5, False),
     "arcface+triplet": (
         lambda d, c: [
-            LossTerm("arcface", ArcFaceLoss(d, c)),
+            LossTerm("arcface", _arc(d, c)),
             LossTerm("triplet", BatchHardTripletLoss(0.3)),
         ],
         0.5,
         False,
     ),
-    "arcface-no-erasing": (lambda d, c: [LossTerm("arcface", ArcFaceLoss(d, c))], 0.0, False),
-    "arcface+attention": (lambda d, c: [LossTerm("arcface", ArcFaceLoss(d, c))], 0.5, True),
+    "arcface-no-erasing": (lambda d, c: [LossTerm("arcface", _arc(d, c))], 0.0, False),
+    "arcface+attention": (lambda d, c: [LossTerm("arcface", _arc(d, c))], 0.5, True),
 }
 DEFAULT_VARIANTS = "pretrained,softmax,arcface,arcface+triplet"
 
@@ -119,11 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--backbone-lr-mult", type=float, default=0.3)
     ap.add_argument("--frozen-blocks", type=int, default=7)
+    ap.add_argument("--margin", type=float, help="ArcFace/CosFace margin (default: theirs)")
+    ap.add_argument("--scale", type=float, help="ArcFace/CosFace scale s (default: theirs)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_embedder")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.margin is not None:
+        MARGIN["margin"] = args.margin
+    if args.scale is not None:
+        MARGIN["scale"] = args.scale
     names = ["pretrained", *VARIANTS] if args.variants == "all" else args.variants.split(",")
     unknown = [n for n in names if n != "pretrained" and n not in VARIANTS]
     if unknown:
