@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", default="mobilenet_v2_fpn", choices=DETECTOR_BACKBONES.names())
     p.add_argument("--scratch", action="store_true", help="no ImageNet start for mobilenet")
     p.add_argument("--size", type=int, default=96, help="detector input size for training")
-    p.add_argument("--steps", type=int, default=300, help="optimiser steps per training")
+    p.add_argument("--steps", type=int, default=600, help="optimiser steps per training")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-sizes", default="96,128,160")
     p.add_argument("--time-images", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: two-thread ops crawl on a shared 2-core CPU)")
     p.add_argument("--only-timing", action="store_true", help="skip the trainings")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
