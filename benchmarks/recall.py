@@ -96,8 +96,9 @@ class OverGrpc:
         if index_root is not None:
             from visearch.index import IndexRoot
 
-            with IndexRoot(index_root).open() as version:
-                self.catalog_path = version.manifest.get("inputs", {}).get("catalog_path")
+            version = IndexRoot(index_root).open()
+            self.catalog_path = version.manifest.get("inputs", {}).get("catalog_path")
+            version.close()
 
     def search(self, image: bytes, **kw: Any) -> dict[str, Any]:
         category = kw.pop("category_hint", None)

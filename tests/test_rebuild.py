@@ -1,0 +1,100 @@
+"""The rebuild pipeline: config validation, a full tiny run, skip on re-run, rerun on change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from index_builder.cli import main as index_main
+from index_builder.config import load_config
+from visearch.index import IndexRoot
+
+TINY = {
+    "workers": 1,
+    "dedup": {"workers": 1},
+    "detector": {"backbone": "tiny_fpn", "min_size": 64, "max_size": 64, "epochs": 1},
+    "embedder": {"backbone": "tiny", "dim": 32, "epochs": 1, "cleaning_epochs": 1,
+                 "image_size": 48, "p": 8, "k": 2, "attention": False, "pretrained": None},
+    "index": {"k1": 11},
+}
+
+
+def test_config_profiles_files_and_unknown_keys(tmp_path: Path) -> None:
+    cfg = load_config()
+    assert cfg.profile == "cpu-small" and cfg.embedder.backbone == "mobilenet_v2"
+    gpu = load_config(profile="gpu")
+    assert gpu.embedder.backbone == "resnet50" and gpu.detector.backbone == "resnet50_fpn"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"profile": "gpu", "embedder": {"epochs": 3}}))
+    cfg = load_config(path, overrides={"merge": {"enabled": False}})
+    assert (cfg.profile, cfg.embedder.epochs, cfg.embedder.image_size) == ("gpu", 3, 224)
+    assert cfg.merge.enabled is False
+    path.write_text(json.dumps({"embedder": {"epoch": 3}}))
+    with pytest.raises(ValueError, match=r"unknown config key embedder\.'epoch'; valid keys: "):
+        load_config(path)
+    with pytest.raises(ValueError, match="unknown profile 'tpu'; valid profiles"):
+        load_config(profile="tpu")
+
+
+def _done_mtimes(work: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in work.glob("*/done.json")}
+
+
+def test_rebuild_runs_every_stage_then_skips_and_reruns_downstream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from visearch.synth import generate_world
+
+    world = tmp_path / "world"
+    generate_world(world, skus=24, seed=3, image_size=64, scenes=24)
+    root, work = tmp_path / "indexes", tmp_path / "work"
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    argv = ["rebuild", "--catalog", str(world / "catalog.jsonl"), "--root", str(root),
+            "--work", str(work), "--config", str(config)]
+
+    assert index_main(argv) == 0
+    index_root = IndexRoot(root)
+    (first,) = index_root.versions()
+    assert index_root.current() == first
+    stages = set(_done_mtimes(work))
+    assert {"ingest", "dedup", "detector", "embedder_first_pass", "clean", "merge",
+            "embedder", "build"} <= stages
+    gallery = (work / "catalogs" / "gallery.jsonl").read_text().splitlines()
+    version = index_root.open()
+    assert version.manifest["counts"]["total"] == len(gallery)
+    assert version.detector_path is not None and version.detector_path.is_file()
+    assert version.dim == 32
+    version.close()
+    removed = set(json.loads((work / "dedup" / "removed.json").read_text()))
+    assert removed and not removed & {json.loads(r)["image"] for r in gallery}
+
+    # Unchanged inputs: every stage is skipped and no new version appears.
+    before = _done_mtimes(work)
+    capsys.readouterr()
+    assert index_main(argv) == 0
+    assert _done_mtimes(work) == before
+    assert index_root.versions() == [first]
+    assert "done in" not in capsys.readouterr().out
+
+    # A changed embedder parameter reruns the trainings and the build, not the detector.
+    config.write_text(json.dumps({**TINY, "embedder": {**TINY["embedder"], "dim": 16}}))
+    assert index_main(argv) == 0
+    after = _done_mtimes(work)
+    assert after["detector"] == before["detector"] and after["dedup"] == before["dedup"]
+    assert after["embedder"] != before["embedder"] and after["build"] != before["build"]
+    assert len(index_root.versions()) == 2
+    version = index_root.open()
+    assert version.dim == 16
+    version.close()
+
+
+def test_rebuild_reports_a_bad_catalog_row_and_keeps_the_active_index(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text('{"image": "missing.jpg", "sku": "S", "category": "c"}\n')
+    code = index_main(["rebuild", "--catalog", str(catalog), "--root", str(tmp_path / "r"),
+                       "--work", str(tmp_path / "w")])
+    assert code == 1
+    assert not (tmp_path / "r").exists()
