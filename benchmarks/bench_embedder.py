@@ -133,6 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frozen-blocks", type=int, default=7)
     ap.add_argument("--margin", type=float, help="ArcFace/CosFace margin (default: theirs)")
     ap.add_argument("--scale", type=float, help="ArcFace/CosFace scale s (default: theirs)")
+    ap.add_argument(
+        "--augment",
+        default="light",
+        choices=["light", "strong"],
+        help="training augmentation strength (visearch.transforms.train_transform)",
+    )
+    ap.add_argument(
+        "--shop-holdout",
+        action="store_true",
+        help="also hold one shop image per SKU out of training and report held-out "
+        "shop -> shop retrieval (a sanity check that training learns anything)",
+    )
+    ap.add_argument("--freeze-bn", action="store_true", help="trunk BN stats stay pretrained")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_embedder")
     args = ap.parse_args(argv)
@@ -170,6 +183,26 @@ def main(argv: list[str] | None = None) -> int:
     relevant = _relevant(world, vocab, [r.sku for r in queries])
     # Train on the pre-decoded crops (no re-decoding each epoch).
     train = ImageSet(gallery_crops, [None] * len(gallery_crops), gallery.labels)
+    holdout = None
+    if args.shop_holdout:
+        # The first shop image of each SKU becomes a query; the rest train and form its gallery.
+        labels = gallery.labels["sku"]
+        first = {}
+        for i, lab in enumerate(labels):
+            first.setdefault(int(lab), i)
+        held = sorted(i for lab, i in first.items() if (labels == lab).sum() > 1)
+        kept = [i for i in range(len(labels)) if i not in set(held)]
+        sub = {n: v[kept] for n, v in gallery.labels.items()}
+        train = ImageSet([gallery_crops[i] for i in kept], [None] * len(kept), sub)
+        holdout = (
+            train,
+            ImageSet(
+                [gallery_crops[i] for i in held],
+                [None] * len(held),
+                {n: v[held] for n, v in gallery.labels.items()},
+            ),
+        )
+        print(f"shop hold-out: {len(held)} query images, {len(kept)} training images", flush=True)
     print(
         f"world {world}: {len(catalog)} shop images, {len(vocab.skus)} SKUs, "
         f"{len(queries)} user photos; decoded in {decode_s:.1f} s",
@@ -198,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                 model, loss, train, out_dir=args.out / "runs" / name, epochs=1, p=args.p,
                 k=args.k, steps_per_epoch=args.steps, lr=args.lr,
                 backbone_lr_mult=args.backbone_lr_mult, frozen_blocks=args.frozen_blocks,
+                freeze_bn=args.freeze_bn,
                 transform=train_transform(args.image_size, mean=cfg["mean"], std=cfg["std"],
-                                          erasing=erasing),
+                                          erasing=erasing, augment=args.augment),
                 seed=args.seed, progress=True,
             )  # fmt: skip
             train_s = res.history[-1]["seconds"]
@@ -208,11 +242,24 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(model, gallery, query_set, relevant=relevant, ks=(1, 5, 10),
                            gallery_crops=gallery_crops, query_crops=query_crops)  # fmt: skip
         embed_s = time.perf_counter() - t_embed
+        if holdout is not None:
+            shop = evaluate(
+                model,
+                holdout[0],
+                holdout[1],
+                ks=(1, 5, 10),
+                gallery_crops=holdout[0].sources,
+                query_crops=holdout[1].sources,
+            )
+            metrics["shop_recall@1"] = shop["recall@1"]
+            metrics["shop_recall@10"] = shop["recall@10"]
         row = {
             "recall@1": metrics["recall@1"],
             "recall@5": metrics["recall@5"],
             "recall@10": metrics["recall@10"],
             "map@10": metrics["map@10"],
+            "shop_recall@1": metrics.get("shop_recall@1"),
+            "shop_recall@10": metrics.get("shop_recall@10"),
             "train_images": 0 if name == "pretrained" else args.steps * args.p * args.k,
             "train_s": round(train_s, 1),
             "train_img_s": train_rate,

@@ -32,7 +32,7 @@ from visearch.losses import (
 from visearch.models import BACKBONES, POOLINGS, build_embedder, load_embedder
 from visearch.registry import Registry
 from visearch.train.embedder import LabelVocab, train_embedder
-from visearch.transforms import train_transform
+from visearch.transforms import AUGMENTS, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     cfg = model.config
     transform = train_transform(
-        args.image_size, mean=cfg["mean"], std=cfg["std"], erasing=args.erasing
+        args.image_size,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        erasing=args.erasing,
+        augment=args.augment,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         backbone_lr_mult=args.backbone_lr_mult,
         frozen_blocks=args.frozen_blocks,
+        freeze_bn=args.freeze_bn,
         transform=transform,
         seed=args.seed,
         resume=args.resume,
@@ -252,6 +257,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated attribute names for the attribute heads",
     )
     t.add_argument("--erasing", type=float, default=0.5, help="random erasing probability")
+    t.add_argument(
+        "--augment",
+        default="light",
+        choices=AUGMENTS,
+        help="training augmentation: light (crop, flip, jitter) or strong (+ perspective, "
+        "rotation, hue, grayscale, blur, JPEG, noise: for photos taken in the wild)",
+    )
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--p", type=int, default=32, help="SKUs per batch")
     t.add_argument("--k", type=int, default=4, help="images per SKU in a batch")
@@ -264,6 +276,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="freeze the first N trunk blocks (faster CPU training; mobilenet_v2 has 19)",
+    )
+    t.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="keep the trunk's BatchNorm statistics at their pretrained values",
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(

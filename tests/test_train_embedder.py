@@ -186,3 +186,64 @@ def test_cli_trains_and_embeds_tiny_world(tiny_world, tmp_path, capsys) -> None:
     assert feats.shape == (n_rows, 16) and feats.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
     assert ids.tolist() == list(range(1, n_rows + 1))  # catalog line numbers, in order
+
+
+def test_imprint_calibrates_bn_neck_to_the_training_features(toy) -> None:
+    """After imprinting, the eval-mode neck normalises with the training set's own mean and
+    variance (hand-computed here), and the imprinted centres are the class means of those
+    eval-mode embeddings."""
+    from visearch.embedding import embed_arrays, model_transform
+    from visearch.train.embedder import imprint_classifiers
+
+    train, _ = toy
+    model = _tiny().eval()
+    loss = WeightedLoss([LossTerm("arcface", ArcFaceLoss(32, 12))])
+    assert torch.equal(model.neck.running_mean, torch.zeros(32))
+    assert imprint_classifiers(model, loss, train) == ["arcface"]
+    crops = train.crops()
+    x = torch.stack([model_transform(model)(c) for c in crops])
+    with torch.no_grad():
+        z = model.proj(model.pool(model.trunk(x)))
+    torch.testing.assert_close(model.neck.running_mean, z.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.neck.running_var, z.var(0), rtol=1e-4, atol=1e-5)
+    # Whole-set batch statistics (train mode) now equal the eval-mode normalisation (up to the
+    # biased/unbiased variance factor sqrt(96/95)).
+    with torch.no_grad():
+        eval_mode = model.neck.eval()(z)
+        train_mode = model.neck.train()(z)
+    model.neck.eval()
+    torch.testing.assert_close(train_mode, eval_mode, rtol=1e-2, atol=1e-3)
+    feats = embed_arrays(model, crops)
+    labels = train.labels["sku"]
+    weight = loss.losses["arcface"].weight.detach().numpy()
+    for c in range(12):
+        centre = feats[labels == c].mean(0)
+        cos = weight[c] @ centre / np.linalg.norm(weight[c]) / np.linalg.norm(centre)
+        assert cos > 0.9999
+
+
+def test_strong_augment_keeps_shape_and_rejects_unknown_names() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (70, 50, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    t = train_transform(48, mean=MEAN, std=STD, augment="strong")
+    names = {type(s).__name__ for s in t.transforms}
+    assert {"RandomPerspective", "RandomGrayscale", "RandomResizedCrop"} <= names
+    outs = [t(image) for _ in range(4)]
+    assert all(o.shape == (3, 48, 48) and o.dtype == torch.float32 for o in outs)
+    assert not torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="augment"):
+        train_transform(48, mean=MEAN, std=STD, augment="medium")
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_keeps_trunk_running_stats(toy, tmp_path: Path, freeze_bn: bool) -> None:
+    train, _ = toy
+    model = _tiny()
+    bns = [m for m in model.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns, "the tiny backbone should have BatchNorm layers for this test"
+    before = [m.running_mean.clone() for m in bns]
+    loss = WeightedLoss([LossTerm("normface", NormFaceLoss(32, 12))])
+    train_embedder(model, loss, train, out_dir=tmp_path, epochs=1, p=4, k=4,
+                   steps_per_epoch=2, transform=_transform(), freeze_bn=freeze_bn)  # fmt: skip
+    same = [torch.equal(b, m.running_mean) for b, m in zip(before, bns, strict=True)]
+    assert all(same) if freeze_bn else not any(same)

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from visearch.catalog import CatalogRow
-from visearch.embedding import embed_arrays, load_crop
+from visearch.embedding import embed_arrays, load_crop, model_device, model_transform
 from visearch.imageio import ImageSource
 from visearch.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss
 from visearch.metrics import retrieval_metrics
@@ -226,6 +227,7 @@ def imprint_classifiers(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
+    calibrate_neck: bool = True,
 ) -> list[str]:
     """Initialise each classifier term of ``loss`` (cosine-softmax family, plain softmax) with
     its classes' mean normalised embedding under the current model ("weight imprinting",
@@ -233,6 +235,10 @@ def imprint_classifiers(
     toward a random direction and scramble the pretrained geometry; imprinted centres start
     training where the pretrained features already are. Returns the names of imprinted terms.
     Classes without images keep their random weights.
+
+    With ``calibrate_neck`` the BN-neck's running statistics are first set from the training
+    images (:func:`calibrate_bn_neck`), so the imprinted centres live in the same (centred)
+    space as the batch-normalised features the loss sees in training.
     """
     terms = []
     for name, term in loss.losses.items():
@@ -246,9 +252,17 @@ def imprint_classifiers(
         else:
             continue
         terms.append((name, weight, labels))
+    if not terms and not calibrate_neck:
+        return []
+    z = _pre_neck(model, train.crops(), batch_size=batch_size, device=device)
+    if calibrate_neck:
+        _set_neck_stats(model, z)
     if not terms:
         return []
-    feats = embed_arrays(model, train.crops(), batch_size=batch_size, device=device)
+    was_training = model.neck.training
+    with torch.no_grad():
+        feats = F.normalize(model.neck.eval()(z), dim=1).cpu().numpy()
+    model.neck.train(was_training)
     for _, weight, labels in terms:
         n_classes, dim = weight.shape
         if dim != feats.shape[1]:
@@ -263,6 +277,56 @@ def imprint_classifiers(
             scale = weight[has].norm(dim=1, keepdim=True).mean()  # keep the init's norm
             weight[torch.as_tensor(has)] = (centres * scale).to(weight.device, weight.dtype)
     return [name for name, _, _ in terms]
+
+
+def calibrate_bn_neck(
+    model: Embedder,
+    crops: Sequence[np.ndarray],
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> None:
+    """Set ``model.neck``'s running mean/variance to those of its inputs over ``crops``
+    (RGB ``uint8 [H, W, 3]``, eval transform), leaving every other weight and statistic alone.
+
+    A fresh BN-neck has running mean 0 and variance 1, while in training it normalises with
+    batch statistics: pooled trunk features are all positive, so the two differ by a large
+    common offset and the eval-mode embeddings (used for imprinting and retrieval) point in
+    other directions than the train-mode ones the loss shapes.
+    """
+    _set_neck_stats(model, _pre_neck(model, crops, batch_size=batch_size, device=device))
+
+
+def _pre_neck(
+    model: Embedder,
+    crops: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    device: torch.device | str | None,
+) -> torch.Tensor:
+    """The neck's inputs ``float32 [N, dim]`` for ``crops`` (eval mode, eval transform)."""
+    transform = model_transform(model)
+    dev = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.to(dev).eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(crops), batch_size):
+            x = torch.stack([transform(c) for c in crops[start : start + batch_size]]).to(dev)
+            pooled = model.pool(model.attention(model.trunk(x)))
+            chunks.append(model.proj(pooled.to(model.proj.weight.dtype)).float())
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
+def _set_neck_stats(model: Embedder, z: torch.Tensor) -> None:
+    neck = model.neck
+    if not isinstance(neck, torch.nn.BatchNorm1d) or len(z) < 2:
+        return
+    with torch.no_grad():
+        neck.running_mean.copy_(z.mean(0).to(neck.running_mean))
+        neck.running_var.copy_(z.var(0, unbiased=True).to(neck.running_var))
+    logger.debug("calibrated the BN-neck on %d images", len(z))
 
 
 def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -289,6 +353,7 @@ def train_embedder(
     lr: float = 1e-3,
     backbone_lr_mult: float = 0.1,
     frozen_blocks: int = 0,
+    freeze_bn: bool = False,
     imprint: bool = True,
     weight_decay: float = 5e-4,
     warmup_steps: int | None = None,
@@ -321,6 +386,9 @@ def train_embedder(
         frozen_blocks: freeze the first this many children of ``model.trunk`` (weights and
             BatchNorm statistics): no backward pass through them, so CPU training is faster
             (MobileNetV2's trunk has 19 blocks, the ResNets' 8).
+        freeze_bn: keep every trunk BatchNorm layer in eval mode (its ImageNet running
+            statistics are not re-estimated on the training images; the affine weights still
+            train). Helps when training images (clean catalog shots) differ from the queries.
         transform: ``uint8 [H, W, 3] -> float [3, S, S]``; default
             :func:`visearch.transforms.train_transform` at the model's input size.
         seed: seeds torch, numpy and python RNGs and the sampler; on CPU two runs with the
@@ -387,6 +455,7 @@ def train_embedder(
         "lr": lr,
         "backbone_lr_mult": backbone_lr_mult,
         "frozen_blocks": frozen_blocks,
+        "freeze_bn": freeze_bn,
         "imprint": imprint,
         "weight_decay": weight_decay,
         "warmup_steps": warmup_steps,
@@ -449,6 +518,10 @@ def train_embedder(
             model.train()
             for block in frozen:
                 block.eval()
+            if freeze_bn:
+                for m in model.trunk.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             loss.train()
             t0, seen, epoch_loss = time.perf_counter(), 0, 0.0
             parts_sum: dict[str, float] = {}
