@@ -294,6 +294,11 @@ class Pipeline:
                 e.image_size, "--lr", e.lr, "--seed", self.cfg.seed, "--quiet"]
         if e.attention:
             argv.append("--attention")
+        for flag, value in (("--margin", e.margin), ("--scale", e.scale),
+                            ("--backbone-lr-mult", e.backbone_lr_mult),
+                            ("--frozen-blocks", e.frozen_blocks), ("--augment", e.augment)):
+            if value is not None:
+                argv += [flag, value]
         if e.pretrained and Path(e.pretrained).is_file():
             argv += ["--pretrained", e.pretrained]
         if val and self.queries is not None:
