@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         "shop -> shop retrieval (a sanity check that training learns anything)",
     )
     ap.add_argument("--freeze-bn", action="store_true", help="trunk BN stats stay pretrained")
+    ap.add_argument(
+        "--no-neck-calibration",
+        action="store_true",
+        help="imprint without first calibrating the BN-neck (the old behaviour, for ablation)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_embedder")
     args = ap.parse_args(argv)
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, loss, train, out_dir=args.out / "runs" / name, epochs=1, p=args.p,
                 k=args.k, steps_per_epoch=args.steps, lr=args.lr,
                 backbone_lr_mult=args.backbone_lr_mult, frozen_blocks=args.frozen_blocks,
-                freeze_bn=args.freeze_bn,
+                freeze_bn=args.freeze_bn, calibrate_neck=not args.no_neck_calibration,
                 transform=train_transform(args.image_size, mean=cfg["mean"], std=cfg["std"],
                                           erasing=erasing, augment=args.augment),
                 seed=args.seed, progress=True,

@@ -355,6 +355,7 @@ def train_embedder(
     frozen_blocks: int = 0,
     freeze_bn: bool = False,
     imprint: bool = True,
+    calibrate_neck: bool = True,
     weight_decay: float = 5e-4,
     warmup_steps: int | None = None,
     transform: Callable[[np.ndarray], torch.Tensor] | None = None,
@@ -383,6 +384,8 @@ def train_embedder(
             then cosine decay to 0 over all steps.
         imprint: start the classifiers from class-mean embeddings
             (:func:`imprint_classifiers`; skipped when resuming from a checkpoint).
+        calibrate_neck: with ``imprint``, first set the BN-neck's running statistics from the
+            training images (see :func:`imprint_classifiers`).
         frozen_blocks: freeze the first this many children of ``model.trunk`` (weights and
             BatchNorm statistics): no backward pass through them, so CPU training is faster
             (MobileNetV2's trunk has 19 blocks, the ResNets' 8).
@@ -457,6 +460,7 @@ def train_embedder(
         "frozen_blocks": frozen_blocks,
         "freeze_bn": freeze_bn,
         "imprint": imprint,
+        "calibrate_neck": calibrate_neck,
         "weight_decay": weight_decay,
         "warmup_steps": warmup_steps,
         "seed": seed,
@@ -483,7 +487,9 @@ def train_embedder(
         if resume:
             logger.info("no checkpoint at %s; starting from scratch", ckpt_path)
         if imprint:
-            done = imprint_classifiers(model, loss, train, device=dev)
+            done = imprint_classifiers(
+                model, loss, train, device=dev, calibrate_neck=calibrate_neck
+            )
             logger.info("imprinted classifier weights of %s", done)
 
     gen = torch.Generator()
