@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, help="ArcFace/CosFace scale s (default: theirs)")
     ap.add_argument(
         "--augment",
-        default="light",
+        default="strong",
         choices=["light", "strong"],
         help="training augmentation strength (visearch.transforms.train_transform)",
     )
@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also hold one shop image per SKU out of training and report held-out "
         "shop -> shop retrieval (a sanity check that training learns anything)",
     )
-    ap.add_argument("--freeze-bn", action="store_true", help="trunk BN stats stay pretrained")
+    ap.add_argument(
+        "--freeze-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="trunk BN stats stay pretrained (default)",
+    )
     ap.add_argument(
         "--no-neck-calibration",
         action="store_true",
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(
         f"\nbackbone {args.backbone} @ {args.image_size}px, {args.steps} steps of "
-        f"P{args.p} x K{args.k}, lr {args.lr}, frozen blocks {args.frozen_blocks}; "
+        f"P{args.p} x K{args.k}, lr {args.lr}, frozen blocks {args.frozen_blocks}, "
+        f"augment {args.augment}, freeze-bn {args.freeze_bn}; "
         f"world {world.name}\n{table}\nmachine: {machine}"
     )
     args.out.mkdir(parents=True, exist_ok=True)

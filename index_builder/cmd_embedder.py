@@ -259,10 +259,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--erasing", type=float, default=0.5, help="random erasing probability")
     t.add_argument(
         "--augment",
-        default="light",
+        default="strong",
         choices=AUGMENTS,
         help="training augmentation: light (crop, flip, jitter) or strong (+ perspective, "
-        "rotation, hue, grayscale, blur, JPEG, noise: for photos taken in the wild)",
+        "rotation, hue, grayscale, blur, JPEG, noise: for photos taken in the wild; on the "
+        "synthetic world's user photos R@1 0.34 vs 0.21 for light)",
     )
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--p", type=int, default=32, help="SKUs per batch")
@@ -279,8 +280,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--freeze-bn",
-        action="store_true",
-        help="keep the trunk's BatchNorm statistics at their pretrained values",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the trunk's BatchNorm statistics at their pretrained values (default; "
+        "re-estimating them on clean catalog images hurts user-photo recall)",
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
