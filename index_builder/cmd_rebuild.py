@@ -207,7 +207,8 @@ class Pipeline:
             first_pass = catalogs / "dedup.jsonl"
             write_manifest(first_pass, apply_cleaning(rows, removed))
             emb = self._embedder_stage("embedder_first_pass", first_pass, upstream,
-                                       epochs=cfg.embedder.cleaning_epochs, val=False)
+                                       epochs=cfg.embedder.cleaning_epochs,
+                                       steps=cfg.embedder.cleaning_steps_per_epoch, val=False)
             model = emb.out_dir / "embedder.pt"
             excludes: list[Any] = []
             if cfg.dedup.enabled:
@@ -243,7 +244,8 @@ class Pipeline:
               f"\ncleaning: {len(rows)} catalog rows -> {len(rows) - len(removed)} kept")
 
         emb = self._embedder_stage("embedder", train_catalog, upstream,
-                                   epochs=cfg.embedder.epochs, val=True)
+                                   epochs=cfg.embedder.epochs,
+                                   steps=cfg.embedder.steps_per_epoch, val=True)
         model = emb.out_dir / "embedder.pt"
 
         build_fp = {
@@ -285,7 +287,8 @@ class Pipeline:
         return version
 
     def _embedder_stage(
-        self, name: str, catalog: Path, upstream: dict[str, Any], *, epochs: int, val: bool
+        self, name: str, catalog: Path, upstream: dict[str, Any], *, epochs: int,
+        steps: int | None, val: bool,
     ) -> StageResult:
         e = self.cfg.embedder
         argv = ["train-embedder", "--catalog", catalog, "--backbone", e.backbone, "--dim",
@@ -296,14 +299,17 @@ class Pipeline:
             argv.append("--attention")
         for flag, value in (("--margin", e.margin), ("--scale", e.scale),
                             ("--backbone-lr-mult", e.backbone_lr_mult),
-                            ("--frozen-blocks", e.frozen_blocks), ("--augment", e.augment)):
+                            ("--frozen-blocks", e.frozen_blocks), ("--augment", e.augment),
+                            ("--steps-per-epoch", steps)):
             if value is not None:
                 argv += [flag, value]
+        argv.append("--freeze-bn" if e.freeze_bn else "--no-freeze-bn")
         if e.pretrained and Path(e.pretrained).is_file():
             argv += ["--pretrained", e.pretrained]
         if val and self.queries is not None:
             argv += ["--val-queries", self.queries]
         fp = {"catalog": file_checksum(catalog), "config": e.__dict__, "epochs": epochs,
+              "steps": steps,
               "queries": file_checksum(self.queries) if val and self.queries else None,
               "seed": self.cfg.seed, "upstream": upstream}
         return self._training_stage(name, fp, argv,

@@ -16,7 +16,9 @@ TINY = {
     "dedup": {"workers": 1},
     "detector": {"backbone": "tiny_fpn", "min_size": 64, "max_size": 64, "epochs": 1},
     "embedder": {"backbone": "tiny", "dim": 32, "epochs": 1, "cleaning_epochs": 1,
-                 "image_size": 48, "p": 8, "k": 2, "attention": False, "pretrained": None},
+                 "image_size": 48, "p": 8, "k": 2, "attention": False, "pretrained": None,
+                 "frozen_blocks": 0, "steps_per_epoch": None,
+                 "cleaning_steps_per_epoch": None},
     "index": {"k1": 11},
 }
 
