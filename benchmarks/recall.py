@@ -282,6 +282,7 @@ def failure_gallery(
     results, framed green when correct and red when not."""
     from PIL import Image, ImageDraw
 
+    from visearch.errors import ImageDecodeError
     from visearch.imageio import decode_pil
 
     failed = [i for i, r in enumerate(records) if not set(r["skus"][:5]) & relevant[i]]
@@ -296,7 +297,7 @@ def failure_gallery(
     def load(path: Path) -> Image.Image:
         try:
             return decode_pil(path)
-        except Exception:  # a missing gallery file must not stop the report
+        except ImageDecodeError:  # a missing or broken gallery file must not stop the report
             return Image.new("RGB", (thumb, thumb), (200, 200, 200))
 
     for row, i in enumerate(failed):

@@ -39,8 +39,9 @@ class StageFailed(RuntimeError):
     """A subcommand run by the pipeline returned a non-zero exit code."""
 
 
-def _digest(result: StageResult) -> str:
-    return json.loads((result.out_dir / DONE_FILE).read_text())["fingerprint_digest"]
+def _digest(stage_dir: Path) -> str:
+    """The fingerprint digest a completed stage recorded in its ``done.json``."""
+    return json.loads((stage_dir / DONE_FILE).read_text())["fingerprint_digest"]
 
 
 def _images_digest(rows: Sequence[Any]) -> str:
@@ -157,16 +158,14 @@ class Pipeline:
                                    out / "store", *lenient]),
         )
         removed: set[str] = set()
-        upstream = {**base, "ingest": _digest(ingest)}
+        upstream = {**base, "ingest": _digest(ingest.out_dir)}
 
         if cfg.dedup.enabled:
             radius = ["--radius", cfg.dedup.radius] if cfg.dedup.radius is not None else []
             self._timed("dedup", ["dedup", "--catalog", self.catalog, "--out", self.work,
                                   "--workers", cfg.dedup.workers, *radius, *lenient])
-            removed |= self._read_removed(self.work / "dedup" / "removed.json")
-            upstream["dedup"] = json.loads((self.work / "dedup" / DONE_FILE).read_text())[
-                "fingerprint_digest"
-            ]
+            removed |= read_removed(self.work / "dedup" / "removed.json")
+            upstream["dedup"] = _digest(self.work / "dedup")
 
         detector_path: Path | None = None
         if cfg.detector.enabled and self.detection is not None:
@@ -198,7 +197,7 @@ class Pipeline:
             )
             catalog = crop.out_dir / "catalog.jsonl"
             rows = read_manifest(catalog, strict=not cfg.lenient).rows
-            upstream["crop"] = _digest(crop)
+            upstream["crop"] = _digest(crop.out_dir)
 
         catalogs = self.work / "catalogs"
         catalogs.mkdir(parents=True, exist_ok=True)
@@ -219,7 +218,7 @@ class Pipeline:
                     "--eps", cfg.clean.eps, "--return-thresh", cfg.clean.return_thresh,
                     *excludes, *lenient,
                 ])
-                removed |= self._read_removed(self.work / "clean" / "removed.jsonl")
+                removed |= read_removed(self.work / "clean" / "removed.jsonl")
                 excludes += ["--exclude", self.work / "clean" / "removed.jsonl"]
             if cfg.merge.enabled:
                 thresholds = ",".join(str(t) for t in cfg.merge.thresholds)
@@ -229,19 +228,17 @@ class Pipeline:
                 ])
                 sku_map = read_sku_map(self.work / "merge" / "sku_map.json")
             for stage in ("clean", "merge"):
-                done = self.work / stage / DONE_FILE
-                if getattr(cfg, stage).enabled and done.is_file():
-                    upstream[stage] = json.loads(done.read_text())["fingerprint_digest"]
+                if getattr(cfg, stage).enabled:
+                    upstream[stage] = _digest(self.work / stage)
 
         # Training labels are the merged style ids; the gallery keeps the catalog's SKUs.
         train_catalog = catalogs / "train.jsonl"
         gallery_catalog = catalogs / "gallery.jsonl"
         write_manifest(train_catalog, apply_cleaning(rows, removed, sku_map))
         write_manifest(gallery_catalog, apply_cleaning(rows, removed))
+        styles = f", {len(set(sku_map.values()))} style ids from {len(sku_map)} SKUs"
         print(f"\ncleaning: {len(rows)} catalog rows -> {len(rows) - len(removed)} kept "
-              f"({len(removed)} removed), {len(set(sku_map.values()))} style ids from "
-              f"{len(sku_map)} SKUs" if sku_map else
-              f"\ncleaning: {len(rows)} catalog rows -> {len(rows) - len(removed)} kept")
+              f"({len(removed)} removed){styles if sku_map else ''}")
 
         emb = self._embedder_stage("embedder", train_catalog, upstream,
                                    epochs=cfg.embedder.epochs,
@@ -314,10 +311,6 @@ class Pipeline:
               "seed": self.cfg.seed, "upstream": upstream}
         return self._training_stage(name, fp, argv,
                                     ["embedder.pt", "history.json", "labels.json"])
-
-    @staticmethod
-    def _read_removed(path: Path) -> set[str]:
-        return read_removed(path) if path.is_file() else set()
 
 
 def register(sub: argparse._SubParsersAction) -> None:

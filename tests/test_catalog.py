@@ -37,8 +37,8 @@ BAD_ROWS = [
     ({**GOOD, "bbox": [0, 0, 41, 30]}, "lies outside the 40 x 30 image"),
     ({**GOOD, "bbox": ["a", 0, 1, 1]}, "must hold numbers"),
     ({**GOOD, "attributes": {"tags": ["x"]}}, "attribute 'tags' must be a string or a number"),
-    ({**GOOD, "image": "img/missing.jpg"}, "image file not found"),
-    ({**GOOD, "image": "img/text.jpg"}, "not an image file"),
+    ({**GOOD, "image": "img/missing.jpg"}, "cannot read image file"),
+    ({**GOOD, "image": "img/text.jpg"}, "text.jpg: not an image in a known format"),
 ]
 
 

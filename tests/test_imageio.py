@@ -157,3 +157,18 @@ def test_jpeg_round_trip_and_crop() -> None:
     assert clip_box((19.5, 9.5, 19.6, 9.6), 20, 10) == (19, 9, 20, 10)
     with pytest.raises(ValueError, match="non-finite"):
         clip_box((0, 0, float("nan"), 1), 20, 10)
+
+
+def test_image_size_reads_the_header_and_applies_exif_rotation() -> None:
+    from visearch.imageio import image_size
+
+    img = Image.new("RGB", (40, 20))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    data = _jpeg(img, exif=exif.tobytes())
+    assert image_size(data) == (20, 40) == decode_image(data).shape[1::-1]
+    assert image_size(_png(Image.new("L", (7, 3)))) == (7, 3)
+    # A bomb's size is read from its header without decoding its pixels.
+    assert image_size(_png(Image.new("L", (10_000, 10_000), 0))) == (10_000, 10_000)
+    with pytest.raises(ImageDecodeError, match="not an image in a known format"):
+        image_size(b"plain text")

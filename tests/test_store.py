@@ -52,6 +52,21 @@ def test_round_trip_and_idempotent_ingest(tmp_path: Path, catalog: Path) -> None
             store.get_item("nope")
 
 
+def test_item_size_is_the_exif_rotated_size(tmp_path: Path) -> None:
+    img = Image.new("RGB", (40, 20))
+    exif = img.getexif()
+    exif[0x0112] = 6  # shown 20 wide, 40 high
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"image": "rot.jpg", "sku": "S", "category": "c", "bbox": [0, 0, 20, 40]})
+        + "\n"
+    )
+    with ImageStore(tmp_path / "store") as store:
+        (key,) = store.ingest(read_manifest(tmp_path / "c.jsonl").rows).keys
+        meta = store.get_item(key)
+    assert (meta["width"], meta["height"]) == (20, 40)
+
+
 def test_resume_after_crash_completes(tmp_path: Path, catalog: Path) -> None:
     rows = read_manifest(catalog).rows
     store = ImageStore(tmp_path / "store", batch_size=4)

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
-from visearch.errors import ManifestError
+from visearch.errors import ImageDecodeError, ManifestError
+from visearch.imageio import image_size
 
 logger = logging.getLogger(__name__)
 
@@ -127,23 +126,6 @@ def _check_attributes(value: Any) -> dict[str, str]:
     return out
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the header, after EXIF rotation; raises ValueError if unusable."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except FileNotFoundError:
-        raise ValueError(f"image file not found: {path}") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"not an image file: {path}") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-    if orientation in (5, 6, 7, 8):  # EXIF rotations by 90 or 270 degrees swap the sides
-        width, height = height, width
-    return width, height
-
-
 def parse_row(
     obj: Any, *, line: int, root: Path, check_images: bool = True
 ) -> CatalogRow:
@@ -170,7 +152,10 @@ def parse_row(
     path = Path(image) if os.path.isabs(image) else (root / image)
     path = path.resolve()
     if check_images:
-        width, height = _image_size(path)
+        try:
+            width, height = image_size(path)
+        except ImageDecodeError as exc:
+            raise ValueError(str(exc)) from None
         if bbox is not None:
             x1, y1, x2, y2 = bbox
             if x1 < 0 or y1 < 0 or x2 > width or y2 > height:

@@ -149,6 +149,33 @@ def decode_pil(
     return img
 
 
+#: EXIF orientations that rotate by 90 or 270 degrees, swapping width and height.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def image_size(src: ImageSource) -> tuple[int, int]:
+    """``(width, height)`` as ``decode_image`` would return it (EXIF rotation applied), read
+    from the header only, without decoding pixels.
+
+    Raises:
+        ImageDecodeError: unreadable, empty or not an image.
+    """
+    data, name = _read_source(src)
+    if not data:
+        raise ImageDecodeError(f"{name}: empty image data (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                orientation = img.getexif().get(0x0112, 1)
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"{name}: not an image in a known format") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"{name}: cannot read image header: {exc}") from exc
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
 def decode_image(
     src: ImageSource,
     *,

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-from PIL import Image
 
 from visearch.catalog import CatalogRow, Reject
 from visearch.errors import ImageDecodeError, ManifestError
-from visearch.imageio import decode_pil
+from visearch.imageio import decode_pil, image_size
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +204,8 @@ class ImageStore:
             elif data is not None:
                 try:
                     # The draft decode checks the whole stream at a fraction of the cost.
-                    img = decode_pil(data, draft=(64, 64))
-                    with Image.open(row.path) as header:
-                        width, height = header.size
-                    del img
+                    decode_pil(data, draft=(64, 64))
+                    width, height = image_size(data)
                 except ImageDecodeError as exc:
                     reason = str(exc)
                 if not reason:
