@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from visearch.errors import VisearchError
+
 # The order here is the order of ``--help``.
 _COMMAND_MODULES = (
     "index_builder.cmd_ingest",
@@ -44,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (VisearchError, ValueError, FileNotFoundError) as exc:
+        # Bad input from the command line (a manifest, a path, an option the data cannot
+        # satisfy): one readable line, not a traceback.
+        logging.getLogger("visearch-index").debug("failed", exc_info=True)
+        print(f"error: visearch-index {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

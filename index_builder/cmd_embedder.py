@@ -125,6 +125,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         pretrained = Path(args.pretrained)
     else:
         pretrained = default_pretrained(args.backbone)
+    # The projection, neck and classifier weights are drawn here, before train_embedder
+    # seeds its own RNGs: seed first, or two runs with one --seed start apart.
+    torch.manual_seed(args.seed)
     model = build_embedder(
         args.backbone,
         dim=args.dim,
