@@ -49,6 +49,8 @@ FLAT_MAX = 50_000
 IVF_FLAT_MAX = 2_000_000
 
 DEFAULT_EF_SEARCH = 64
+#: IVF coarse k-means trains on at most this many sampled points per list
+IVF_TRAIN_POINTS_PER_LIST = 64
 # faiss brute force switches to BLAS only when (queries x d) >= this threshold (128000 by
 # default: 500 queries at d=256), so exact search of batches of 16-256 ran 8-10x slower
 # than it could (measured: benchmarks/bench_index.py). 4096 = 16 queries at d=256.
@@ -178,6 +180,11 @@ class _Partition:
         for obj in (faiss.downcast_index(base), _ivf_of(base)):
             if obj is not None and hasattr(obj, "do_polysemous_training"):
                 obj.do_polysemous_training = False
+        coarse = _ivf_of(base)
+        if coarse is not None:
+            # k-means on a sample: faiss's default (256 points per list) trains IVF4096 on
+            # 1M points, half an hour on one core; 64 per list is well above faiss's 39.
+            coarse.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
         if not base.is_trained:
             nlist = _nlist_of(factory)
             too_few = nlist is not None and len(xtrain) < nlist
