@@ -330,7 +330,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--catalog", required=True, help="catalog.jsonl")
     p.add_argument("--detector", required=True, help="detector.pt from train-detector")
     p.add_argument("--out", required=True, help="output manifest (rows with bbox)")
-    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--score-thresh", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
     p.add_argument("--lenient", action="store_true", help="skip bad manifest rows")

@@ -59,7 +59,7 @@ class ServeConfig:
     detector_weight: float = 1.0
     neighbour_weight: float = 1.0
     vote_temperature: float | None = 0.25
-    detect_thresh: float = 0.3
+    detect_thresh: float = 0.1
     default_top_k: int = 10
     max_top_k: int = 100
     max_batch_size: int = 8
@@ -190,7 +190,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbour-weight", type=float, default=1.0)
     p.add_argument("--vote-temperature", type=float, default=0.25,
                    help="relative softmax temperature of neighbour votes (0: raw similarity)")
-    p.add_argument("--detect-thresh", type=float, default=0.3)
+    p.add_argument("--detect-thresh", type=float, default=0.1,
+                   help="lowest score of a main object (else the whole image is searched)")
     p.add_argument("--max-top-k", type=int, default=100)
     p.add_argument("--max-batch-size", type=int, default=8, help="micro-batch size")
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="micro-batch window")

@@ -161,7 +161,7 @@ def test_select_main_object_takes_the_top_score_and_votes_overlaps() -> None:
         labels=np.array([0, 1, 0], np.int64),
         categories=CATEGORIES,
     )
-    main = select_main_object(dets, (100, 120, 3), score_thresh=0.5)
+    main = select_main_object(dets, (100, 120, 3), score_thresh=0.5, area_weight=0.0)
     assert main.box == (60.0, 60.0, 90.0, 90.0) and main.category == "ball"
     assert main.score == pytest.approx(0.95) and not main.fallback
     assert main.category_scores == {"ball": pytest.approx(0.95)}
@@ -170,6 +170,30 @@ def test_select_main_object_takes_the_top_score_and_votes_overlaps() -> None:
     main = select_main_object(two, (100, 120), score_thresh=0.5)
     assert main.category == "box"
     assert main.category_scores == {"box": pytest.approx(0.9), "ball": pytest.approx(0.6)}
+
+
+def test_select_main_object_prefers_the_large_product_to_a_confident_distractor() -> None:
+    # Image 100 x 120 = 12000 px. score x (area / 12000) ** 0.5:
+    #   product   [10, 10, 70, 90]  area 4800, 0.40 x 0.632 = 0.253
+    #   distractor [80, 5, 110, 35] area  900, 0.90 x 0.274 = 0.246
+    #   weak box  [0, 0, 120, 100]  area 12000, 0.08: under the 0.1 floor
+    dets = Detections(
+        boxes=np.array([[80, 5, 110, 35], [10, 10, 70, 90], [0, 0, 120, 100]], np.float32),
+        scores=np.array([0.9, 0.4, 0.08], np.float32),
+        labels=np.array([0, 1, 0], np.int64),
+        categories=CATEGORIES,
+    )
+    main = select_main_object(dets, (100, 120, 3))  # defaults: floor 0.1, area weight 0.5
+    assert main.box == (10.0, 10.0, 70.0, 90.0) and main.category == "box"
+    assert main.score == pytest.approx(0.4) and not main.fallback
+    # A little more confidence flips it back: 0.93 x 0.274 = 0.2546 > 0.253.
+    dets.scores[0] = 0.93
+    assert select_main_object(dets, (100, 120, 3)).category == "ball"
+    # The reference design's rule (area weight 0) takes the distractor outright.
+    dets.scores[0] = 0.9
+    assert select_main_object(dets, (100, 120), area_weight=0.0).box == (80.0, 5.0, 110.0, 35.0)
+    with pytest.raises(ValueError, match="area_weight must be >= 0"):
+        select_main_object(dets, (100, 120), area_weight=-1.0)
 
 
 def test_no_detection_falls_back_to_the_whole_image() -> None:

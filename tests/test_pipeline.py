@@ -223,7 +223,7 @@ def test_detector_box_is_embedded_and_votes(small_index) -> None:
 
 def test_weak_detections_fall_back_to_the_whole_image(small_index) -> None:
     root, meta, images = small_index
-    pipe = _pipeline(root, ScriptedDetector([[0, 0, 10, 10]], [0.1], [1]))
+    pipe = _pipeline(root, ScriptedDetector([[0, 0, 10, 10]], [0.05], [1]))
     try:
         res = pipe.search(images[3], top_k=2)
         assert res.main_object.fallback and res.main_object.source == "image"

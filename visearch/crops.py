@@ -35,7 +35,7 @@ def main_object_boxes(
     detector: Detector,
     rows: Sequence[CatalogRow],
     *,
-    score_thresh: float = 0.3,
+    score_thresh: float = 0.1,
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[RowBox]:

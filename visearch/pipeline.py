@@ -146,7 +146,9 @@ class SearchPipeline:
         vote_weights: the category vote's mix (default: equal).
         rerank: k-reciprocal parameters; None disables re-ranking altogether.
         vote_k: neighbours over the whole index that vote on the category.
-        detect_thresh: minimum score of a main object (else the whole image is used).
+        detect_thresh: minimum score of a main object (else the whole image is used); the
+            main object is the passing box with the highest score x sqrt(relative area)
+            (``visearch.models.detector.select_main_object``).
         default_top_k, max_top_k: SKUs returned when the caller says 0, and the limit.
         max_pixels: larger images are rejected (decompression bombs, huge photos).
         max_batch_size, batch_window_ms: dynamic micro-batching of model inference.
@@ -162,7 +164,7 @@ class SearchPipeline:
         vote_weights: VoteWeights | None = None,
         rerank: RerankParams | None = None,
         vote_k: int = 20,
-        detect_thresh: float = 0.3,
+        detect_thresh: float = 0.1,
         default_top_k: int = 10,
         max_top_k: int = 100,
         max_pixels: int = MAX_PIXELS,

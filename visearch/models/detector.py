@@ -42,6 +42,12 @@ FORMAT = "visearch-detector/1"
 
 # RetinaNet's own score floor: boxes below it are dropped before NMS and never returned.
 MIN_SCORE = 0.05
+#: main-object selection (``select_main_object``): the lowest score a main object may have
+#: and how much its size counts. Chosen on a 400-SKU world (seed 1) and checked on the demo's
+#: 300-SKU world: hit rate 0.815 / 0.807 at (0.1, 0.5), 0.53 / 0.57 at a 0.3 floor (the
+#: photographed product, partly occluded, often scores under 0.3).
+MAIN_SCORE_THRESH = 0.1
+MAIN_AREA_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -194,23 +200,42 @@ class MainObject:
 
 
 def select_main_object(
-    dets: Detections, image_shape: Sequence[int], *, score_thresh: float
+    dets: Detections,
+    image_shape: Sequence[int],
+    *,
+    score_thresh: float = MAIN_SCORE_THRESH,
+    area_weight: float = MAIN_AREA_WEIGHT,
 ) -> MainObject:
-    """The highest-scoring detection at or above ``score_thresh`` (the reference design's rule).
+    """The object the shopper photographed: among detections at or above ``score_thresh``,
+    the one with the highest ``score * (box area / image area) ** area_weight``.
+
+    A shopper fills the frame with the product, while distractors in the background are
+    smaller and often detected more confidently (they are whole and unoccluded). The
+    reference design's rule, the top score alone, is ``area_weight=0``: it found the main
+    object (IoU >= 0.5) in 0.31 of 400 synthetic user photos where this rule finds 0.815,
+    and in 0.26 vs 0.81 of the demo's 300 (``benchmarks.bench_detector`` prints both).
 
     Args:
         dets: detections of one image.
         image_shape: ``(H, W)`` or ``(H, W, C)`` of the original image.
         score_thresh: minimum score of a main object; when none reaches it the whole image is
             returned with ``fallback=True``.
+        area_weight: exponent of the box's relative area in the ranking (0: top score).
     """
     if len(image_shape) < 2:
         raise ValueError(f"image_shape must be (H, W) or (H, W, C), got {tuple(image_shape)}")
+    if area_weight < 0:
+        raise ValueError(f"area_weight must be >= 0, got {area_weight}")
     h, w = int(image_shape[0]), int(image_shape[1])
     scores = np.asarray(dets.scores, dtype=np.float32)
     passing = np.flatnonzero(scores >= score_thresh)
     if passing.size:
-        i = int(passing[np.argmax(scores[passing])])
+        boxes = np.asarray(dets.boxes, dtype=np.float64)[passing]
+        area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(
+            boxes[:, 3] - boxes[:, 1], 0, None
+        )
+        rank = scores[passing] * (area / max(h * w, 1)) ** area_weight
+        i = int(passing[np.argmax(rank)])  # first of equals: the higher score (dets sorted)
         box = tuple(float(v) for v in dets.boxes[i])
         iou = box_iou(
             torch.as_tensor(dets.boxes[i : i + 1], dtype=torch.float32),
