@@ -180,7 +180,9 @@ class Pipeline:
                 argv += ["--val", val_json]
             fp = {"train": file_checksum(train_json),
                   "val": file_checksum(val_json) if val_json.is_file() else None,
-                  "config": d.__dict__, "seed": cfg.seed}
+                  # the main-object floor is used after training (crop), not by it
+                  "config": {k: v for k, v in d.__dict__.items() if k != "score_thresh"},
+                  "seed": cfg.seed}
             det = self._training_stage("detector", fp, argv, ["detector.pt", "history.json"])
             detector_path = det.out_dir / "detector.pt"
 

@@ -81,6 +81,12 @@ def test_rebuild_runs_every_stage_then_skips_and_reruns_downstream(
     assert index_root.versions() == [first]
     assert "done in" not in capsys.readouterr().out
 
+    # The main-object floor is not a training parameter: the detector is not retrained.
+    config.write_text(json.dumps({**TINY, "detector": {**TINY["detector"],
+                                                       "score_thresh": 0.25}}))
+    assert index_main(argv) == 0
+    assert _done_mtimes(work) == before
+
     # A changed embedder parameter reruns the trainings and the build, not the detector.
     config.write_text(json.dumps({**TINY, "embedder": {**TINY["embedder"], "dim": 16}}))
     assert index_main(argv) == 0
