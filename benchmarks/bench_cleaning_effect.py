@@ -11,10 +11,13 @@ number of training steps; only the cleaning stages differ:
   training label; the gallery keeps the catalog's SKUs).
 
 The detector is off in every arm and queries are searched with their true box (the
-``gt_box`` ablation of ``visearch-bench recall``), so the figure isolates the embedder and
-the gallery; voting and re-ranking are on, as served. A split SKU of the same product counts
-as correct (truth.json). The world's default noise is light (3% mislabelled rows, 3% split
-products); ``--mislabel-rate`` / ``--split-rate`` make a noisier, crawled-like catalog.
+``gt_box`` ablation of ``visearch-bench recall``); voting and re-ranking are on, as served.
+Cleaning changes two things, the training set and the gallery, so each arm is measured
+twice: with its own gallery (what the rebuild serves) and with its model indexing the whole
+raw catalog (the training effect alone, same gallery for every arm). A split SKU of the
+same product counts as correct (truth.json). The world's default noise is light (3%
+mislabelled rows, 3% split products); ``--mislabel-rate`` / ``--split-rate`` make a
+noisier, crawled-like catalog.
 
     python -m benchmarks.bench_cleaning_effect --skus 300 --mislabel-rate 0.1 --split-rate 0.1
 """
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ import torch
 from benchmarks.recall import InProcess, relevant_skus, run_ablation, summarise
 from index_builder.cli import main as index_main
 from visearch.catalog import read_manifest
+from visearch.index import IndexRoot
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "mobilenet_v2-b0353104.pth"
@@ -59,11 +64,33 @@ def _world(args: argparse.Namespace) -> Path:
     return out
 
 
-def _cleaning_stats(world: Path, work: Path, arm: dict[str, bool]) -> dict[str, Any]:
-    """What the arm's cleaning did, scored against truth.json."""
+def _evaluate(root: Path, queries: list, images: list[bytes], relevant: list[set[str]]
+              ) -> dict[str, dict[str, float]]:
+    """True-box search of every query, re-ranking on and off, over the root's version."""
+    backend = InProcess(root, None, "cpu")
+    try:
+        results = {}
+        for ablation in ("gt_box", "no_rerank"):
+            if ablation == "no_rerank":
+                # the true box without re-ranking: run_ablation's no_rerank has no box
+                recs = [dict(backend.search(d, top_k=20, bbox=list(q.bbox), rerank=False),
+                             latency_ms=0.0) for q, d in zip(queries, images, strict=True)]
+            else:
+                recs = run_ablation(backend, ablation, queries, images, 20, None)
+            s = summarise(recs, queries, relevant)
+            results[ablation] = {k: s[k] for k in ("recall@1", "recall@5", "recall@10",
+                                                   "map@10", "category_accuracy")}
+    finally:
+        backend.close()
+    return results
+
+
+def _cleaning_stats(world: Path, arm_dir: Path, arm: dict[str, bool]) -> dict[str, Any]:
+    """What the arm's cleaning did (the images its rebuild kept in the gallery and its
+    SKU map), scored against truth.json."""
     truth = json.loads((world / "truth.json").read_text())
     mislabelled = {(world / m["image"]).resolve() for m in truth["mislabelled"]}
-    gallery = {r.path.resolve() for r in read_manifest(work / "catalogs" / "gallery.jsonl").rows}
+    gallery = {Path(p) for p in json.loads((arm_dir / "gallery_images.json").read_text())}
     rows = read_manifest(world / "catalog.jsonl").rows
     removed = {r.path.resolve() for r in rows} - gallery
     stats: dict[str, Any] = {
@@ -71,7 +98,7 @@ def _cleaning_stats(world: Path, work: Path, arm: dict[str, bool]) -> dict[str, 
         "mislabelled_left": len(mislabelled & gallery), "mislabelled": len(mislabelled),
     }
     if arm["merge"]:
-        sku_map = json.loads((work / "merge" / "sku_map.json").read_text())
+        sku_map = json.loads((arm_dir / "sku_map.json").read_text())
         groups: dict[str, set[str]] = {}
         for old, new in sku_map.items():
             groups.setdefault(new, set()).add(old)
@@ -99,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-pass-steps", type=int, default=150,
                     help="steps of the first-pass model that drives denoising and merging")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="do not rebuild arms whose index already exists in --out (re-score)")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_cleaning_effect")
     args = ap.parse_args(argv)
     if args.threads:
@@ -132,33 +161,44 @@ def main(argv: list[str] | None = None) -> int:
         work = args.out / "work"  # shared: dedup and the first-pass model are reused
         (arm_dir / "config.json").write_text(json.dumps(config))
         t0 = time.perf_counter()
-        rc = index_main(["rebuild", "--catalog", str(world / "catalog.jsonl"),
-                         "--root", str(arm_dir / "indexes"), "--work", str(work),
-                         "--config", str(arm_dir / "config.json")])
-        if rc != 0:
-            raise SystemExit(f"rebuild of arm {name} failed (exit {rc})")
+        root = arm_dir / "indexes"
+        if not (args.reuse and root.is_dir() and IndexRoot(root).current()):
+            rc = index_main(["rebuild", "--catalog", str(world / "catalog.jsonl"),
+                             "--root", str(root), "--work", str(work),
+                             "--config", str(arm_dir / "config.json")])
+            if rc != 0:
+                raise SystemExit(f"rebuild of arm {name} failed (exit {rc})")
+            # The work dir is shared by the arms: keep this arm's gallery and SKU map.
+            gallery = read_manifest(work / "catalogs" / "gallery.jsonl").rows
+            (arm_dir / "gallery_images.json").write_text(
+                json.dumps(sorted(str(r.path.resolve()) for r in gallery)))
+            if arm["merge"]:
+                shutil.copy2(work / "merge" / "sku_map.json", arm_dir / "sku_map.json")
+            shutil.rmtree(arm_dir / "raw_gallery", ignore_errors=True)
+        raw_root = arm_dir / "raw_gallery"
+        if not (raw_root.is_dir() and IndexRoot(raw_root).current()):
+            # The arm's model over the whole raw catalog: the training effect alone.
+            version = IndexRoot(root).open()
+            model = version.embedder_path
+            version.close()
+            rc = index_main(["build", "--root", str(raw_root), "--catalog",
+                             str(world / "catalog.jsonl"), "--model", str(model), "--k1", "21",
+                             "--quiet"])
+            if rc != 0:
+                raise SystemExit(f"raw-gallery build of arm {name} failed (exit {rc})")
         rebuild_s = time.perf_counter() - t0
-        backend = InProcess(arm_dir / "indexes", None, "cpu")
-        try:
-            results = {}
-            for ablation in ("gt_box", "no_rerank"):
-                if ablation == "no_rerank":
-                    # the true box without re-ranking: run_ablation's no_rerank has no box
-                    recs = [dict(backend.search(d, top_k=20, bbox=list(q.bbox), rerank=False),
-                                 latency_ms=0.0) for q, d in zip(queries, images, strict=True)]
-                else:
-                    recs = run_ablation(backend, ablation, queries, images, 20, None)
-                s = summarise(recs, queries, relevant)
-                results[ablation] = {k: s[k] for k in
-                                     ("recall@1", "recall@5", "recall@10", "map@10",
-                                      "category_accuracy")}
-        finally:
-            backend.close()
-        stats = _cleaning_stats(world, work, arm)
+        results = _evaluate(root, queries, images, relevant)
+        results["raw_gallery"] = _evaluate(arm_dir / "raw_gallery", queries, images,
+                                           relevant)["gt_box"]
+        if (arm_dir / "gallery_images.json").is_file():
+            stats = _cleaning_stats(world, arm_dir, arm)
+        else:  # an arm rebuilt by an earlier version of this script: its own report
+            stats = json.loads((args.out / "report.json").read_text())["arms"][name]["cleaning"]
         report["arms"][name] = {"rebuild_s": round(rebuild_s, 1), "cleaning": stats, **results}
         r = results["gt_box"]
         print(f"{name:<16} R@1 {r['recall@1']:.3f} R@10 {r['recall@10']:.3f} "
-              f"(no re-rank R@1 {results['no_rerank']['recall@1']:.3f}); removed "
+              f"(no re-rank R@1 {results['no_rerank']['recall@1']:.3f}; raw gallery R@1 "
+              f"{results['raw_gallery']['recall@1']:.3f}); removed "
               f"{stats['removed']}, mislabelled left {stats['mislabelled_left']}/"
               f"{stats['mislabelled']}", flush=True)
 
@@ -168,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"world {world.name}: {report['queries']} user photos, true box, voting + re-ranking",
         "| arm | rows removed | mislabelled left | merge groups (same product) | R@1 | R@5 "
-        "| R@10 | mAP@10 | category acc. | R@1 no re-rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| R@10 | mAP@10 | category acc. | R@1 no re-rank | R@1 raw gallery | R@10 raw "
+        "gallery |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in report["arms"].items():
         c, r = a["cleaning"], a["gt_box"]
@@ -179,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {c['removed']} / {c['rows']} | {c['mislabelled_left']} / "
             f"{c['mislabelled']} | {merges} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | "
             f"{r['recall@10']:.3f} | {r['map@10']:.3f} | {r['category_accuracy']:.3f} | "
-            f"{a['no_rerank']['recall@1']:.3f} |")
+            f"{a['no_rerank']['recall@1']:.3f} | {a['raw_gallery']['recall@1']:.3f} | "
+            f"{a['raw_gallery']['recall@10']:.3f} |")
     table = "\n".join(lines)
     print("\n" + table + f"\n\nmachine: {report['machine']}")
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
