@@ -299,6 +299,7 @@ class Pipeline:
         for flag, value in (("--margin", e.margin), ("--scale", e.scale),
                             ("--backbone-lr-mult", e.backbone_lr_mult),
                             ("--frozen-blocks", e.frozen_blocks), ("--augment", e.augment),
+                            ("--erasing", e.erasing),
                             ("--steps-per-epoch", steps)):
             if value is not None:
                 argv += [flag, value]

@@ -28,6 +28,7 @@ def test_config_profiles_files_and_unknown_keys(tmp_path: Path) -> None:
     assert cfg.profile == "cpu-small" and cfg.embedder.backbone == "mobilenet_v2"
     gpu = load_config(profile="gpu")
     assert gpu.embedder.backbone == "resnet50" and gpu.detector.backbone == "resnet50_fpn"
+    assert (cfg.embedder.erasing, gpu.embedder.erasing) == (0.0, 0.5)  # measured / reference
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"profile": "gpu", "embedder": {"epochs": 3}}))
     cfg = load_config(path, overrides={"merge": {"enabled": False}})
