@@ -35,7 +35,7 @@ class DetectorConfig:
     epochs: int = 12  # bench_detector: val mAP@.5 ~0.26 at 12 epochs on this CPU
     batch_size: int = 8
     lr: float = 2e-3
-    score_thresh: float = 0.1  # main-object floor (select_main_object)
+    score_thresh: float = 0.1  # main-object floor (detector.MAIN_SCORE_THRESH)
 
 
 @dataclass

@@ -59,7 +59,7 @@ class ServeConfig:
     detector_weight: float = 1.0
     neighbour_weight: float = 1.0
     vote_temperature: float | None = 0.25
-    detect_thresh: float = 0.1
+    detect_thresh: float = 0.1  # visearch.models.detector.MAIN_SCORE_THRESH
     default_top_k: int = 10
     max_top_k: int = 100
     max_batch_size: int = 8

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from visearch.catalog import CatalogRow
 from visearch.imageio import decode_image
 from visearch.labelling import Detector
-from visearch.models.detector import select_main_object
+from visearch.models.detector import MAIN_SCORE_THRESH, select_main_object
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def main_object_boxes(
     detector: Detector,
     rows: Sequence[CatalogRow],
     *,
-    score_thresh: float = 0.1,
+    score_thresh: float = MAIN_SCORE_THRESH,
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[RowBox]:

@@ -23,6 +23,7 @@ import torch
 from visearch.batching import MicroBatcher
 from visearch.embedding import embed_arrays
 from visearch.imageio import MAX_PIXELS, crop, decode_image
+from visearch.models.detector import MAIN_SCORE_THRESH
 from visearch.rerank import KReciprocalReranker
 from visearch.voting import CategoryDecision, VoteWeights, vote_category
 
@@ -164,7 +165,7 @@ class SearchPipeline:
         vote_weights: VoteWeights | None = None,
         rerank: RerankParams | None = None,
         vote_k: int = 20,
-        detect_thresh: float = 0.1,
+        detect_thresh: float = MAIN_SCORE_THRESH,
         default_top_k: int = 10,
         max_top_k: int = 100,
         max_pixels: int = MAX_PIXELS,
