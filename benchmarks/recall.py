@@ -10,6 +10,7 @@ Every query runs through the engine (in-process, or through the gRPC server with
                          read from the vote breakdown), not the voted one
 - ``gt_box``:            the ground-truth box as the client's bbox (an upper bound for
                          the detector)
+- ``all_categories``:    search the whole index instead of the voted category
 
 A query is correct when a retrieved SKU is its SKU or another SKU of the same product
 (``truth.json``'s ``split_skus``). Reports Recall@1/5/10/20, mAP@K, NDCG@K, category
@@ -36,7 +37,8 @@ from visearch.catalog import CatalogRow, read_manifest
 from visearch.metrics import accuracy, box_iou, retrieval_metrics
 
 KS = (1, 5, 10, 20)
-ABLATIONS = ("full", "no_rerank", "whole_image", "detector_category", "gt_box")
+ABLATIONS = ("full", "no_rerank", "whole_image", "detector_category", "gt_box",
+             "all_categories")
 
 
 # ---- backends: one query in, one plain record out ---------------------------------------
@@ -150,6 +152,8 @@ def run_ablation(
             kw["skip_detection"] = True
         elif name == "gt_box":
             kw["bbox"] = list(q.bbox) if q.bbox else None
+        elif name == "all_categories":
+            kw["all_categories"] = True
         elif name == "detector_category":
             assert full is not None
             kw["category_hint"] = _detector_category(full[i])

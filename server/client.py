@@ -75,12 +75,14 @@ class SearchClient:
         bbox: Sequence[float] | None = None,
         rerank: bool | None = None,
         skip_detection: bool = False,
+        all_categories: bool = False,
         timeout: float | None = None,
     ) -> search_pb2.SearchResponse:
         """One Search call; ``grpc.RpcError`` carries the status on failure."""
         request = search_pb2.SearchRequest(
             image=image, top_k=top_k, category_hint=category or "",
-            options=search_pb2.SearchOptions(skip_detection=skip_detection))
+            options=search_pb2.SearchOptions(skip_detection=skip_detection,
+                                             all_categories=all_categories))
         if rerank is not None:
             request.options.rerank = rerank
         if bbox is not None:
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bbox", type=_bbox, help="x1,y1,x2,y2 of the product, in pixels")
     p.add_argument("--no-rerank", action="store_true")
     p.add_argument("--no-detect", action="store_true", help="embed the whole image")
+    p.add_argument("--all-categories", action="store_true",
+                   help="search the whole index, not only the voted category")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline, seconds")
     p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) for a TLS server")
@@ -185,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = client.search(image, top_k=args.top_k, category=args.category, bbox=args.bbox,
                                 rerank=False if args.no_rerank else None,
-                                skip_detection=args.no_detect)
+                                skip_detection=args.no_detect,
+                                all_categories=args.all_categories)
         except grpc.RpcError as e:
             print(f"visearch-query: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -186,7 +186,8 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
             res = p.search(request.image, top_k=request.top_k,
                            category_hint=request.category_hint or None,
                            bbox=_request_box(request), rerank=rerank,
-                           skip_detection=opts.skip_detection, deadline=deadline)
+                           skip_detection=opts.skip_detection,
+                           all_categories=opts.all_categories, deadline=deadline)
             decision = res.category
             return search_pb2.SearchResponse(
                 detections=_detections(res.detections),

@@ -198,6 +198,30 @@ def test_grouping_matches_a_brute_force_best_item_per_sku(small_index) -> None:
         pipe.close()
 
 
+def test_all_categories_searches_the_whole_index(small_index) -> None:
+    """The same brute-force best-item-per-SKU order as above, over every item rather than
+    the voted category's; the vote is still made and reported."""
+    root, meta, images = small_index
+    pipe = _pipeline(root)
+    try:
+        restricted = pipe.search(images[7], top_k=12, rerank=False)
+        res = pipe.search(images[7], top_k=12, rerank=False, all_categories=True)
+        assert res.category == restricted.category
+        assert {h.category for h in restricted.results} == {restricted.category.category}
+        xq, _, _ = pipe.embed(images[7])
+        sims = pipe.index.reconstruct(np.arange(len(meta))) @ xq
+        best: dict[str, float] = {}
+        for m, s in zip(meta, sims, strict=True):
+            best[m["sku"]] = max(best.get(m["sku"], -2.0), float(s))
+        expect = sorted(best, key=lambda k: -best[k])[:12]
+        assert [h.sku for h in res.results] == expect
+        assert len({h.category for h in res.results}) == 3  # 12 of 24 SKUs span all three
+        with pytest.raises(ValueError, match="category_hint and all_categories exclude"):
+            pipe.search(images[7], category_hint="bag", all_categories=True)
+    finally:
+        pipe.close()
+
+
 def test_detector_box_is_embedded_and_votes(small_index) -> None:
     root, meta, images = small_index
     box = [8.0, 10.0, 56.0, 54.0]

@@ -197,6 +197,7 @@ def test_bad_images_are_invalid_argument(client, world_index, tiny_world, name) 
         ({"top_k": -1}, "top_k"),
         ({"top_k": 1_000_000}, "top_k"),
         ({"category": "spaceship"}, "unknown category"),
+        ({"category": "bag", "all_categories": True}, "exclude each other"),
     ],
 )
 def test_bad_arguments_are_invalid_argument(client, world_index, tiny_world, kwargs,
@@ -208,6 +209,17 @@ def test_bad_arguments_are_invalid_argument(client, world_index, tiny_world, kwa
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
     assert client.search(good, top_k=1, bbox=bbox).results[0].sku == rows[2]["sku"]
+
+
+def test_all_categories_option_reaches_the_pipeline(client, world_index, tiny_world) -> None:
+    _, _, rows, _ = world_index
+    image, bbox = _shop(tiny_world, rows[5])
+    voted = client.search(image, top_k=40, bbox=bbox)
+    everywhere = client.search(image, top_k=40, bbox=bbox, all_categories=True)
+    assert {r.category for r in voted.results} == {voted.category.category}
+    assert len({r.category for r in everywhere.results}) > 1
+    assert everywhere.category.category == voted.category.category
+    assert everywhere.results[0].sku == rows[5]["sku"]
 
 
 def test_oversized_payload_and_deadline(client, world_index, tiny_world) -> None:

@@ -372,6 +372,7 @@ class SearchPipeline:
         bbox: Sequence[float] | None = None,
         rerank: bool = True,
         skip_detection: bool = False,
+        all_categories: bool = False,
         deadline: float | None = None,
     ) -> SearchResult:
         """Find the SKUs of the product in a photo.
@@ -383,15 +384,21 @@ class SearchPipeline:
             bbox: (x1, y1, x2, y2) pixels of the product, instead of the detector's.
             rerank: k-reciprocal re-ranking (when the pipeline has it).
             skip_detection: embed the whole image (or ``bbox``) without detecting.
+            all_categories: search the whole index, not the voted category (the vote is
+                still made and reported). On the demo world it trades 0.004 Recall@1 for
+                0.067 Recall@10 (benchmarks/RESULTS.md).
             deadline: ``time.monotonic()`` instant after which ``TimeoutError`` is raised.
 
         Raises:
             ImageDecodeError (a ValueError): empty, broken, non-image or oversized input.
-            ValueError: bad top_k, unknown category, bbox outside the image.
+            ValueError: bad top_k, unknown category, bbox outside the image, a category
+                hint with ``all_categories``.
             TimeoutError: the deadline passed.
         """
         top_k = self.check_top_k(top_k)
         hint = self.check_category(category_hint)
+        if hint is not None and all_categories:
+            raise ValueError("category_hint and all_categories exclude each other")
         clock = _Clock(deadline)
         image = self._decode(image_bytes)
         clock.lap("decode")
@@ -421,7 +428,8 @@ class SearchPipeline:
 
         clock.remaining("search_category")
         shortlist = max(4 * top_k, self.rerank_params.shortlist if self.rerank_params else 0)
-        Dc, Ic = self.index.search(xq, shortlist, category=decision.category)
+        searched = None if all_categories else decision.category
+        Dc, Ic = self.index.search(xq, shortlist, category=searched)
         keep = Ic[0] >= 0
         cand_ids, cand_sims = Ic[0][keep], Dc[0][keep]
         clock.lap("search_category")

@@ -19,12 +19,14 @@ class Box(_message.Message):
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
-    __slots__ = ("rerank", "skip_detection")
+    __slots__ = ("rerank", "skip_detection", "all_categories")
     RERANK_FIELD_NUMBER: _ClassVar[int]
     SKIP_DETECTION_FIELD_NUMBER: _ClassVar[int]
+    ALL_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     rerank: bool
     skip_detection: bool
-    def __init__(self, rerank: _Optional[bool] = ..., skip_detection: _Optional[bool] = ...) -> None: ...
+    all_categories: bool
+    def __init__(self, rerank: _Optional[bool] = ..., skip_detection: _Optional[bool] = ..., all_categories: _Optional[bool] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("image", "top_k", "category_hint", "bbox", "options")
