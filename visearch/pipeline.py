@@ -386,7 +386,7 @@ class SearchPipeline:
             skip_detection: embed the whole image (or ``bbox``) without detecting.
             all_categories: search the whole index, not the voted category (the vote is
                 still made and reported). On the demo world it trades 0.004 Recall@1 for
-                0.067 Recall@10 (benchmarks/RESULTS.md).
+                0.074 Recall@10 (benchmarks/RESULTS.md).
             deadline: ``time.monotonic()`` instant after which ``TimeoutError`` is raised.
 
         Raises:
