@@ -109,6 +109,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     version = build_version(
         args.root, xb, np.arange(len(rows), dtype=np.int64), [_item(r) for r in rows],
         args.model, detector_path=args.detector, factory=args.factory, k1=args.k1,
+        graph_nprobe=args.graph_nprobe, graph_ef_search=args.graph_ef_search,
         config={"crop": not args.no_crop},
         inputs={"catalog": file_checksum(args.catalog), "catalog_path": str(args.catalog)},
         activate=not args.no_activate, progress=not args.quiet,
@@ -271,6 +272,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detector", type=Path, help="detector weights to ship with the version")
     p.add_argument("--factory", help="force a faiss index_factory string (default: by size)")
     p.add_argument("--k1", type=int, default=20, help="neighbours per item in the graph")
+    p.add_argument("--graph-nprobe", type=int,
+                   help="IVF lists visited while computing the neighbour graph (default: the "
+                        "index's search default; lower is faster, see benchmarks/RESULTS.md)")
+    p.add_argument("--graph-ef-search", type=int,
+                   help="HNSW efSearch while computing the neighbour graph (default: the "
+                        "index's)")
     _embed_options(p)
     p.set_defaults(func=cmd_build)
 

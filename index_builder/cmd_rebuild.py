@@ -266,6 +266,10 @@ class Pipeline:
                 argv += ["--detector", detector_path]
             if cfg.index.factory:
                 argv += ["--factory", cfg.index.factory]
+            if cfg.index.graph_nprobe is not None:
+                argv += ["--graph-nprobe", cfg.index.graph_nprobe]
+            if cfg.index.graph_ef_search is not None:
+                argv += ["--graph-ef-search", cfg.index.graph_ef_search]
             if not self.activate:
                 argv += ["--no-activate"]
             self._cli(argv)

@@ -88,6 +88,8 @@ class EmbedderConfig:
 class IndexConfig:
     factory: str | None = None  # None: chosen by gallery size
     k1: int = 21  # the graph row holds the item itself, so re-ranking with k1=20 needs 21
+    graph_nprobe: int | None = None  # None: the index's search default
+    graph_ef_search: int | None = None
 
 
 @dataclass

@@ -66,10 +66,11 @@ def test_build_verify_add_remove_rollback_gc(setup, capsys):
     folder, catalog, model = setup
     root = folder / "indexes"
     assert run("build", "--root", root, "--catalog", catalog, "--model", model, "--k1", 5,
-               "--quiet") == 0
+               "--graph-nprobe", 3, "--quiet") == 0
     index_root = IndexRoot(root)
     v1 = index_root.open()
     assert v1.manifest["counts"]["total"] == 24 and v1.dim == 16
+    assert v1.manifest["config"]["graph_nprobe"] == 3
     assert v1.items[3] == {"sku": "S003", "category": "shoe", "image_key": "img/3.png",
                            "title": "product 3", "attributes": {}, "line": 4}
     capsys.readouterr()

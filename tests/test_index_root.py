@@ -296,3 +296,43 @@ def test_staging_that_fails_verification_is_not_published(tmp_path):
     ):
         (tmp / "manifest.json").write_text(json.dumps(manifest))
     assert root.versions() == [] and not list(root.path.glob(".staging-*"))
+
+
+def test_graph_search_settings_are_applied_recorded_and_reused(tmp_path, embedder, monkeypatch):
+    from visearch.index import graph as graph_mod
+
+    xb = unit_vectors(N, D_DIM, seed=3)
+    ids = np.arange(N, dtype=np.int64)
+    root = IndexRoot(tmp_path / "r")
+    v = build_version(root, xb, ids, items_for(ids), embedder, factory="IVF16,Flat", k1=6,
+                      graph_nprobe=1)
+    assert v.manifest["config"]["graph_nprobe"] == 1
+    assert "graph_ef_search" not in v.manifest["config"]
+    # The graph is exactly what a one-list search returns, and differs from the default
+    # (8 of 16 lists) search on these unclustered vectors: the setting was used.
+    D1, I1 = v.index.search(xb, 6, nprobe=1)  # noqa: E741
+    rows = v.graph.rows(ids)
+    np.testing.assert_array_equal(v.graph.I[rows], I1)
+    _, I8 = v.index.search(xb, 6)  # noqa: E741
+    assert (I8 != I1).any(axis=1).mean() > 0.3
+    # update_version searches the rows it must redo with the recorded setting.
+    seen = []
+    real = graph_mod.build_neighbour_graph
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("nprobe"), kwargs.get("ef_search")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(graph_mod, "build_neighbour_graph", spy)
+    v2 = update_version(root, add_xb=unit_vectors(5, D_DIM, seed=9),
+                        add_items=items_for(np.arange(N, N + 5)))
+    assert seen == [(1, None)]
+    assert v2.manifest["config"]["graph_nprobe"] == 1
+
+
+def test_graph_search_settings_must_be_positive(tmp_path, embedder):
+    ids = np.arange(50, dtype=np.int64)
+    with pytest.raises(ValueError, match="nprobe must be >= 1"):
+        build_version(tmp_path / "r", unit_vectors(50, 8, 1), ids, items_for(ids), embedder,
+                      k1=4, graph_nprobe=0)
+    assert not (tmp_path / "r").exists() or IndexRoot(tmp_path / "r").current() is None

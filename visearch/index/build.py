@@ -126,6 +126,8 @@ def build_version(
     detector_path: str | os.PathLike[str] | None = None,
     factory: str | None = None,
     k1: int = 20,
+    graph_nprobe: int | None = None,
+    graph_ef_search: int | None = None,
     config: Mapping[str, Any] | None = None,
     inputs: Mapping[str, str] | None = None,
     activate: bool = True,
@@ -143,6 +145,11 @@ def build_version(
         detector_path: optional detector weights (copied in).
         factory: forced faiss factory string; None chooses by gallery size.
         k1: neighbours per item in the gallery neighbour graph.
+        graph_nprobe, graph_ef_search: search settings for computing the graph through an
+            IVF or HNSW index (None: the index's own defaults). They are recorded in the
+            manifest and reused by ``update_version``. The graph feeds re-ranking, which
+            tolerates a few missed neighbours, so a lower nprobe than online search is
+            usually enough; ``benchmarks/bench_index.py`` measures the trade.
         config: extra JSON-serialisable build settings recorded in the manifest.
         inputs: input name -> checksum (catalog, store...) recorded in the manifest.
         activate: switch ``CURRENT`` to the new version.
@@ -171,13 +178,17 @@ def build_version(
     index = GalleryIndex.build(xb, ids, categories, factory=factory)
     timings["index"] = _timed(f"built index of {index.ntotal} vectors", t0)
     t0 = time.perf_counter()
-    graph = build_neighbour_graph(index, k1=k1, progress=progress)
+    graph = build_neighbour_graph(index, k1=k1, nprobe=graph_nprobe,
+                                  ef_search=graph_ef_search, progress=progress)
     timings["graph"] = _timed("built neighbour graph", t0)
     ids64 = np.asarray(ids, dtype=np.int64)
+    graph_search = {"graph_nprobe": graph_nprobe, "graph_ef_search": graph_ef_search}
     manifest = {
         "parent": None,
         "next_id": int(ids64.max()) + 1,
-        "config": {"factory": factory, "k1": int(k1), **dict(config or {})},
+        "config": {"factory": factory, "k1": int(k1),
+                   **{k: int(v) for k, v in graph_search.items() if v is not None},
+                   **dict(config or {})},
         "inputs": dict(inputs or {}),
     }
     return _write_version(
@@ -244,7 +255,10 @@ def update_version(
         index.add(add_xb, add_ids, [r["category"] for r in records])
     timings["index"] = _timed(f"updated index (+{n_add}, -{len(removed)})", t0)
     t0 = time.perf_counter()
+    base_config = base.manifest["config"]
     graph = update_neighbour_graph(base.graph, index, added_ids=add_ids, removed_ids=removed,
+                                   nprobe=base_config.get("graph_nprobe"),
+                                   ef_search=base_config.get("graph_ef_search"),
                                    progress=progress)
     timings["graph"] = _timed("updated neighbour graph", t0)
     removed_set = set(removed.tolist())

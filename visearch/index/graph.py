@@ -155,6 +155,9 @@ def build_neighbour_graph(
     """
     if k1 < 1:
         raise ValueError(f"k1 must be >= 1, got {k1}")
+    for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     t0 = time.perf_counter()
     if isinstance(source, GalleryIndex):
         ids = source.ids if ids is None else np.asarray(ids, dtype=np.int64)
@@ -198,6 +201,8 @@ def update_neighbour_graph(
     added_ids: np.ndarray,
     removed_ids: np.ndarray,
     batch_size: int = 4096,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
     progress: bool = False,
 ) -> NeighbourGraph:
     """The graph of ``index`` after items were added to and removed from it, without an
@@ -206,7 +211,8 @@ def update_neighbour_graph(
     ``index`` is the updated index. Rows of removed items are dropped; rows that listed a
     removed item are searched again; new items are searched; every other row is merged
     with its similarities to the new items (a [N, n_added] product). With a Flat index the
-    result equals ``build_neighbour_graph`` on the new gallery (up to ties).
+    result equals ``build_neighbour_graph`` on the new gallery (up to ties). ``nprobe`` and
+    ``ef_search`` apply to the rows searched again, as in ``build_neighbour_graph``.
     """
     added_ids = np.asarray(added_ids, dtype=np.int64)
     removed_ids = np.asarray(removed_ids, dtype=np.int64)
@@ -229,7 +235,8 @@ def update_neighbour_graph(
             I[rows] = np.take_along_axis(cand_I, top, axis=1)
     redo = np.concatenate([ids[stale], added_ids])
     if len(redo):
-        sub = build_neighbour_graph(index, redo, k1, batch_size=batch_size, progress=progress)
+        sub = build_neighbour_graph(index, redo, k1, batch_size=batch_size, nprobe=nprobe,
+                                    ef_search=ef_search, progress=progress)
         ids = np.concatenate([ids[~stale], redo])
         I = np.concatenate([I[~stale], sub.I])  # noqa: E741
         D = np.concatenate([D[~stale], sub.D])
