@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.metrics import accuracy, box_iou, retrieval_metrics
+from visearch.voting import VoteWeights, vote_category
 
 KS = (1, 5, 10, 20)
 ABLATIONS = ("full", "no_rerank", "whole_image", "detector_category", "gt_box",
@@ -197,6 +198,39 @@ def summarise(
         for cat, idx in sorted(by_cat.items())
     }
     out["recall@1_per_query"] = [row["recall@1"] for row in per_query]
+    return out
+
+
+#: the detector's share of the category vote in the sweep (neighbours get the rest; 0.5 is
+#: ``VoteWeights()``'s equal weights)
+VOTE_DETECTOR_SHARES = (0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
+
+
+def vote_weight_sweep(
+    records: list[dict[str, Any]], categories: list[str],
+    shares: tuple[float, ...] = VOTE_DETECTOR_SHARES,
+) -> list[dict[str, float]]:
+    """Category accuracy for each detector share ``w`` of the vote (neighbours ``1 - w``),
+    recomputed from every query's vote breakdown without searching again.
+
+    Each record's votes hold the two sources' distributions over categories; they are fed
+    back through ``vote_category`` with raw-similarity neighbour weights, which returns those
+    distributions unchanged, so the mix, the drop-out of a silent source and the tie rule are
+    the serving code's own. The neighbours' softmax temperature is fixed at what served the
+    records. Only the category decision is swept: retrieval under another mix would need
+    the searches run again.
+    """
+    out = []
+    for w in shares:
+        weights = VoteWeights(detector=w, neighbours=1.0 - w, temperature=None)
+        chosen = []
+        for rec in records:
+            det = {c: d for c, d, _, _ in rec["votes"] if d > 0}
+            nn = [(c, n) for c, _, n, _ in rec["votes"] if n > 0]
+            decision = vote_category(det or None, [c for c, _ in nn], [n for _, n in nn],
+                                     weights=weights)
+            chosen.append(decision.category or "")
+        out.append({"detector_share": w, "category_accuracy": accuracy(chosen, categories)})
     return out
 
 
@@ -400,12 +434,23 @@ def run(args: argparse.Namespace) -> int:
         for stage, ms in rec["timings"].items():
             stages[stage].append(ms)
     report["stage_ms_p50"] = {k: float(np.median(v)) for k, v in stages.items()}
+    if "full" in all_records:
+        report["vote_weight_sweep"] = vote_weight_sweep(all_records["full"],
+                                                        [q.category for q in queries])
 
     print(f"\n## Recall report: {len(queries)} queries, engine {backend.name}\n")
     print(markdown_table(report))
     first = next(iter(report["ablations"]))
     print(f"\nPer category ({first}):\n")
     print(category_table(report["ablations"][first]))
+    if "vote_weight_sweep" in report:
+        print("\nCategory accuracy by the detector's share of the vote (full; 0.5 = equal "
+              "weights, the default):\n")
+        print("| detector share | " + " | ".join(
+            f"{r['detector_share']:g}" for r in report["vote_weight_sweep"]) + " |")
+        print("|---|" + "---|" * len(report["vote_weight_sweep"]))
+        print("| category accuracy | " + " | ".join(
+            f"{r['category_accuracy']:.3f}" for r in report["vote_weight_sweep"]) + " |")
     if report["stage_ms_p50"]:
         print("\nMedian stage times (ms, full): " + ", ".join(
             f"{k} {v:.1f}" for k, v in report["stage_ms_p50"].items()))
