@@ -11,6 +11,12 @@ built through ``GalleryIndex.build(..., partitioned=False)`` (the product's code
 defaults: nlist, nprobe, efSearch) and is the whole-gallery index only. The exact baseline is
 the ``Flat`` row (faiss brute force); on a GPU a plain torch matmul + topk row is added.
 The neighbour graph rows are timed on ``--graph-rows`` items and extrapolated to N when fewer.
+
+``--drift`` builds each index on the half of the gallery on one side of its first principal
+direction and adds the other half afterwards with ``GalleryIndex.add`` (what ``visearch-index
+add`` does with new products: no retraining), then also reports Recall@k of the queries on
+the added side, where the trained quantisers (IVF centroids, SQ ranges, PQ codebooks) have
+never seen the data.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.latency import machine
-from visearch.index import GalleryIndex, build_neighbour_graph
+from visearch.index import GalleryIndex, build_neighbour_graph, gallery
 from visearch.index.gallery import DEFAULT_EF_SEARCH, default_nlist, default_nprobe
 
 
@@ -93,6 +99,10 @@ def factories(n: int, d: int, types: list[str]) -> list[tuple[str, str, list[dic
         "ivf": ("IVF-Flat", f"IVF{nlist},Flat",
                 [{"nprobe": probe}, {"nprobe": max(1, probe // 4)}, {"nprobe": probe * 4}]),
         "ivfpq": ("IVF-PQ", f"IVF{nlist},PQ{m}np", [{"nprobe": probe}, {"nprobe": probe * 4}]),
+        "ivfsq8": ("IVF-SQ8", f"IVF{nlist},SQ8",
+                   [{"nprobe": probe}, {"nprobe": max(1, probe // 4)}]),
+        # faiss's default residual encoding, which GalleryIndex turns off (SQ_BY_RESIDUAL)
+        "ivfsq8-residual": ("IVF-SQ8 residual", f"IVF{nlist},SQ8", [{"nprobe": probe}]),
         "hnsw": ("HNSW", "HNSW32", [{"ef_search": DEFAULT_EF_SEARCH},
                                     {"ef_search": DEFAULT_EF_SEARCH * 4}]),
     }
@@ -121,13 +131,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"exact ground truth: {time.perf_counter() - t0:.1f} s", flush=True)
     del exact_index
 
+    added_side = np.zeros(len(xq), dtype=bool)
+    if args.drift:
+        direction = np.linalg.svd(xb[:5000], full_matrices=False)[2][0]
+        cut = float(np.median(xb @ direction))
+        first = xb @ direction < cut
+        added_side = xq @ direction >= cut
+        print(f"drift: trained on {int(first.sum())} vectors, {int((~first).sum())} added "
+              f"later; {int(added_side.sum())} queries on the added side", flush=True)
+
     rows: list[dict[str, Any]] = []
     built: dict[str, GalleryIndex] = {}
     for label, factory, settings in factories(args.n, args.dim, args.types.split(",")):
         rss0 = rss_bytes()
         t0 = time.perf_counter()
-        index = GalleryIndex.build(xb, ids, ["all"] * args.n, factory=factory,
-                                   partitioned=False)
+        gallery.SQ_BY_RESIDUAL = label.endswith("residual")
+        if args.drift:
+            index = GalleryIndex.build(xb[first], ids[first], ["all"] * int(first.sum()),
+                                       factory=factory, partitioned=False)
+            index.add(xb[~first], ids[~first], ["all"] * int((~first).sum()))
+        else:
+            index = GalleryIndex.build(xb, ids, ["all"] * args.n, factory=factory,
+                                       partitioned=False)
         build_s = time.perf_counter() - t0
         rss = rss_bytes() - rss0
         index_bytes = index.nbytes()
@@ -142,9 +167,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "index_mb": index_bytes / 2**20, "rss_delta_mb": rss / 2**20,
                    "qps_batch1": qps1, "qps_batch256": qps256,
                    f"recall@{args.k}": recall_at(I, I_ref, args.k)}
+            if args.drift:
+                row[f"recall@{args.k}_added_side"] = recall_at(I[added_side],
+                                                               I_ref[added_side], args.k)
             rows.append(row)
             print(_fmt(row, args.k), flush=True)
         built[label] = index
+    gallery.SQ_BY_RESIDUAL = False
 
     if torch.cuda.is_available():
         dev = torch.device("cuda")
@@ -203,7 +232,9 @@ def _fmt(row: dict[str, Any], k: int) -> str:
     return (f"{row['type']:10} {row['factory']:16} {opts:14} build {row['build_s']:7.1f} s  "
             f"index {row['index_mb']:7.1f} MB  rss +{row['rss_delta_mb']:7.1f} MB  "
             f"q/s b1 {row['qps_batch1']:8.1f}  b256 {row['qps_batch256']:8.1f}  "
-            f"R@{k} {row[f'recall@{k}']:.3f}")
+            f"R@{k} {row[f'recall@{k}']:.3f}"
+            + (f"  added side {row[f'recall@{k}_added_side']:.3f}"
+               if f"recall@{k}_added_side" in row else ""))
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -219,7 +250,9 @@ def markdown(result: dict[str, Any]) -> str:
         opts = ", ".join(f"{a}={b}" for a, b in r["options"].items()) or "-"
         lines.append(f"| {r['type']} | {r['factory']} | {opts} | {r['build_s']:.1f} | "
                      f"{r['index_mb']:.0f} | {r['rss_delta_mb']:.0f} | {r['qps_batch1']:.0f} | "
-                     f"{r['qps_batch256']:.0f} | {r[f'recall@{k}']:.3f} |")
+                     f"{r['qps_batch256']:.0f} | {r[f'recall@{k}']:.3f} |"
+                     + (f" added side {r[f'recall@{k}_added_side']:.3f} |"
+                        if f"recall@{k}_added_side" in r else ""))
     lines.append("")
     for g in result["graph"]:
         ext = f" (extrapolated from {g['rows_timed']} rows)" if g["extrapolated"] else ""
@@ -243,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="dimension of each cluster's subspace")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--types", default="flat,ivf,ivfpq,hnsw",
-                   help="comma-separated: flat, ivf, ivfpq, hnsw")
+                   help="comma-separated: flat, ivf, ivfpq, ivfsq8, ivfsq8-residual, hnsw")
     p.add_argument("--batch1-queries", type=int, default=200,
                    help="queries timed one at a time")
     p.add_argument("--k1", type=int, default=20, help="neighbour graph k1")
+    p.add_argument("--drift", action="store_true",
+                   help="train on half the gallery, add the other half later (see above)")
     p.add_argument("--graph-nprobe", default="8,32",
                    help="comma-separated nprobe values also timed for the IVF-Flat graph")
     p.add_argument("--graph-rows", type=int, default=20_000,

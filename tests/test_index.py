@@ -72,7 +72,8 @@ def gallery():
 def test_choose_factory_follows_gallery_size():
     assert choose_factory(1_000, 256) == "Flat"
     assert choose_factory(100_000, 256) == "IVF1024,Flat"
-    assert choose_factory(5_000_000, 256) == "IVF8192,PQ64np"
+    assert choose_factory(5_000_000, 256) == "IVF8192,SQ8"
+    assert choose_factory(30_000_000, 256) == "IVF16384,PQ64np"
 
 
 def test_flat_search_equals_brute_force(gallery):
@@ -121,6 +122,7 @@ def test_padding_when_fewer_than_k():
     ("factory", "options", "bound"),
     [
         ("IVF64,Flat", {"nprobe": 8}, 0.9),
+        ("IVF64,SQ8", {"nprobe": 8}, 0.9),
         ("HNSW32", {"ef_search": 64}, 0.9),
     ],
 )
@@ -157,7 +159,7 @@ def test_small_partition_falls_back_to_flat_when_factory_cannot_train():
     np.testing.assert_array_equal(I[:, 0], np.arange(2000, 2010))
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat", "HNSW16"])
+@pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat", "IVF32,SQ8", "HNSW16"])
 def test_add_and_remove_without_rebuild(factory):
     xb = clustered(2000, 16, clusters=20, seed=6)
     ids = np.arange(2000, dtype=np.int64) * 3
@@ -177,7 +179,9 @@ def test_add_and_remove_without_rebuild(factory):
         assert not np.isin(I, gone).any()
     _, I = index.search(probe, 1, nprobe=32, ef_search=256)  # noqa: E741
     np.testing.assert_array_equal(I[20:, 0], want[20:])
-    np.testing.assert_allclose(index.reconstruct(ids[1000:1003]), xb[1000:1003], atol=1e-6)
+    # SQ8 stores each component in 8 bits over its trained range: a quantisation step.
+    atol = 0.02 if "SQ8" in factory else 1e-6
+    np.testing.assert_allclose(index.reconstruct(ids[1000:1003]), xb[1000:1003], atol=atol)
     with pytest.raises(KeyError):
         index.reconstruct(gone[:1])
     with pytest.raises(ValueError, match="already in the index"):
@@ -264,3 +268,19 @@ def test_incremental_graph_update_equals_rebuild(gallery):
     order = np.argsort(all_ids)
     rows = updated.rows(all_ids[order])
     assert_same_topk(updated.D[rows], updated.I[rows], D_ref[order], I_ref[order])
+
+
+def test_ivf_sq8_quantises_vectors_not_residuals_and_keeps_it_on_disk(tmp_path):
+    xb = clustered(3000, 32, clusters=30, seed=11)
+    index = GalleryIndex.build(xb, np.arange(3000), ["x"] * 3000, factory="IVF16,SQ8",
+                               partitioned=False)
+    index.save(tmp_path)
+    loaded = GalleryIndex.load(tmp_path)
+    for idx in (index, loaded):
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(idx._whole.index))
+        assert isinstance(ivf, faiss.IndexIVFScalarQuantizer) and not ivf.by_residual
+    D0, I0 = index.search(xb[:50], 5, nprobe=4)  # noqa: E741
+    D1, I1 = loaded.search(xb[:50], 5, nprobe=4)  # noqa: E741
+    np.testing.assert_array_equal(I0, I1)
+    np.testing.assert_array_equal(D0, D1)
+    assert (I0[:, 0] == np.arange(50)).mean() >= 0.95
