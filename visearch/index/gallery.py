@@ -48,7 +48,7 @@ FLAT_MAX = 50_000
 # Up to here IVF-Flat fits in memory comfortably (2 GB at d=256); above it, compress.
 IVF_FLAT_MAX = 2_000_000
 # Up to here compress with 8-bit scalar quantisation (d bytes per vector: 5 GB at 20M, d=256),
-# which kept Recall@10 at 0.99 where PQ with d/4 bytes reached 0.71-0.81 at the same speed
+# which kept Recall@10 at 0.98 where PQ with d/4 bytes reached 0.71-0.81 at the same speed
 # (benchmarks/RESULTS.md, Index); above it, PQ's d/4 bytes per vector.
 IVF_SQ8_MAX = 20_000_000
 
