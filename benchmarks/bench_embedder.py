@@ -69,6 +69,7 @@ VARIANTS: dict[str, tuple[Any, float, bool]] = {
         False,
     ),
     "arcface-no-erasing": (lambda d, c: [LossTerm("arcface", _arc(d, c))], 0.0, False),
+    "softmax-no-erasing": (lambda d, c: [LossTerm("softmax", SoftmaxLoss(d, c))], 0.0, False),
     "arcface+attention": (lambda d, c: [LossTerm("arcface", _arc(d, c))], 0.5, True),
 }
 DEFAULT_VARIANTS = "pretrained,softmax,arcface,arcface+triplet"
