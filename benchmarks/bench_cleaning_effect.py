@@ -69,19 +69,17 @@ def _evaluate(root: Path, queries: list, images: list[bytes], relevant: list[set
     """True-box search of every query, re-ranking on and off, over the root's version."""
     backend = InProcess(root, None, "cpu")
     try:
-        results = {}
-        for ablation in ("gt_box", "no_rerank"):
-            if ablation == "no_rerank":
-                # the true box without re-ranking: run_ablation's no_rerank has no box
-                recs = [dict(backend.search(d, top_k=20, bbox=list(q.bbox), rerank=False),
-                             latency_ms=0.0) for q, d in zip(queries, images, strict=True)]
-            else:
-                recs = run_ablation(backend, ablation, queries, images, 20, None)
-            s = summarise(recs, queries, relevant)
-            results[ablation] = {k: s[k] for k in ("recall@1", "recall@5", "recall@10",
-                                                   "map@10", "category_accuracy")}
+        boxed = run_ablation(backend, "gt_box", queries, images, 20, None)
+        # the true box without re-ranking: run_ablation's no_rerank has no box
+        boxed_plain = [dict(backend.search(d, top_k=20, bbox=list(q.bbox), rerank=False),
+                            latency_ms=0.0) for q, d in zip(queries, images, strict=True)]
     finally:
         backend.close()
+    keys = ("recall@1", "recall@5", "recall@10", "map@10", "category_accuracy")
+    results = {}
+    for name, recs in (("gt_box", boxed), ("no_rerank", boxed_plain)):
+        s = summarise(recs, queries, relevant)
+        results[name] = {k: s[k] for k in keys}
     return results
 
 
@@ -162,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         (arm_dir / "config.json").write_text(json.dumps(config))
         t0 = time.perf_counter()
         root = arm_dir / "indexes"
-        if not (args.reuse and root.is_dir() and IndexRoot(root).current()):
+        built = root.is_dir() and IndexRoot(root).current() is not None
+        if not (args.reuse and built and (arm_dir / "gallery_images.json").is_file()):
             rc = index_main(["rebuild", "--catalog", str(world / "catalog.jsonl"),
                              "--root", str(root), "--work", str(work),
                              "--config", str(arm_dir / "config.json")])
@@ -190,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         results = _evaluate(root, queries, images, relevant)
         results["raw_gallery"] = _evaluate(arm_dir / "raw_gallery", queries, images,
                                            relevant)["gt_box"]
-        if (arm_dir / "gallery_images.json").is_file():
-            stats = _cleaning_stats(world, arm_dir, arm)
-        else:  # an arm rebuilt by an earlier version of this script: its own report
-            stats = json.loads((args.out / "report.json").read_text())["arms"][name]["cleaning"]
+        stats = _cleaning_stats(world, arm_dir, arm)
         report["arms"][name] = {"rebuild_s": round(rebuild_s, 1), "cleaning": stats, **results}
         r = results["gt_box"]
         print(f"{name:<16} R@1 {r['recall@1']:.3f} R@10 {r['recall@10']:.3f} "

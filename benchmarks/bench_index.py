@@ -145,14 +145,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for label, factory, settings in factories(args.n, args.dim, args.types.split(",")):
         rss0 = rss_bytes()
         t0 = time.perf_counter()
+        default_residual = gallery.SQ_BY_RESIDUAL
         gallery.SQ_BY_RESIDUAL = label.endswith("residual")
-        if args.drift:
-            index = GalleryIndex.build(xb[first], ids[first], ["all"] * int(first.sum()),
-                                       factory=factory, partitioned=False)
-            index.add(xb[~first], ids[~first], ["all"] * int((~first).sum()))
-        else:
-            index = GalleryIndex.build(xb, ids, ["all"] * args.n, factory=factory,
-                                       partitioned=False)
+        try:
+            if args.drift:
+                index = GalleryIndex.build(xb[first], ids[first], ["all"] * int(first.sum()),
+                                           factory=factory, partitioned=False)
+                index.add(xb[~first], ids[~first], ["all"] * int((~first).sum()))
+            else:
+                index = GalleryIndex.build(xb, ids, ["all"] * args.n, factory=factory,
+                                           partitioned=False)
+        finally:
+            gallery.SQ_BY_RESIDUAL = default_residual
         build_s = time.perf_counter() - t0
         rss = rss_bytes() - rss0
         index_bytes = index.nbytes()
@@ -173,7 +177,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
             print(_fmt(row, args.k), flush=True)
         built[label] = index
-    gallery.SQ_BY_RESIDUAL = False
 
     if torch.cuda.is_available():
         dev = torch.device("cuda")

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from server._proto import search_pb2_grpc
 from server.servicer import SERVICE_NAME, PipelineHolder, VisualSearchServicer
 from visearch.index import IndexRoot, IndexVersion
+from visearch.models.detector import MAIN_SCORE_THRESH
 from visearch.pipeline import RerankParams, SearchPipeline
 from visearch.voting import VoteWeights
 
@@ -59,7 +60,7 @@ class ServeConfig:
     detector_weight: float = 1.0
     neighbour_weight: float = 1.0
     vote_temperature: float | None = 0.25
-    detect_thresh: float = 0.1  # visearch.models.detector.MAIN_SCORE_THRESH
+    detect_thresh: float = MAIN_SCORE_THRESH
     default_top_k: int = 10
     max_top_k: int = 100
     max_batch_size: int = 8
