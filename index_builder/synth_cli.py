@@ -1,6 +1,6 @@
 """``visearch-synth``: generate the synthetic product world, or draw its contact sheet.
 
-    visearch-synth --out DIR --skus N --seed S [--image-size 128 --workers 2 ...]
+    visearch-synth --out DIR --skus N --seed S [--image-size 128 --workers 2 --shop-masks ...]
     visearch-synth sheet --world DIR --out sheet.png [--rows 8]
 """
 
@@ -38,6 +38,13 @@ def _generate_parser() -> argparse.ArgumentParser:
                    help="fraction of SKUs whose product is also listed under other ids")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="rendering processes")
+    p.add_argument("--shop-masks", action="store_true",
+                   help="also write each shop image's drawn product mask as masks/<stem>.png "
+                   "(ground truth for cut-outs); other files are unchanged")
+    p.add_argument("--photo-backgrounds", type=Path, default=None, metavar="DIR",
+                   help="render the user photos on random crops of the .jpg/.png/.webp "
+                   "photos in DIR (e.g. Debian's gnome-backgrounds) instead of procedural "
+                   "clutter; the catalog is unchanged")
     p.add_argument("--contact-sheet", type=Path, default=None, metavar="PNG",
                    help="also write a contact sheet PNG")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -64,6 +71,16 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _photos(folder: Path | None) -> list[Path]:
+    if folder is None:
+        return []
+    photos = sorted(p for p in folder.rglob("*")
+                    if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    if not photos:
+        raise ValueError(f"--photo-backgrounds {folder}: no .jpg/.png/.webp photos there")
+    return photos
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -86,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             shop_per_sku=args.shop_per_sku, photos_per_sku=args.photos_per_sku,
             scenes=args.scenes, dup_rate=args.dup_rate, mislabel_rate=args.mislabel_rate,
             split_rate=args.split_rate, workers=args.workers, progress=not args.quiet,
+            shop_masks=args.shop_masks,
+            photo_backgrounds=_photos(args.photo_backgrounds),
         )
     except ValueError as e:
         parser.error(str(e))

@@ -45,12 +45,21 @@ def mask_box(mask: Image.Image) -> Box | None:
 
 
 def render_shop(
-    spec: ProductSpec, size: int, rng: np.random.Generator, *, closeup: bool = False
-) -> tuple[Image.Image, Box]:
+    spec: ProductSpec,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    closeup: bool = False,
+    return_mask: bool = False,
+) -> tuple[Image.Image, Box] | tuple[Image.Image, Box, Image.Image]:
     """A shop image (RGB, ``size`` x ``size``) and the product's tight box.
 
     The view varies: scale 60-90 % of the frame, mirror, a 3/4 squash, a small tilt; a
     ``closeup`` zooms on the logo so part of the product is cut off.
+
+    With ``return_mask``, returns ``(image, box, mask)``: ``mask`` is the drawn product's
+    alpha (PIL ``L``, ``size`` x ``size``, 255 = product, 0 = background and floor shadow);
+    ``box`` is its tight box. The random draws are the same either way, so the image is too.
     """
     r = rng.uniform()
     if r < 0.55:
@@ -85,10 +94,21 @@ def render_shop(
                            squash=squash)
     box = mask_box(mask)
     assert box is not None, "a shop product is always in frame"
+    if return_mask:
+        return image, box, mask
     return image, box
 
 
 # ---- user photos and detection scenes ------------------------------------------------------
+
+
+def photo_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """A random square crop (20-100 % of the shorter side) of ``photo``, ``size`` x ``size``."""
+    w, h = photo.size
+    side = max(8, int(min(w, h) * float(rng.uniform(0.2, 1.0))))
+    x = int(rng.integers(0, w - side + 1))
+    y = int(rng.integers(0, h - side + 1))
+    return photo.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BILINEAR)
 
 
 @dataclass(frozen=True)
@@ -157,6 +177,7 @@ def render_scene(
     *,
     distractors: Sequence[int] | None = None,
     max_distractors: int = 3,
+    background: Image.Image | None = None,
 ) -> tuple[Image.Image, list[Placed]]:
     """A phone-style photo of product ``main`` among distractors of other categories.
 
@@ -164,8 +185,10 @@ def render_scene(
     with its tight box (x1, y1, x2, y2 in pixels, x2/y2 exclusive) after perspective.
     Distractors (indices into ``products``, default: every product of another category
     than ``main``) are placed so that at most a quarter of either box overlaps another.
+    ``background`` (RGB, ``size`` x ``size``) replaces the procedural clutter, e.g. a crop of
+    a real photo for an evaluation the generator's own backgrounds cannot bias.
     """
-    image = _clutter(size, rng)
+    image = _clutter(size, rng) if background is None else background.convert("RGB").copy()
     main_cat = products[main].category
     others = (
         [i for i, p in enumerate(products) if p.category != main_cat]

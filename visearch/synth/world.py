@@ -31,6 +31,7 @@ from visearch.synth.scene import (
     NEAR_DUP_TRANSFORMS,
     Box,
     near_duplicate,
+    photo_crop,
     render_scene,
     render_shop,
     to_jpeg,
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SHOP_QUALITY = 92
-_KIND_PLAN, _KIND_SHOP, _KIND_DUP, _KIND_PHOTO, _KIND_SCENE = range(5)
+_KIND_PLAN, _KIND_SHOP, _KIND_DUP, _KIND_PHOTO, _KIND_SCENE, _KIND_BACKGROUND = range(6)
 
 # One job: (kind, relative path, product index, key index, extra). For "dup", extra is
 # (source shop job, transform); for "shop", extra is the close-up flag.
@@ -50,22 +51,43 @@ Job = tuple[str, str, int, int, Any]
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(products: Sequence[ProductSpec], out: str, size: int, seed: int) -> None:
+def _init_worker(products: Sequence[ProductSpec], out: str, size: int, seed: int,
+                 shop_masks: bool = False, photo_backgrounds: Sequence[str] = ()) -> None:
     others: dict[str, list[int]] = {}
     for cat in {p.category for p in products}:
         others[cat] = [i for i, p in enumerate(products) if p.category != cat]
-    _STATE.update(products=list(products), out=Path(out), size=size, seed=seed, others=others)
+    _STATE.update(products=list(products), out=Path(out), size=size, seed=seed, others=others,
+                  shop_masks=shop_masks,
+                  photos=[_load_photo(Path(p), 4 * size) for p in photo_backgrounds])
+
+
+def _load_photo(path: Path, max_side: int) -> Image.Image:
+    """A background photo, decoded once per worker and shrunk to ``max_side``."""
+    with Image.open(path) as im:
+        im.draft("RGB", (max_side, max_side))
+        photo = im.convert("RGB")
+    photo.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return photo
 
 
 def _rng(kind: int, index: int) -> np.random.Generator:
     return np.random.default_rng([_STATE["seed"], kind, index])
 
 
-def _shop_bytes(job: Job) -> tuple[bytes, Box]:
+def _shop_bytes(job: Job) -> tuple[bytes, Box, Image.Image]:
+    """JPEG bytes, tight box and drawn mask (PIL ``L``) of one shop job."""
     _, _, product, key, closeup = job
-    image, box = render_shop(_STATE["products"][product], _STATE["size"],
-                             _rng(_KIND_SHOP, key), closeup=bool(closeup))
-    return to_jpeg(image, SHOP_QUALITY), box
+    image, box, mask = render_shop(_STATE["products"][product], _STATE["size"],
+                                   _rng(_KIND_SHOP, key), closeup=bool(closeup),
+                                   return_mask=True)
+    return to_jpeg(image, SHOP_QUALITY), box, mask
+
+
+def mask_path(image: str) -> str:
+    """Where ``generate_world(shop_masks=True)`` writes the drawn mask of shop image
+    ``image`` (both relative to the world folder): ``shop/S00012_1.jpg`` ->
+    ``masks/S00012_1.png``."""
+    return f"masks/{Path(image).stem}.png"
 
 
 def _run_job(job: Job) -> tuple[str, list[tuple[int, Box]], tuple[int, int]]:
@@ -73,12 +95,14 @@ def _run_job(job: Job) -> tuple[str, list[tuple[int, Box]], tuple[int, int]]:
     kind, path, product, key, extra = job
     size = _STATE["size"]
     if kind == "shop":
-        data, box = _shop_bytes(job)
+        data, box, mask = _shop_bytes(job)
         boxes = [(product, box)]
         wh = (size, size)
+        if _STATE["shop_masks"]:
+            mask.save(_STATE["out"] / mask_path(path), format="PNG")
     elif kind == "dup":
         source, transform = extra
-        src_bytes, src_box = _shop_bytes(source)
+        src_bytes, src_box, _ = _shop_bytes(source)
         data, box = near_duplicate(src_bytes, src_box, transform, _rng(_KIND_DUP, key))
         boxes = [(source[2], box)]
         wh = _jpeg_size(data)
@@ -86,9 +110,15 @@ def _run_job(job: Job) -> tuple[str, list[tuple[int, Box]], tuple[int, int]]:
         kind_code = _KIND_PHOTO if kind == "photo" else _KIND_SCENE
         rng = _rng(kind_code, key)
         products = _STATE["products"]
+        photos = _STATE["photos"] if kind == "photo" else []
+        background = None
+        if photos:
+            # its own generator, so the scene's other draws do not depend on the photos
+            bg_rng = _rng(_KIND_BACKGROUND, key)
+            background = photo_crop(photos[int(bg_rng.integers(len(photos)))], size, bg_rng)
         image, placed = render_scene(
             products, product, size, rng, distractors=_STATE["others"][products[product].category],
-            max_distractors=3 if kind == "photo" else 4,
+            max_distractors=3 if kind == "photo" else 4, background=background,
         )
         quality = int(rng.integers(25, 76))
         data = to_jpeg(image, quality)
@@ -127,6 +157,8 @@ def generate_world(
     val_fraction: float = 0.2,
     workers: int = 1,
     progress: bool = False,
+    shop_masks: bool = False,
+    photo_backgrounds: Sequence[str | Path] = (),
 ) -> dict:
     """Generate a synthetic product world into ``out`` (created if missing).
 
@@ -146,12 +178,23 @@ def generate_world(
         split_rate: ``round(split_rate * skus)`` products are listed under 2-3 SKU ids.
         workers: rendering processes (1 renders in this process).
         progress: show a tqdm bar.
+        shop_masks: also write the drawn alpha mask of every original shop image (not of
+            the near-duplicate rows) as ``masks/<image stem>.png`` (8-bit grey, 255 =
+            product, the floor shadow excluded; its tight box of pixels >= 128 is the
+            catalog bbox), see :func:`mask_path`. Every other file is byte-identical
+            either way; ``world.json`` records ``"shop_masks": true`` in its params only
+            when set.
+        photo_backgrounds: image files: the user photos (queries) are rendered on random
+            crops of these instead of the procedural clutter (detection scenes keep it),
+            for evaluating on real backgrounds the generator never draws. The catalog, the
+            truth and every other file are byte-identical either way.
 
     Returns:
         The ``world.json`` content: ``{"format", "params", "counts"}``.
 
     Writes ``catalog.jsonl``, ``queries.jsonl``, ``detection/{train,val}.json`` (COCO),
-    ``truth.json``, ``world.json`` and the images under ``shop/``, ``photos/``, ``scenes/``.
+    ``truth.json``, ``world.json`` and the images under ``shop/``, ``photos/``, ``scenes/``
+    (and ``masks/`` with ``shop_masks``).
     """
     if skus < 2:
         raise ValueError(f"skus must be >= 2, got {skus}")
@@ -283,7 +326,18 @@ def generate_world(
         for f in (out / sub).glob("*.jpg"):
             if f"{sub}/{f.name}" not in wanted:
                 f.unlink()
-    results = _render(jobs, products, out, image_size, seed, workers, progress)
+    wanted_masks = {mask_path(j[1]) for j in shop_jobs} if shop_masks else set()
+    if shop_masks:
+        (out / "masks").mkdir(exist_ok=True)
+    if (out / "masks").is_dir():
+        for f in (out / "masks").glob("*.png"):
+            if f"masks/{f.name}" not in wanted_masks:
+                f.unlink()
+        if not shop_masks and not any((out / "masks").iterdir()):
+            (out / "masks").rmdir()
+    backgrounds = [str(Path(p).resolve()) for p in photo_backgrounds]
+    results = _render(jobs, products, out, image_size, seed, workers, progress, shop_masks,
+                      backgrounds)
 
     # -- manifests -------------------------------------------------------------------------
     def row(path: str, sku: str, box: Box) -> dict:
@@ -338,6 +392,10 @@ def generate_world(
             "photos_per_sku": photos_per_sku, "scenes": n_scenes, "dup_rate": dup_rate,
             "mislabel_rate": mislabel_rate, "split_rate": split_rate,
             "val_fraction": val_fraction,
+            # only when set, so that worlds without masks keep their earlier bytes
+            **({"shop_masks": True} if shop_masks else {}),
+            **({"photo_backgrounds": [Path(p).name for p in backgrounds]}
+               if backgrounds else {}),
         },
         "counts": {
             "categories": len(CATEGORIES), "products": n_products, "skus": len(sku_ids),
@@ -356,9 +414,10 @@ def generate_world(
 
 
 def _render(jobs: list[Job], products: list[ProductSpec], out: Path, size: int, seed: int,
-            workers: int, progress: bool) -> list[tuple[str, list[tuple[int, Box]], tuple]]:
+            workers: int, progress: bool, shop_masks: bool,
+            photo_backgrounds: Sequence[str]) -> list[tuple[str, list[tuple[int, Box]], tuple]]:
     bar = tqdm(total=len(jobs), desc="render", unit="img", disable=not progress)
-    args = (products, str(out), size, seed)
+    args = (products, str(out), size, seed, shop_masks, tuple(photo_backgrounds))
     try:
         if workers == 1:
             _init_worker(*args)
