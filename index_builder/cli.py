@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "index_builder.cmd_index",
     "index_builder.cmd_embedder",
     "index_builder.cmd_detector",
+    "index_builder.cmd_scenes",
     "index_builder.cmd_clean",
     "index_builder.cmd_rebuild",
 )

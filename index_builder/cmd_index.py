@@ -110,7 +110,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         args.root, xb, np.arange(len(rows), dtype=np.int64), [_item(r) for r in rows],
         args.model, detector_path=args.detector, factory=args.factory, k1=args.k1,
         graph_nprobe=args.graph_nprobe, graph_ef_search=args.graph_ef_search,
-        config={"crop": not args.no_crop},
+        config={"crop": not args.no_crop, "detector_source": args.detector_source},
         inputs={"catalog": file_checksum(args.catalog), "catalog_path": str(args.catalog)},
         activate=not args.no_activate, progress=not args.quiet,
     )
@@ -270,6 +270,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--catalog", required=True, type=Path, help="catalog.jsonl")
     p.add_argument("--model", required=True, type=Path, help="embedder.pt")
     p.add_argument("--detector", type=Path, help="detector weights to ship with the version")
+    p.add_argument("--detector-source", default=None,
+                   help="where the detector's training boxes came from, in words (recorded "
+                        "in the manifest)")
     p.add_argument("--factory", help="force a faiss index_factory string (default: by size)")
     p.add_argument("--k1", type=int, default=20, help="neighbours per item in the graph")
     p.add_argument("--graph-nprobe", type=int,

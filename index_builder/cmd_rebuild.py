@@ -1,8 +1,10 @@
 """``visearch-index rebuild``: the whole offline pipeline, stage by stage, resumable.
 
-Order (DESIGN.md): ingest -> dedup -> train the detector (and crop catalog images without a
+Order (DESIGN.md): ingest -> dedup -> product cut-outs -> copy-paste scenes -> train the
+detector (on given COCO annotations, else on the scenes; then box catalog images without a
 bbox) -> first-pass embedder -> SKU denoise -> SKU merge -> train the embedder on the
-cleaned SKUs -> embed the gallery, build the index and neighbour graph, activate.
+cleaned SKUs (shop images plus the scenes' user-photo-like crops) -> embed the gallery,
+build the index and neighbour graph, activate.
 
 Each step is one of ``visearch-index``'s own subcommands, run in-process inside
 ``run_stage`` with a fingerprint of its inputs (file checksums and the digests of the stages
@@ -15,20 +17,21 @@ catalog is never rewritten: cleaning produces new manifests under ``<work>/catal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from index_builder.cmd_clean import read_removed, read_sku_map
-from index_builder.config import RebuildConfig, load_config
+from index_builder.config import DETECTOR_SOURCES, RebuildConfig, load_config
 from index_builder.stage import DONE_FILE, StageResult, file_checksum, run_stage
-from visearch.catalog import read_manifest, write_manifest
+from visearch.catalog import CatalogRow, read_manifest, write_manifest
 from visearch.cleaning import apply_cleaning
 from visearch.errors import ManifestError
 
@@ -46,13 +49,18 @@ def _digest(stage_dir: Path) -> str:
 
 def _images_digest(rows: Sequence[Any]) -> str:
     """A cheap digest of the catalog's image files (path, size, mtime), not their bytes."""
+    return _images_digest_paths(row.path for row in rows)
+
+
+def _images_digest_paths(paths: Iterable[Path]) -> str:
+    """A cheap digest of files (path, size, mtime), not their bytes."""
     h = hashlib.sha256()
-    for row in rows:
+    for path in paths:
         try:
-            st = row.path.stat()
-            h.update(f"{row.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            st = path.stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{row.path}\0missing\n".encode())
+            h.update(f"{path}\0missing\n".encode())
     return h.hexdigest()
 
 
@@ -69,6 +77,8 @@ class Pipeline:
         queries: Path | None,
         detection: Path | None,
         activate: bool = True,
+        backgrounds: Path | None = None,
+        unlabelled_photos: Path | None = None,
     ) -> None:
         self.catalog = catalog
         self.root = root
@@ -77,7 +87,13 @@ class Pipeline:
         self.queries = queries
         self.detection = detection
         self.activate = activate
+        self.backgrounds = backgrounds
+        self.unlabelled_photos = unlabelled_photos
         self.timings: dict[str, float] = {}
+        #: where the detector came from, in words (None: no detector); set by run()
+        self.detector_source: str | None = None
+        self.scenes_summary: dict[str, Any] = {}
+        self.cutouts_summary: dict[str, Any] = {}
         self._parser: argparse.ArgumentParser | None = None
 
     # -- running subcommands ------------------------------------------------------------
@@ -115,10 +131,12 @@ class Pipeline:
         return result
 
     def _training_stage(
-        self, name: str, fingerprint: dict[str, Any], argv: list[str], outputs: Sequence[str]
+        self, name: str, fingerprint: dict[str, Any], argv: list[str], outputs: Sequence[str],
+        *, gather: dict[str, str] | None = None,
     ) -> StageResult:
         """A training subcommand with a persistent scratch dir (checkpoints survive a crash:
-        the next run of the same fingerprint resumes), whose ``outputs`` are published."""
+        the next run of the same fingerprint resumes), whose ``outputs`` are published;
+        ``gather`` maps an output name to the scratch-relative file it is copied from."""
         scratch = self.work / f"{name}.scratch"
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
         marker = scratch / "fingerprint.txt"
@@ -128,8 +146,11 @@ class Pipeline:
         marker.write_text(key)
 
         def work(out: Path) -> dict[str, Any]:
-            resume = ["--resume"] if (scratch / "checkpoint.pt").is_file() else []
+            resume = ["--resume"] if any(scratch.rglob("checkpoint.pt")) else []
             self._cli([*argv, "--out", scratch, *resume])
+            for item, src in (gather or {}).items():
+                if (scratch / src).is_file():
+                    shutil.copy2(scratch / src, scratch / item)
             for item in outputs:
                 if (scratch / item).is_file():
                     shutil.copy2(scratch / item, out / item)
@@ -140,6 +161,121 @@ class Pipeline:
         return result
 
     # -- the stages ------------------------------------------------------------------------
+
+    def _use_coco(self) -> bool:
+        """Whether the detector trains on given COCO annotations (else on catalog scenes)."""
+        source = self.cfg.detector.source
+        if source == "coco" and self.detection is None:
+            raise ValueError("detector.source is 'coco' but no detection annotations were "
+                             "given or found (--detection DIR with train.json)")
+        return self.detection is not None and source in ("auto", "coco")
+
+    def _scene_stages(
+        self, manifest: Any, removed: set[str], upstream: dict[str, Any]
+    ) -> tuple[Path, dict[str, tuple[float, float, float, float]]]:
+        """The ``cutouts`` and ``scenes`` stages; returns the scenes folder and the cut-out
+        box of each usable catalog image."""
+        from index_builder.cmd_scenes import (
+            background_files,
+            cut_out_catalog,
+            read_cutout_boxes,
+            synthesize_catalog_scenes,
+        )
+
+        sc = self.cfg.scenes
+        cut = self._stage(
+            "cutouts", {**upstream, "min_quality": sc.min_quality},
+            lambda out: cut_out_catalog(manifest.rows, out, rejects=manifest.rejects,
+                                        exclude=removed, min_quality=sc.min_quality,
+                                        progress=True),
+        )
+        self.cutouts_summary = cut.summary
+        print(f"cut-outs: {cut.summary.get('objects')} usable of {cut.summary.get('rows')} "
+              f"catalog rows {cut.summary.get('statuses')} "
+              f"(per-row report: {cut.out_dir / 'report.jsonl'})", flush=True)
+        backgrounds = background_files(self.backgrounds)
+        fp = {"cutouts": _digest(cut.out_dir),
+              "config": {k: v for k, v in sc.__dict__.items()
+                         if k not in ("query_domain", "detector_epochs", "min_quality")},
+              "seed": self.cfg.seed,
+              "backgrounds": _images_digest_paths(backgrounds)}
+        scenes = self._stage(
+            "scenes", fp,
+            lambda out: synthesize_catalog_scenes(
+                cut.out_dir, out, scenes_per_object=sc.scenes_per_object,
+                image_size=sc.image_size, seed=self.cfg.seed, backgrounds=backgrounds,
+                max_distractors=sc.max_distractors, crops_per_scene=sc.crops_per_scene,
+                crop_jitter=sc.crop_jitter, val_fraction=sc.val_fraction,
+                workers=self.cfg.workers, progress=True),
+        )
+        self.scenes_summary = scenes.summary
+        upstream["scenes"] = _digest(scenes.out_dir)
+        return scenes.out_dir, read_cutout_boxes(cut.out_dir)
+
+    def _detector_stage(self, train_json: Path, val_json: Path, images_root: Path,
+                        epochs: int) -> Path:
+        """Train the detector (optionally class-agnostic, optionally with pseudo-labelling
+        rounds on unlabelled photos); returns its weights file."""
+        d = self.cfg.detector
+        if d.class_agnostic:
+            train_json, val_json = (self._agnostic_copy(p) for p in (train_json, val_json))
+        has_val = val_json.is_file()
+        model = ["--backbone", d.backbone, "--min-size", d.min_size, "--max-size",
+                 d.max_size, "--epochs", epochs, "--batch-size", d.batch_size, "--lr", d.lr,
+                 "--seed", self.cfg.seed, "--images-root", images_root]
+        gather = None
+        if self.unlabelled_photos is None:
+            argv = ["train-detector", "--train", train_json, *model]
+        else:
+            argv = ["label-detection", "--labelled", train_json, "--unlabelled",
+                    self.unlabelled_photos, "--rounds", d.rounds, *model]
+            gather = {"detector.pt": f"round_{d.rounds}/model/detector.pt"}
+        if has_val:
+            argv += ["--val", val_json]
+        fp = {"train": file_checksum(train_json),
+              "val": file_checksum(val_json) if has_val else None,
+              "images": _images_digest_paths(sorted(images_root.glob("*/*.jpg"))),
+              "unlabelled": (_images_digest_paths(sorted(self.unlabelled_photos.rglob("*")))
+                             if self.unlabelled_photos is not None else None),
+              # the main-object floor is used after training (crop), not by it
+              "config": {k: v for k, v in d.__dict__.items() if k != "score_thresh"},
+              "epochs": epochs, "seed": self.cfg.seed}
+        det = self._training_stage("detector", fp, argv, ["detector.pt", "history.json"],
+                                   gather=gather)
+        return det.out_dir / "detector.pt"
+
+    def _agnostic_copy(self, coco_json: Path) -> Path:
+        """A copy of a COCO file with every box in one "product" category."""
+        from visearch.coco import read_coco
+        from visearch.scenes import collapse_categories
+
+        out = self.work / "detector_inputs" / f"{coco_json.stem}_product.json"
+        if coco_json.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(collapse_categories(read_coco(coco_json))))
+        return out
+
+    def _query_domain_rows(self, scenes_dir: Path, train_rows: Sequence[CatalogRow],
+                           removed: set[str], sku_map: dict[str, str]) -> list[CatalogRow]:
+        """The scenes' crops of each main object as training rows: the SKU's training label
+        (merged style id), its attributes and title; crops of removed images are left out."""
+        crops = scenes_dir / "crops.jsonl"
+        if not crops.is_file():
+            return []
+        by_sku = {r.sku: r for r in train_rows}
+        out: list[CatalogRow] = []
+        for line, text in enumerate(crops.read_text(encoding="utf-8").splitlines(), start=1):
+            obj = json.loads(text)
+            if obj.get("attributes", {}).get("cutout") in removed:
+                continue
+            ref = by_sku.get(sku_map.get(obj["sku"], obj["sku"]))
+            if ref is None:
+                continue
+            out.append(dataclasses.replace(
+                ref, line=len(train_rows) + line, image=obj["image"],
+                path=(scenes_dir / obj["image"]).resolve(), bbox=None))
+        return out
+
 
     def run(self) -> str:
         cfg = self.cfg
@@ -167,32 +303,54 @@ class Pipeline:
             removed |= read_removed(self.work / "dedup" / "removed.json")
             upstream["dedup"] = _digest(self.work / "dedup")
 
-        detector_path: Path | None = None
-        if cfg.detector.enabled and self.detection is not None:
-            d = cfg.detector
-            train_json = self.detection / "train.json"
-            val_json = self.detection / "val.json"
-            argv = ["train-detector", "--train", train_json, "--images-root",
-                    self.detection.parent, "--backbone", d.backbone, "--min-size", d.min_size,
-                    "--max-size", d.max_size, "--epochs", d.epochs, "--batch-size",
-                    d.batch_size, "--lr", d.lr, "--seed", cfg.seed]
-            if val_json.is_file():
-                argv += ["--val", val_json]
-            fp = {"train": file_checksum(train_json),
-                  "val": file_checksum(val_json) if val_json.is_file() else None,
-                  # the main-object floor is used after training (crop), not by it
-                  "config": {k: v for k, v in d.__dict__.items() if k != "score_thresh"},
-                  "seed": cfg.seed}
-            det = self._training_stage("detector", fp, argv, ["detector.pt", "history.json"])
-            detector_path = det.out_dir / "detector.pt"
+        # The detector's training boxes: given COCO annotations, else copy-paste scenes made
+        # from the catalog's own cut-outs (a real catalog has no COCO scenes).
+        use_coco = self._use_coco()
+        scenes_dir: Path | None = None
+        cutout_boxes: dict[str, tuple[float, float, float, float]] = {}
+        if (cfg.detector.enabled and not use_coco) or cfg.scenes.query_domain:
+            scenes_dir, cutout_boxes = self._scene_stages(manifest, removed, upstream)
 
-        # Catalog images without a bbox get the detector's main-object box.
+        detector_path: Path | None = None
+        if cfg.detector.enabled:
+            if use_coco:
+                assert self.detection is not None
+                detector_path = self._detector_stage(
+                    self.detection / "train.json", self.detection / "val.json",
+                    self.detection.parent, cfg.detector.epochs)
+                self.detector_source = f"COCO annotations in {self.detection}"
+            else:
+                assert scenes_dir is not None
+                epochs = cfg.scenes.detector_epochs or cfg.detector.epochs
+                detector_path = self._detector_stage(
+                    scenes_dir / "train.json", scenes_dir / "val.json", scenes_dir, epochs)
+                s = self.scenes_summary
+                self.detector_source = (
+                    f"{s.get('train_images', '?')} copy-paste scenes made from "
+                    f"{s.get('objects', '?')} catalog cut-outs on "
+                    f"{s.get('background_source', '?')} backgrounds")
+            if self.unlabelled_photos is not None:
+                self.detector_source += f", + pseudo-labels on {self.unlabelled_photos}"
+            kind = "class-agnostic" if cfg.detector.class_agnostic else "class-aware"
+            self.detector_source = f"{kind}, trained on {self.detector_source}"
+            print(f"detector: {self.detector_source}", flush=True)
+        else:
+            self.detector_source = None
+
+        # Catalog images without a bbox get the cut-out's box, else the detector's main object.
         catalog = self.catalog
+        if any(r.bbox is None for r in rows) and cutout_boxes:
+            rows = [dataclasses.replace(r, bbox=cutout_boxes[r.image])
+                    if r.bbox is None and r.image in cutout_boxes else r for r in rows]
+            catalog = self.work / "catalogs" / "boxed.jsonl"
+            catalog.parent.mkdir(parents=True, exist_ok=True)
+            write_manifest(catalog, rows)
         if any(r.bbox is None for r in rows) and detector_path is not None:
             crop = self._stage(
-                "crop", {**upstream, "detector": file_checksum(detector_path),
+                "crop", {**upstream, "catalog": file_checksum(catalog),
+                         "detector": file_checksum(detector_path),
                          "thresh": cfg.detector.score_thresh},
-                lambda out: self._cli(["crop", "--catalog", self.catalog, "--detector",
+                lambda out: self._cli(["crop", "--catalog", catalog, "--detector",
                                        detector_path, "--out", out / "catalog.jsonl",
                                        "--score-thresh", cfg.detector.score_thresh,
                                        *lenient]),
@@ -236,11 +394,18 @@ class Pipeline:
         # Training labels are the merged style ids; the gallery keeps the catalog's SKUs.
         train_catalog = catalogs / "train.jsonl"
         gallery_catalog = catalogs / "gallery.jsonl"
-        write_manifest(train_catalog, apply_cleaning(rows, removed, sku_map))
+        train_rows = apply_cleaning(rows, removed, sku_map)
+        extra: list[CatalogRow] = []
+        if cfg.scenes.query_domain and scenes_dir is not None:
+            extra = self._query_domain_rows(scenes_dir, train_rows, removed, sku_map)
+        write_manifest(train_catalog, train_rows + extra)
         write_manifest(gallery_catalog, apply_cleaning(rows, removed))
         styles = f", {len(set(sku_map.values()))} style ids from {len(sku_map)} SKUs"
         print(f"\ncleaning: {len(rows)} catalog rows -> {len(rows) - len(removed)} kept "
               f"({len(removed)} removed){styles if sku_map else ''}")
+        if extra:
+            print(f"query-domain training: {len(extra)} user-photo-like crops from the "
+                  f"scenes beside {len(train_rows)} shop images", flush=True)
 
         emb = self._embedder_stage("embedder", train_catalog, upstream,
                                    epochs=cfg.embedder.epochs,
@@ -251,6 +416,7 @@ class Pipeline:
             "gallery": file_checksum(gallery_catalog),
             "embedder": file_checksum(model),
             "detector": file_checksum(detector_path) if detector_path else None,
+            "detector_source": self.detector_source,
             "index": cfg.index.__dict__,
             "root": str(self.root.resolve()),
         }
@@ -263,7 +429,8 @@ class Pipeline:
             argv = ["build", "--root", self.root, "--catalog", gallery_catalog, "--model",
                     model, "--k1", cfg.index.k1, *lenient]
             if detector_path is not None:
-                argv += ["--detector", detector_path]
+                argv += ["--detector", detector_path, "--detector-source",
+                         self.detector_source or ""]
             if cfg.index.factory:
                 argv += ["--factory", cfg.index.factory]
             if cfg.index.graph_nprobe is not None:
@@ -338,6 +505,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detection", type=Path,
                    help="folder with COCO train.json/val.json for the detector "
                    "(default: <catalog folder>/detection when present)")
+    p.add_argument("--detector-source", choices=DETECTOR_SOURCES,
+                   help="the detector's training boxes: 'coco' (the detection annotations), "
+                   "'catalog' (copy-paste scenes made from the catalog's cut-outs), 'auto' "
+                   "(coco when annotations are given or found, else catalog; the default)")
+    p.add_argument("--backgrounds", type=Path,
+                   help="a folder of ordinary photos (e.g. unlabelled user photos) to paste "
+                   "the cut-outs on (default: procedural backgrounds)")
+    p.add_argument("--unlabelled-photos", type=Path,
+                   help="a folder of unlabelled user photos: adds semi-supervised "
+                   "pseudo-labelling rounds (label-detection) to the detector training")
     for stage in ("dedup", "detector", "clean", "merge"):
         p.add_argument(f"--no-{stage}", action="store_true", help=f"skip the {stage} stage")
     p.add_argument("--lenient", action="store_true", help="skip bad catalog rows")
@@ -355,14 +532,19 @@ def run_rebuild(args: argparse.Namespace) -> int:
         if getattr(args, f"no_{stage}"):
             getattr(cfg, stage).enabled = False
     cfg.lenient = cfg.lenient or args.lenient
+    if args.detector_source:
+        cfg.detector.source = args.detector_source
     detection = args.detection
     if detection is None and (args.catalog.parent / "detection" / "train.json").is_file():
         detection = args.catalog.parent / "detection"
+    if cfg.detector.source == "catalog":
+        detection = None
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     pipeline = Pipeline(catalog=args.catalog, root=args.root, work=args.work, config=cfg,
                         queries=args.queries, detection=detection,
-                        activate=not args.no_activate)
+                        activate=not args.no_activate, backgrounds=args.backgrounds,
+                        unlabelled_photos=args.unlabelled_photos)
     t0 = time.perf_counter()
     try:
         version = pipeline.run()
@@ -374,6 +556,12 @@ def run_rebuild(args: argparse.Namespace) -> int:
     for name, seconds in pipeline.timings.items():
         print(f"  {name:<22} {seconds:8.1f} s")
     print(f"  {'total':<22} {total:8.1f} s")
+    if pipeline.detector_source:
+        print(f"rebuild: detector {pipeline.detector_source}")
+    else:
+        print("rebuild: WARNING: NO DETECTOR. Search will embed whole user photos, which "
+              "matches the background instead of the product (turned off by --no-detector "
+              "or detector.enabled = false)", file=sys.stderr)
     print(f"rebuild: index version {version} at {args.root}"
           + ("" if args.no_activate else " (active)"))
     return 0

@@ -29,6 +29,14 @@ class DedupConfig:
 @dataclass
 class DetectorConfig:
     enabled: bool = True
+    #: where its training boxes come from: "coco" (given detection annotations), "catalog"
+    #: (copy-paste scenes made from the catalog's own cut-outs), "auto" (coco when given or
+    #: found beside the catalog, else catalog)
+    source: str = "auto"
+    #: one "product" class instead of the catalog's categories (the category is voted anyway)
+    class_agnostic: bool = False
+    #: semi-supervised rounds on --unlabelled-photos (label-detection), when given
+    rounds: int = 1
     backbone: str = "mobilenet_v2_fpn"
     min_size: int = 96
     max_size: int = 96
@@ -36,6 +44,26 @@ class DetectorConfig:
     batch_size: int = 8
     lr: float = 2e-3
     score_thresh: float = 0.1  # main-object floor (detector.MAIN_SCORE_THRESH)
+
+
+@dataclass
+class ScenesConfig:
+    """Copy-paste scenes made from catalog cut-outs: the detector's training data when no
+    detection annotations are given, and user-photo-like crops for the embedder."""
+
+    scenes_per_object: float = 0.5  # scenes = this x usable cut-outs
+    image_size: int = 128
+    max_distractors: int = 3
+    crops_per_scene: int = 2
+    crop_jitter: float = 0.15  # detector-like box jitter, fraction of the box per side
+    val_fraction: float = 0.1
+    #: cut-outs below this quality score are not pasted (bench_cutout: 0.3 drops 1 % of the
+    #: usable cut-outs, most of them wrong, and keeps 98.7 % at mask IoU >= 0.9)
+    min_quality: float = 0.3
+    #: train the embedder on the crops too (query-domain training), mixed with shop images
+    query_domain: bool = True
+    #: detector epochs on synthesized scenes (None: detector.epochs)
+    detector_epochs: int | None = None
 
 
 @dataclass
@@ -100,6 +128,7 @@ class RebuildConfig:
     lenient: bool = False
     dedup: DedupConfig = field(default_factory=DedupConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
@@ -108,6 +137,8 @@ class RebuildConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+DETECTOR_SOURCES = ("auto", "coco", "catalog")
 
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu-small": {},
@@ -137,6 +168,9 @@ def _apply(obj: Any, overrides: dict[str, Any], where: str) -> None:
             _apply(current, value, f"{where}{key}.")
         else:
             setattr(obj, key, value)
+    if isinstance(obj, DetectorConfig) and obj.source not in DETECTOR_SOURCES:
+        raise ValueError(f"config key {where}'source' must be one of {DETECTOR_SOURCES}, "
+                         f"got {obj.source!r}")
 
 
 def load_config(

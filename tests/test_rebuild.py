@@ -107,3 +107,54 @@ def test_rebuild_reports_a_bad_catalog_row_and_keeps_the_active_index(tmp_path: 
                        "--work", str(tmp_path / "w")])
     assert code == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_rebuild_without_detection_annotations_trains_a_detector_on_catalog_scenes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A catalog with no COCO scenes still gets a detector: trained on copy-paste scenes of
+    its own cut-outs, used to serve, and named as the detector's source."""
+    import shutil
+
+    from visearch.catalog import read_manifest
+    from visearch.coco import read_coco
+    from visearch.synth import generate_world
+
+    world = tmp_path / "world"
+    generate_world(world, skus=16, seed=5, image_size=64, scenes=0)
+    shutil.rmtree(world / "detection")
+    root, work = tmp_path / "indexes", tmp_path / "work"
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**TINY, "clean": {"enabled": False},
+                                  "merge": {"enabled": False},
+                                  "scenes": {"image_size": 64, "scenes_per_object": 0.25}}))
+    argv = ["rebuild", "--catalog", str(world / "catalog.jsonl"), "--root", str(root),
+            "--work", str(work), "--config", str(config)]
+    assert index_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "rebuild: detector class-aware, trained on" in out and "copy-paste scenes" in out
+
+    catalog = read_manifest(world / "catalog.jsonl").rows
+    report = [json.loads(x) for x in (work / "cutouts" / "report.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in report] == [r.line for r in catalog]  # one status per row
+    ok = sum(r["status"] == "ok" for r in report)
+    assert ok >= 0.8 * len(catalog)
+    coco = read_coco(work / "scenes" / "train.json")
+    assert len(coco["images"]) > 0 and len(coco["annotations"]) >= len(coco["images"])
+    assert sorted(c["name"] for c in coco["categories"]) == sorted({r.category for r in catalog})
+
+    # The embedder trained on shop images plus the scenes' crops of the same SKUs.
+    train = read_manifest(work / "catalogs" / "train.jsonl").rows
+    crops = [r for r in train if "/scenes/crops/" in str(r.path)]
+    assert crops and {r.sku for r in crops} <= {r.sku for r in catalog}
+    assert len(train) == len(crops) + len(read_manifest(work / "catalogs" / "gallery.jsonl").rows)
+
+    version = IndexRoot(root).open()
+    assert version.detector_path is not None and version.detector_path.is_file()
+    assert "copy-paste scenes" in version.manifest["config"]["detector_source"]
+    version.close()
+
+    # Asked for COCO annotations that do not exist: a clear error, the active index kept.
+    assert index_main([*argv, "--detector-source", "coco"]) == 1
+    assert "no detection annotations" in capsys.readouterr().err
+    assert IndexRoot(root).versions() == [version.version]
