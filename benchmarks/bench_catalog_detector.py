@@ -8,8 +8,10 @@
    made from the catalog's cut-outs, the embedder also on the scenes' crops) and the
    variants named by ``--variants``, each one more index version built from the same work
    directory (only the stages whose inputs changed rerun):
-   - ``default``: class-aware detector, query-domain training;
-   - ``agnostic``: one "product" class (the category is voted anyway);
+   - ``default``: the default config (a main-vs-other detector, query-domain training);
+   - ``category`` / ``product`` / ``main``: the detector's classes (``detector.labels``):
+     the catalog's categories, one "product" class (the category is voted anyway), or
+     "main" vs "other" (it learns which object the photo is of);
    - ``no_query_domain``: the embedder trained on shop images with strong augmentation alone.
 3. ``visearch-bench recall`` in-process on each version: full (photo only), gt_box, and
    whole_image (what a catalog without annotations got before: no detector).
@@ -38,7 +40,9 @@ BIN = Path(sys.executable).parent
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "agnostic": {"detector": {"class_agnostic": True}},
+    "category": {"detector": {"labels": "category"}},
+    "product": {"detector": {"labels": "product"}},
+    "main": {"detector": {"labels": "main"}},
     "no_query_domain": {"scenes": {"query_domain": False}},
 }
 
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skus", type=int, default=300)
     ap.add_argument("--seed", type=int, default=11, help="a seed not used in development")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_catalog_detector"))
-    ap.add_argument("--variants", default="default,agnostic,no_query_domain")
+    ap.add_argument("--variants", default="default,category,product,no_query_domain")
     ap.add_argument("--real-backgrounds", type=Path,
                     help="photos for the real-background query variant (never trained on)")
     ap.add_argument("--config", type=Path, help="a rebuild config JSON under the variants")

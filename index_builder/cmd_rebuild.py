@@ -213,12 +213,11 @@ class Pipeline:
         return scenes.out_dir, read_cutout_boxes(cut.out_dir)
 
     def _detector_stage(self, train_json: Path, val_json: Path, images_root: Path,
-                        epochs: int) -> Path:
-        """Train the detector (optionally class-agnostic, optionally with pseudo-labelling
-        rounds on unlabelled photos); returns its weights file."""
+                        epochs: int) -> tuple[Path, str]:
+        """Train the detector (optionally with pseudo-labelling rounds on unlabelled photos);
+        returns its weights file and its classes in words."""
         d = self.cfg.detector
-        if d.class_agnostic:
-            train_json, val_json = (self._agnostic_copy(p) for p in (train_json, val_json))
+        train_json, val_json, labels = self._relabel(train_json, val_json)
         has_val = val_json.is_file()
         model = ["--backbone", d.backbone, "--min-size", d.min_size, "--max-size",
                  d.max_size, "--epochs", epochs, "--batch-size", d.batch_size, "--lr", d.lr,
@@ -242,18 +241,36 @@ class Pipeline:
               "epochs": epochs, "seed": self.cfg.seed}
         det = self._training_stage("detector", fp, argv, ["detector.pt", "history.json"],
                                    gather=gather)
-        return det.out_dir / "detector.pt"
+        return det.out_dir / "detector.pt", labels
 
-    def _agnostic_copy(self, coco_json: Path) -> Path:
-        """A copy of a COCO file with every box in one "product" category."""
+    def _relabel(self, train_json: Path, val_json: Path) -> tuple[Path, Path, str]:
+        """The COCO files with the classes of ``detector.labels`` (copies under
+        ``<work>/detector_inputs/``), and those classes in words."""
         from visearch.coco import read_coco
-        from visearch.scenes import collapse_categories
+        from visearch.scenes import collapse_categories, main_categories
 
-        out = self.work / "detector_inputs" / f"{coco_json.stem}_product.json"
-        if coco_json.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(collapse_categories(read_coco(coco_json))))
-        return out
+        labels = self.cfg.detector.labels
+        if labels == "category":
+            return train_json, val_json, "class-aware"
+        train = read_coco(train_json)
+        if labels == "main" and not any("main" in a for a in train["annotations"]):
+            logger.warning("%s marks no main object: the detector learns the categories",
+                           train_json)
+            return train_json, val_json, "class-aware (the annotations mark no main object)"
+        relabel = main_categories if labels == "main" else collapse_categories
+        out = self.work / "detector_inputs"
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for src in (train_json, val_json):
+            dst = out / f"{src.stem}_{labels}.json"
+            if src.is_file():
+                dst.write_text(json.dumps(relabel(read_coco(src))))
+            else:
+                dst.unlink(missing_ok=True)
+            paths.append(dst)
+        words = ("main-object (main vs other products)" if labels == "main"
+                 else "class-agnostic")
+        return paths[0], paths[1], words
 
     def _query_domain_rows(self, scenes_dir: Path, train_rows: Sequence[CatalogRow],
                            removed: set[str], sku_map: dict[str, str]) -> list[CatalogRow]:
@@ -315,24 +332,22 @@ class Pipeline:
         if cfg.detector.enabled:
             if use_coco:
                 assert self.detection is not None
-                detector_path = self._detector_stage(
+                detector_path, kind = self._detector_stage(
                     self.detection / "train.json", self.detection / "val.json",
                     self.detection.parent, cfg.detector.epochs)
-                self.detector_source = f"COCO annotations in {self.detection}"
+                source = f"COCO annotations in {self.detection}"
             else:
                 assert scenes_dir is not None
                 epochs = cfg.scenes.detector_epochs or cfg.detector.epochs
-                detector_path = self._detector_stage(
+                detector_path, kind = self._detector_stage(
                     scenes_dir / "train.json", scenes_dir / "val.json", scenes_dir, epochs)
                 s = self.scenes_summary
-                self.detector_source = (
-                    f"{s.get('train_images', '?')} copy-paste scenes made from "
-                    f"{s.get('objects', '?')} catalog cut-outs on "
-                    f"{s.get('background_source', '?')} backgrounds")
+                source = (f"{s.get('train_images', '?')} copy-paste scenes made from "
+                          f"{s.get('objects', '?')} catalog cut-outs on "
+                          f"{s.get('background_source', '?')} backgrounds")
             if self.unlabelled_photos is not None:
-                self.detector_source += f", + pseudo-labels on {self.unlabelled_photos}"
-            kind = "class-agnostic" if cfg.detector.class_agnostic else "class-aware"
-            self.detector_source = f"{kind}, trained on {self.detector_source}"
+                source += f", + pseudo-labels on {self.unlabelled_photos}"
+            self.detector_source = f"{kind}, trained on {source}"
             print(f"detector: {self.detector_source}", flush=True)
         else:
             self.detector_source = None

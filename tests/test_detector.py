@@ -13,6 +13,7 @@ from PIL import Image
 from visearch.coco import coco_samples, write_coco
 from visearch.models.detector import (
     DETECTOR_BACKBONES,
+    MAIN_LABEL,
     Detections,
     build_detector,
     load_detector,
@@ -194,6 +195,23 @@ def test_select_main_object_prefers_the_large_product_to_a_confident_distractor(
     assert select_main_object(dets, (100, 120), area_weight=0.0).box == (80.0, 5.0, 110.0, 35.0)
     with pytest.raises(ValueError, match="area_weight must be >= 0"):
         select_main_object(dets, (100, 120), area_weight=-1.0)
+
+
+def test_a_main_object_detector_names_the_main_object_itself() -> None:
+    # Classes "main" / "other" (scenes that mark the photographed product): the "main" box
+    # wins over a larger, more confident "other" box; without a passing "main" box the
+    # area-weighted rule decides among the others.
+    dets = Detections(
+        boxes=np.array([[0, 0, 100, 100], [10, 10, 40, 40], [60, 60, 70, 70]], np.float32),
+        scores=np.array([0.9, 0.3, 0.05], np.float32),
+        labels=np.array([1, 0, 0], np.int64),
+        categories=[MAIN_LABEL, "other"],
+    )
+    main = select_main_object(dets, (100, 100))
+    assert main.box == (10.0, 10.0, 40.0, 40.0) and main.category == MAIN_LABEL
+    main = select_main_object(dets, (100, 100), score_thresh=0.5)
+    assert main.box == (0.0, 0.0, 100.0, 100.0) and main.category == "other"
+    assert not main.fallback
 
 
 def test_no_detection_falls_back_to_the_whole_image() -> None:

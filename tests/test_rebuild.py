@@ -132,7 +132,8 @@ def test_rebuild_without_detection_annotations_trains_a_detector_on_catalog_scen
             "--work", str(work), "--config", str(config)]
     assert index_main(argv) == 0
     out = capsys.readouterr().out
-    assert "rebuild: detector class-aware, trained on" in out and "copy-paste scenes" in out
+    assert "rebuild: detector main-object (main vs other products), trained on" in out
+    assert "copy-paste scenes made from" in out
 
     catalog = read_manifest(world / "catalog.jsonl").rows
     report = [json.loads(x) for x in (work / "cutouts" / "report.jsonl").read_text().splitlines()]

@@ -377,3 +377,24 @@ def test_collapse_categories_keeps_every_box(scene_set) -> None:
     assert json.dumps(result.coco) == before  # the input is not modified
     with pytest.raises(ValueError, match="COCO"):
         collapse_categories({"images": []})
+
+
+def test_main_categories_label_the_marked_object_main_and_the_rest_other() -> None:
+    from visearch.models.detector import MAIN_LABEL
+    from visearch.scenes.compose import OTHER_LABEL, main_categories
+
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+            "categories": [{"id": 1, "name": "bag"}, {"id": 2, "name": "cap"}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 2, "bbox": [0, 0, 4, 4], "main": True},
+                {"id": 2, "image_id": 1, "category_id": 1, "bbox": [4, 4, 2, 2],
+                 "main": False}]}
+    out = main_categories(coco)
+    assert [c["name"] for c in out["categories"]] == [MAIN_LABEL, OTHER_LABEL]
+    assert [a["category_id"] for a in out["annotations"]] == [1, 2]
+    assert [a["bbox"] for a in out["annotations"]] == [[0, 0, 4, 4], [4, 4, 2, 2]]
+    assert coco["annotations"][0]["category_id"] == 2  # the input is not modified
+    for a in coco["annotations"]:
+        del a["main"]
+    with pytest.raises(ValueError, match="marks its main object"):
+        main_categories(coco)

@@ -199,6 +199,11 @@ class MainObject:
     fallback: bool = False
 
 
+#: The class of a detector that labels the photographed product itself (its other boxes
+#: are "other"): see ``select_main_object``.
+MAIN_LABEL = "main"
+
+
 def select_main_object(
     dets: Detections,
     image_shape: Sequence[int],
@@ -215,6 +220,10 @@ def select_main_object(
     object (IoU >= 0.5) in 0.31 of 400 synthetic user photos where this rule finds 0.815,
     and in 0.26 vs 0.81 of the demo's 300 (``benchmarks.bench_detector`` prints both).
 
+    A detector with a ``MAIN_LABEL`` class (trained on scenes that mark the photographed
+    product, ``visearch.scenes.main_categories``) has learnt which object that is: its
+    boxes of that label are ranked first, the others only when none passes.
+
     Args:
         dets: detections of one image.
         image_shape: ``(H, W)`` or ``(H, W, C)`` of the original image.
@@ -229,6 +238,10 @@ def select_main_object(
     h, w = int(image_shape[0]), int(image_shape[1])
     scores = np.asarray(dets.scores, dtype=np.float32)
     passing = np.flatnonzero(scores >= score_thresh)
+    if MAIN_LABEL in dets.categories:
+        # A detector trained to tell the photographed product from the others names it.
+        main = passing[np.asarray(dets.labels)[passing] == dets.categories.index(MAIN_LABEL)]
+        passing = main if main.size else passing
     if passing.size:
         boxes = np.asarray(dets.boxes, dtype=np.float64)[passing]
         area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(

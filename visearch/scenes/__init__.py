@@ -8,6 +8,7 @@ from visearch.scenes.compose import (
     background_from_photo,
     collapse_categories,
     compose_scene,
+    main_categories,
     procedural_background,
     synthesize_scenes,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "cut_out",
     "cut_out_file",
     "load_rgba",
+    "main_categories",
     "procedural_background",
     "synthesize_scenes",
 ]

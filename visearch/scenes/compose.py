@@ -1209,3 +1209,32 @@ def collapse_categories(coco: dict, name: str = "product") -> dict:
     for ann in out["annotations"]:
         ann["category_id"] = 1
     return out
+
+
+#: The category of every object but the photographed one in :func:`main_categories`.
+OTHER_LABEL = "other"
+
+
+def main_categories(coco: dict) -> dict:
+    """A copy of ``coco`` with two categories: ``MAIN_LABEL`` (id 1; the detector's
+    ``select_main_object`` ranks boxes of that label first) for annotations marked
+    ``"main": true`` and ``OTHER_LABEL`` (id 2) for the rest, so that a detector learns
+    which object the photo is of (its size, place and visibility among the others) instead
+    of a hand-set rule. Boxes and all other fields are kept.
+
+    Raises:
+        ValueError: ``coco`` is not a detection dict, or no annotation carries a ``main``
+            field (annotations made by :func:`synthesize_scenes` do).
+    """
+    # imported here: the scene workers never load torch
+    from visearch.models.detector import MAIN_LABEL
+
+    out = collapse_categories(coco, OTHER_LABEL)
+    if out["annotations"] and not any("main" in a for a in out["annotations"]):
+        raise ValueError("no annotation marks its main object ('main' field); scenes made "
+                         "by synthesize_scenes do, given COCO files usually do not")
+    out["categories"] = [{"id": 1, "name": MAIN_LABEL, "supercategory": "product"},
+                         {"id": 2, "name": OTHER_LABEL, "supercategory": "product"}]
+    for ann in out["annotations"]:
+        ann["category_id"] = 1 if ann.get("main") else 2
+    return out
