@@ -239,7 +239,8 @@ class Pipeline:
               # the main-object floor is used after training (crop), not by it
               "config": {k: v for k, v in d.__dict__.items() if k != "score_thresh"},
               "epochs": epochs, "seed": self.cfg.seed}
-        det = self._training_stage("detector", fp, argv, ["detector.pt", "history.json"],
+        det = self._training_stage("detector", fp, argv,
+                                   ["detector.pt", "history.json", "rounds.json"],
                                    gather=gather)
         return det.out_dir / "detector.pt", labels
 

@@ -159,3 +159,36 @@ def test_rebuild_without_detection_annotations_trains_a_detector_on_catalog_scen
     assert index_main([*argv, "--detector-source", "coco"]) == 1
     assert "no detection annotations" in capsys.readouterr().err
     assert IndexRoot(root).versions() == [version.version]
+
+
+def test_rebuild_adds_pseudo_label_rounds_on_unlabelled_photos(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from visearch.synth import generate_world
+
+    world = tmp_path / "world"
+    generate_world(world, skus=12, seed=6, image_size=64, scenes=0)
+    shutil.rmtree(world / "detection")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**TINY, "clean": {"enabled": False},
+                                  "merge": {"enabled": False},
+                                  "scenes": {"image_size": 64, "scenes_per_object": 0.25,
+                                             "query_domain": False}}))
+    root, work = tmp_path / "indexes", tmp_path / "work"
+    assert index_main(["rebuild", "--catalog", str(world / "catalog.jsonl"), "--root",
+                       str(root), "--work", str(work), "--config", str(config),
+                       "--unlabelled-photos", str(world / "photos")]) == 0
+    assert f"pseudo-labels on {world / 'photos'}" in capsys.readouterr().out
+    # round 0 trained on the scenes alone, round 1 on them plus the photos' pseudo-labels
+    rounds = json.loads((work / "detector" / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["train_images"] >= rounds[0]["train_images"]
+    version = IndexRoot(root).open()
+    assert version.detector_path is not None and version.detector_path.is_file()
+    assert "pseudo-labels" in version.manifest["config"]["detector_source"]
+    version.close()
+    # no query-domain crops: the embedder trained on the shop images alone
+    train = (work / "catalogs" / "train.jsonl").read_text()
+    assert "crops/" not in train
