@@ -3,7 +3,13 @@
     .venv/bin/python -m benchmarks.bench_cleaning                      # 200 SKUs, a few minutes
     .venv/bin/python -m benchmarks.bench_cleaning --world DIR --embedder runs/embedder.pt
     .venv/bin/python -m benchmarks.bench_cleaning --skus 1000 --hashes 1000000 --out out/clean
+    # a clean look-alike world: no duplicates, mislabels or splits; colourway families
+    .venv/bin/python -m benchmarks.bench_cleaning --skus 300 --image-size 128 \
+        --dup-rate 0 --mislabel-rate 0 --split-rate 0 --colourway-rate 0.5
 
+0. Rules today and now, side by side: dedup (grey dHash over the whole catalog vs within a
+   SKU with the colour check; cross-SKU deletions, i.e. removals whose kept image is of
+   another SKU), merging (confusion schedule vs calibrated at several false-merge rates).
 1. Dedup: precision of the removals and recall per injected transform (rotation is expected
    to be missed: dHash is not rotation invariant), over a radius sweep for 64- and 256-bit
    dHash; hashing images/s per core (and with the pool), JPEG draft decode vs a full decode.
@@ -42,10 +48,13 @@ import torch
 from PIL import Image
 
 from visearch.catalog import CatalogRow, read_manifest
-from visearch.cleaning import dbscan_baseline, denoise_skus, merge_skus
+from visearch.cleaning import calibrated_merge, dbscan_baseline, denoise_skus, merge_skus
 from visearch.cleaning.denoise import EPS, RETURN_THRESH
 from visearch.cleaning.merge import THRESHOLDS
 from visearch.dedup import (
+    COLOR_TOL,
+    DHASH_RADIUS,
+    RADIUS,
     DedupResult,
     build_binary_index,
     find_duplicates,
@@ -110,6 +119,44 @@ def dedup_scores(result: DedupResult, rows: Sequence[CatalogRow], truth: dict) -
     }
 
 
+def dedup_rules(rows: Sequence[CatalogRow], truth: dict) -> dict[str, Any]:
+    """The earlier rule (grey dHash, any two images) beside the SKU- and colour-aware ones."""
+    paths = [r.path for r in rows]
+    dh = hash_images(paths, kind="dhash", workers=1)
+    ph = hash_images(paths, kind="phash", workers=1)
+    names = [r.image for r in rows]
+    skus = [r.sku for r in rows]
+    sku = dict(zip(names, skus, strict=True))
+    rules = {
+        f"dHash r{DHASH_RADIUS}, any SKUs (before)": find_duplicates(
+            dh, names, radius=DHASH_RADIUS, color_tol=None),
+        f"dHash r{DHASH_RADIUS} within a SKU": find_duplicates(
+            dh, names, skus=skus, radius=DHASH_RADIUS, color_tol=None),
+        f"dHash r{DHASH_RADIUS} + colour {COLOR_TOL}, within a SKU": find_duplicates(
+            dh, names, skus=skus, radius=DHASH_RADIUS),
+        f"pHash r{RADIUS} + colour {COLOR_TOL}, within a SKU (now)": find_duplicates(
+            ph, names, skus=skus, radius=RADIUS),
+    }
+    for radius in (14, 16, 20, 22):
+        rules[f"pHash r{radius} + colour {COLOR_TOL}, within a SKU"] = find_duplicates(
+            ph, names, skus=skus, radius=radius)
+    out = {}
+    for name, res in rules.items():
+        sc = dedup_scores(res, rows, truth) if truth["near_duplicates"] else {
+            "removed": len(res.removed)}
+        per = sc.get("recall_per_transform", {})
+        npairs = sc.get("truth_pairs_per_transform", {})
+        easy = [t for t in per if t not in ("rotate", "crop")]
+        if easy:
+            hit = sum(per[t] * npairs[t] for t in easy)
+            sc["recall_without_rotate_crop"] = round(hit / sum(npairs[t] for t in easy), 4)
+        sc["cross_sku_deletions"] = sum(sku[r.image] != sku[r.duplicate_of] for r in res.removed)
+        sc["cross_sku_pairs_reported"] = len(res.cross_sku)
+        sc["rejected_by_color"] = res.rejected_by_color
+        out[name] = sc
+    return out
+
+
 def _big_jpegs(rows: Sequence[CatalogRow], n: int, side: int) -> list[Path]:
     """``n`` catalog images upsized to ``side`` px JPEGs (to time draft decoding)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_clean_"))
@@ -128,14 +175,14 @@ def bench_dedup(rows: Sequence[CatalogRow], truth: dict, args: argparse.Namespac
     sweeps = {8: (2, 3, 4, 6, 8), 16: (8, 12, 16, 20, 24)}
     for hash_size, radii in sweeps.items():
         t0 = time.perf_counter()
-        hashes = hash_images(paths, hash_size=hash_size, workers=1)
+        hashes = hash_images(paths, hash_size=hash_size, kind="dhash", workers=1)
         secs = time.perf_counter() - t0
         key = f"dhash{hash_size * hash_size}"
         out[key] = {"hash_images_per_s_one_core": round(len(rows) / secs, 1), "radius": {}}
         for radius in radii:
-            res = find_duplicates(hashes, names, radius=radius)
+            res = find_duplicates(hashes, names, radius=radius, color_tol=None)
             out[key]["radius"][radius] = dedup_scores(res, rows, truth)
-    exact = find_duplicates(hashes, names, radius=-1)
+    exact = find_duplicates(hashes, names, radius=-1, color_tol=None)
     out["md5_only"] = dedup_scores(exact, rows, truth)
     workers = os.cpu_count() or 1
     t0 = time.perf_counter()
@@ -335,15 +382,32 @@ def bench_merge(emb: np.ndarray, rows: Sequence[CatalogRow], truth: dict) -> dic
         "soft, (0.3, 0.25, 0.2)": {"soft": True, "thresholds": (0.3, 0.25, 0.2)},
         f"hard counts, default {THRESHOLDS}": {"soft": False, "thresholds": THRESHOLDS},
     }
-    for name, kw in configs.items():
+    colourway = set()
+    for g in truth.get("colourway_families", []):
+        colourway |= {tuple(sorted(p)) for p in itertools.combinations(g["skus"], 2)}
+    runs = [(name, lambda kw=kw: merge_skus(emb, skus, categories=cats, **kw))
+            for name, kw in configs.items()]
+    colors = hash_images([r.path for r in rows]).color
+    for rate in (0.001, 0.003, 0.01, 0.03):
+        for name, col in (("", None), (" + colour", colors)):
+            runs.append((f"calibrated{name}, false-merge rate {rate}",
+                         lambda rate=rate, col=col: calibrated_merge(
+                             emb, skus, categories=cats, false_merge_rate=rate,
+                             review_rate=max(rate, 0.1), colors=col)))
+    for name, run in runs:
         t0 = time.perf_counter()
-        res = merge_skus(emb, skus, categories=cats, **kw)
+        res = run()
         pairs = res.merged_pairs()
         out[name] = {
             "seconds": round(time.perf_counter() - t0, 1),
             "merged_pairs": len(pairs),
+            "merge_groups": len(res.groups),
             **prf(len(pairs & split), len(pairs), len(split)),
             "lookalike_pairs_wrongly_merged": len(pairs & lookalike),
+            "colourway_pairs_wrongly_merged": len(pairs & colourway),
+            "review_pairs": res.summary()["review_pairs"],
+            "split_pairs_in_review": sum(c.decision == "review" and c.key in split
+                                         for c in res.candidates),
             "rounds": [(r.threshold, r.merged_pairs) for r in res.rounds],
         }
     return out
@@ -366,6 +430,8 @@ def render(report: dict) -> str:
         f"{m['faiss']}, sklearn {m['sklearn']}, numpy {m['numpy']}, cuda {m['cuda']}",
         f"world: {report['world']} ({report['rows']} catalog rows)",
     ]
+    if "dedup_rules" in report:
+        parts += _render_dedup_rules(report["dedup_rules"])
     if "dedup" in report:
         parts += _render_dedup(report["dedup"])
     if "hamming" in report:
@@ -375,6 +441,18 @@ def render(report: dict) -> str:
     if "merge" in report:
         parts += _render_merge(report["merge"])
     return "\n".join(parts) + "\n"
+
+
+def _render_dedup_rules(d: dict) -> list[str]:
+    rows = [[name, s["removed"], s.get("precision", "-"), s.get("recall", "-"),
+             s.get("recall_without_rotate_crop", "-"), s["cross_sku_deletions"],
+             s["cross_sku_pairs_reported"], s["rejected_by_color"],
+             " ".join(f"{t} {v}" for t, v in s.get("recall_per_transform", {}).items())]
+            for name, s in d.items()]
+    return ["\n## Dedup rules, before and now",
+            _table(["rule", "removed", "P", "R", "R w/o rotate+crop", "cross-SKU deletions",
+                    "cross-SKU pairs reported", "rejected by colour", "recall per transform"],
+                   rows)]
 
 
 def _render_dedup(d: dict) -> list[str]:
@@ -476,16 +554,22 @@ def _render_merge(mg: dict) -> list[str]:
     mrows = [
         [
             k,
+            v["merge_groups"],
             v["merged_pairs"],
             v["precision"],
             v["recall"],
             v["lookalike_pairs_wrongly_merged"],
+            v["colourway_pairs_wrongly_merged"],
+            v["review_pairs"],
+            v["split_pairs_in_review"],
             v["seconds"],
         ]
         for k, v in mg.items()
         if isinstance(v, dict)
     ]
-    parts.append(_table(["config", "merged pairs", "P", "R", "look-alikes merged", "s"], mrows))
+    parts.append(_table(["config", "groups", "merged pairs", "P", "R", "look-alikes merged",
+                         "colourways merged", "review pairs", "split pairs in review", "s"],
+                        mrows))
     return parts
 
 
@@ -495,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skus", type=int, default=200)
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dup-rate", type=float, default=0.1, help="generated world's rates")
+    ap.add_argument("--mislabel-rate", type=float, default=0.03)
+    ap.add_argument("--split-rate", type=float, default=0.03)
+    ap.add_argument("--colourway-rate", type=float, default=0.0)
     ap.add_argument("--hashes", type=int, default=1_000_000, help="random codes to search")
     ap.add_argument("--hash-queries", type=int, default=1000)
     ap.add_argument("--bf-queries", type=int, default=20, help="NumPy brute-force queries")
@@ -521,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size,
             photos_per_sku=0,
             scenes=10,
+            dup_rate=args.dup_rate,
+            mislabel_rate=args.mislabel_rate,
+            split_rate=args.split_rate,
+            colourway_rate=args.colourway_rate,
         )
     rows = read_manifest(world / "catalog.jsonl").rows
     truth = json.loads((world / "truth.json").read_text())
@@ -531,7 +623,10 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) for k, v in vars(args).items()},
     }
 
-    if "dedup" not in skip:
+    if "rules" not in skip:
+        print("dedup rules ...", flush=True)
+        report["dedup_rules"] = dedup_rules(rows, truth)
+    if "dedup" not in skip and truth["near_duplicates"]:
         print("dedup ...", flush=True)
         report["dedup"] = bench_dedup(rows, truth, args)
     if "hamming" not in skip:

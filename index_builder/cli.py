@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "index_builder.cmd_detector",
     "index_builder.cmd_scenes",
     "index_builder.cmd_clean",
+    "index_builder.cmd_review",
     "index_builder.cmd_rebuild",
 )
 

@@ -4,11 +4,18 @@ Each is a resumable stage (``index_builder.stage.run_stage``) under ``--out``: i
 when its inputs (checksums) and parameters are unchanged. None rewrites the catalog; each
 writes what to drop or rename, which ``visearch.cleaning.apply_cleaning`` applies:
 
-- ``<out>/dedup/removed.json``: JSON list of catalog ``image`` fields (duplicates to drop);
-  ``report.json`` has the groups, each removal's representative and distance.
-- ``<out>/clean/removed.jsonl``: one ``{"image", "sku", "reason", "distance"}`` per line.
+- ``<out>/dedup/removed.json``: JSON list of catalog ``image`` fields (duplicates to drop,
+  within a SKU only); ``report.json`` has the groups, each removal's representative and
+  distance, and the cross-SKU duplicate pairs (reported for review, never removed).
+- ``<out>/clean/removed.jsonl``: one ``{"image", "sku", "reason", "distance"}`` per line;
+  ``report.json`` has them per SKU too.
 - ``<out>/merge/sku_map.json``: ``{old_sku: style_id}`` for every SKU; ``report.json`` has
-  the merge groups with their scores and the rounds.
+  the merge groups, and (calibrated rule) every examined pair with its evidence and
+  decision, the pairs for review among them.
+
+``--decisions`` (a review decisions JSONL, see ``visearch-index review``) is applied by each
+stage: accepted cross-SKU duplicates are dropped, rejected denoise removals kept, accepted
+merges merged and rejected ones never.
 """
 
 from __future__ import annotations
@@ -26,10 +33,20 @@ import numpy as np
 
 from index_builder.stage import StageResult, file_checksum, run_stage
 from visearch.catalog import CatalogRow, read_manifest
-from visearch.cleaning import apply_cleaning, denoise_skus, merge_skus
+from visearch.cleaning import apply_cleaning, calibrated_merge, denoise_skus, merge_skus
+from visearch.cleaning.calibrated import FALSE_MERGE_RATE, MIN_CONFUSION, REVIEW_RATE
 from visearch.cleaning.denoise import EPS, MIN_SIZE, RETURN_THRESH
 from visearch.cleaning.merge import FOLDS, THRESHOLDS
-from visearch.dedup import HASH_SIZE, RADIUS, dedup_images
+from visearch.cleaning.review import Decision, read_decisions, reviewed_pairs
+from visearch.dedup import (
+    COLOR_TOL,
+    HASH_KIND,
+    HASH_KINDS,
+    HASH_SIZE,
+    RADIUS,
+    dedup_images,
+    hash_images,
+)
 from visearch.errors import ManifestError
 
 EMBED_STAGE = "clean-embed"
@@ -39,14 +56,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``dedup``, ``clean`` and ``merge``."""
     p = sub.add_parser(
         "dedup",
-        help="find exact (MD5) and near (dHash) duplicate catalog images",
-        description="Hash every catalog image (MD5 of the bytes, dHash of a small decode), "
-        "group duplicates within a Hamming radius, keep the largest (then earliest) image of "
-        "each group. Writes <out>/dedup/removed.json and report.json; deletes nothing.",
+        help="find exact (MD5) and near (pHash + colour) duplicates within each SKU",
+        description="Hash every catalog image (MD5 of the bytes, pHash and a colour signature "
+        "of a small decode), group duplicates within a Hamming radius and a colour tolerance "
+        "within each SKU, keep the largest (then earliest) image of each group. Duplicates "
+        "across SKUs are reported for review, never removed. Writes <out>/dedup/removed.json "
+        "and report.json; deletes nothing.",
     )
     _common(p)
     p.add_argument("--radius", type=int, default=RADIUS, help="inclusive Hamming radius")
-    p.add_argument("--hash-size", type=int, default=HASH_SIZE, help="dHash grid side")
+    p.add_argument(
+        "--color-tol",
+        type=float,
+        default=COLOR_TOL,
+        help="largest relative chroma difference of two near-duplicates; <0 turns the "
+        "colour check off (grey-scale dHash only)",
+    )
+    p.add_argument("--hash-size", type=int, default=HASH_SIZE, help="hash grid side")
+    p.add_argument("--hash", choices=sorted(HASH_KINDS), default=HASH_KIND,
+                   help="perceptual hash (default %(default)s; dhash was the earlier choice)")
     p.add_argument(
         "--method",
         choices=("auto", "flat", "multihash"),
@@ -77,13 +105,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "merge",
-        help="SKU merging: merge SKUs a classifier confuses both ways (one product, two ids)",
-        description="Cross-validated linear classifier over SKUs; SKU pairs whose symmetrised "
-        "confusion exceeds the threshold merge; retrain and repeat down the threshold "
-        "schedule. Writes <out>/merge/sku_map.json and report.json.",
+        help="SKU merging: merge SKUs that are one product under two ids",
+        description="Rule 'calibrated' (default): a pair merges when a cross-validated "
+        "classifier confuses it both ways (--min-confusion) and its images are as alike as "
+        "one SKU's images, improbably so for distinct SKUs (--false-merge-rate, against the "
+        "catalog's nearest-other-SKU pairs); weaker pairs go to review. Rule 'confusion': "
+        "the symmetrised confusion schedule (--thresholds), retrained each round. Writes "
+        "<out>/merge/sku_map.json and report.json.",
     )
     _common(p)
     _embedding_args(p)
+    p.add_argument("--rule", choices=("calibrated", "confusion"), default="calibrated")
+    p.add_argument("--false-merge-rate", type=float, default=FALSE_MERGE_RATE,
+                   help="calibrated: modelled share of distinct nearest SKU pairs that merge")
+    p.add_argument("--review-rate", type=float, default=REVIEW_RATE,
+                   help="calibrated: pairs up to this false-merge probability go to review")
+    p.add_argument("--min-confusion", type=float, default=MIN_CONFUSION,
+                   help="calibrated: held-out confusion needed in each direction")
+    p.add_argument("--color-tol", type=float, default=-1.0,
+                   help="calibrated: largest colour distance of two SKUs' mean hue "
+                   f"directions for a merge, e.g. {COLOR_TOL}; <0 (the default) turns the "
+                   "check off: on the synthetic world it blocked true splits (close-ups, "
+                   "greyish products) and no colourway needed it")
+    p.add_argument("--workers", type=int, default=1, help="processes for colour signatures")
     p.add_argument(
         "--thresholds",
         type=_floats,
@@ -107,6 +151,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="work directory of the stages")
     p.add_argument("--force", action="store_true", help="run even when up to date")
     p.add_argument("--lenient", action="store_true", help="skip bad catalog rows")
+    p.add_argument(
+        "--decisions",
+        type=Path,
+        default=None,
+        help="review decisions JSONL (visearch-index review) to apply",
+    )
 
 
 def _embedding_args(p: argparse.ArgumentParser) -> None:
@@ -192,6 +242,13 @@ def _read_catalog(args: argparse.Namespace) -> list[CatalogRow] | None:
         return None
 
 
+def _decisions(path: Path | None) -> tuple[dict[str, Decision], str | None]:
+    """The decisions at ``path`` and a checksum for the fingerprint (None when absent)."""
+    if path is None or not Path(path).is_file():
+        return {}, None
+    return read_decisions(path), file_checksum(path)
+
+
 def _report(result: StageResult, what: str) -> None:
     state = "up to date, skipped" if result.skipped else f"done in {result.seconds:.1f} s"
     summary = ", ".join(f"{k} {v}" for k, v in result.summary.items())
@@ -208,14 +265,22 @@ def dedup_stage(
     inputs: dict[str, Any],
     radius: int = RADIUS,
     hash_size: int = HASH_SIZE,
+    hash_kind: str = HASH_KIND,
+    color_tol: float | None = COLOR_TOL,
     method: str = "auto",
     workers: int = 1,
+    decisions: Path | None = None,
     force: bool = False,
 ) -> StageResult:
     """The ``dedup`` stage over catalog ``rows``: ``<work_dir>/dedup/removed.json`` and
     ``report.json``. ``inputs`` identifies the catalog (e.g. ``{"catalog": checksum}``); the
-    images' names, sizes and mtimes are added to the fingerprint here."""
-    fingerprint = {**inputs, "images": rows_digest(rows), "radius": radius, "hash_size": hash_size}
+    images' names, sizes and mtimes are added to the fingerprint here. Removals stay within
+    a SKU; an accepted cross-SKU duplicate in ``decisions`` drops its ``image b``."""
+    reviewed, reviewed_sum = _decisions(decisions)
+    fingerprint = {**inputs, "images": rows_digest(rows), "radius": radius,
+                   "hash_size": hash_size, "hash_kind": hash_kind, "color_tol": color_tol,
+                   "decisions": reviewed_sum,
+                   "skus": _labels_digest(rows)}
 
     # A catalog may list one image file on several rows: it is hashed (and kept) once.
     unique = list({r.image: r for r in rows}.values())
@@ -224,15 +289,22 @@ def dedup_stage(
         result = dedup_images(
             [r.path for r in unique],
             [r.image for r in unique],
+            skus=[r.sku for r in unique],
             radius=radius,
             hash_size=hash_size,
+            kind=hash_kind,
+            color_tol=color_tol,
             method=method,
             workers=workers,
             progress=True,
         )
-        _write_json(out / "removed.json", sorted(result.removed_images))
-        _write_json(out / "report.json", result.to_dict())
-        return result.summary()
+        accepted = {b for _, b in reviewed_pairs(reviewed, "duplicate", "accept")}
+        dropped = {p.image_b for p in result.cross_sku if p.image_b in accepted}
+        _write_json(out / "removed.json", sorted(result.removed_images | dropped))
+        report = result.to_dict()
+        report["removed_by_review"] = sorted(dropped)
+        _write_json(out / "report.json", report)
+        return {**result.summary(), "removed_by_review": len(dropped)}
 
     return run_stage("dedup", work_dir, fingerprint, work, force=force)
 
@@ -247,8 +319,11 @@ def run_dedup(args: argparse.Namespace) -> int:
         inputs={"catalog": file_checksum(args.catalog)},
         radius=args.radius,
         hash_size=args.hash_size,
+        hash_kind=args.hash,
+        color_tol=args.color_tol if args.color_tol >= 0 else None,
         method=args.method,
         workers=args.workers,
+        decisions=args.decisions,
         force=args.force,
     )
     _report(result, "dedup")
@@ -354,12 +429,17 @@ def clean_stage(
     return_thresh: float | None = RETURN_THRESH,
     return_rule: str = "centroid",
     min_size: int = MIN_SIZE,
+    decisions: Path | None = None,
     force: bool = False,
 ) -> StageResult:
     """The ``clean`` stage (SKU denoising) over ``rows`` and their ``embeddings``
-    (``float32 [len(rows), D]``): ``<work_dir>/clean/removed.jsonl`` and ``report.json``.
-    ``inputs`` identifies rows and embeddings (checksums) for the fingerprint."""
+    (``float32 [len(rows), D]``): ``<work_dir>/clean/removed.jsonl`` and ``report.json``
+    (with the removals per SKU). ``inputs`` identifies rows and embeddings (checksums) for
+    the fingerprint. A removal rejected in ``decisions`` is kept (listed as such)."""
+    reviewed, reviewed_sum = _decisions(decisions)
+    kept_by_review = {s[0] for s in reviewed_pairs(reviewed, "denoise", "reject")}
     fingerprint = {
+        "decisions": reviewed_sum,
         **inputs,
         "rows": _labels_digest(rows),
         "eps": eps,
@@ -378,6 +458,8 @@ def clean_stage(
             min_size=min_size,
             progress=True,
         )
+        per_sku: dict[str, list[dict[str, Any]]] = {}
+        kept: list[str] = []
         with open(out / "removed.jsonl", "w", encoding="utf-8") as f:
             for rem in result.removed:
                 rec = {
@@ -386,12 +468,21 @@ def clean_stage(
                     "reason": rem.reason,
                     "distance": rem.distance,
                 }
+                if rec["image"] in kept_by_review:
+                    kept.append(rec["image"])
+                    continue
                 f.write(json.dumps(rec) + "\n")
+                per_sku.setdefault(rem.sku, []).append(
+                    {k: rec[k] for k in ("image", "reason", "distance")}
+                )
         report = result.to_dict()
         for rec in report["removed_detail"]:
             rec["image"] = rows[rec.pop("index")].image
+        report["per_sku"] = dict(sorted(per_sku.items()))
+        report["kept_by_review"] = kept
         _write_json(out / "report.json", report)
-        return result.summary()
+        return {**result.summary(), "removed": len(result.removed) - len(kept),
+                "kept_by_review": len(kept)}
 
     return run_stage("clean", work_dir, fingerprint, work, force=force)
 
@@ -410,6 +501,7 @@ def run_clean(args: argparse.Namespace) -> int:
         return_thresh=args.return_thresh if args.return_thresh >= 0 else None,
         return_rule=args.return_rule,
         min_size=args.min_size,
+        decisions=args.decisions,
         force=args.force,
     )
     _report(result, "clean")
@@ -429,29 +521,57 @@ def merge_stage(
     folds: int = FOLDS,
     soft: bool = True,
     by_category: bool = True,
+    rule: str = "calibrated",
+    false_merge_rate: float = FALSE_MERGE_RATE,
+    review_rate: float = REVIEW_RATE,
+    min_confusion: float = MIN_CONFUSION,
+    color_tol: float | None = None,
+    workers: int = 1,
+    decisions: Path | None = None,
     force: bool = False,
 ) -> StageResult:
     """The ``merge`` stage over ``rows`` and their ``embeddings``: ``<work_dir>/merge/
-    sku_map.json`` (every SKU -> style id) and ``report.json``."""
+    sku_map.json`` (every SKU -> style id) and ``report.json``.
+
+    ``rule``: "calibrated" (``calibrated_merge``: ``false_merge_rate``, ``review_rate``,
+    ``min_confusion``; ``color_tol``: the colour check on the images' colour signatures,
+    computed here with ``workers`` processes, None for none; ``decisions`` applied) or
+    "confusion" (``merge_skus``: ``thresholds``,
+    ``soft``; reviewed decisions do not apply to it)."""
+    if rule not in ("calibrated", "confusion"):
+        raise ValueError(f"merge rule must be 'calibrated' or 'confusion', got {rule!r}")
+    reviewed, reviewed_sum = _decisions(decisions)
     fingerprint = {
         **inputs,
         "rows": _labels_digest(rows),
-        "thresholds": list(thresholds),
+        "rule": rule,
         "folds": folds,
-        "soft": soft,
         "by_category": by_category,
+        **({"thresholds": list(thresholds), "soft": soft} if rule == "confusion" else
+           {"false_merge_rate": false_merge_rate, "review_rate": review_rate,
+            "min_confusion": min_confusion, "decisions": reviewed_sum,
+            "color_tol": color_tol, "images": rows_digest(rows) if color_tol else None}),
     }
 
     def work(out: Path) -> dict[str, Any]:
-        result = merge_skus(
-            embeddings,
-            [r.sku for r in rows],
-            categories=[r.category for r in rows] if by_category else None,
-            thresholds=thresholds,
-            folds=folds,
-            soft=soft,
-            progress=True,
-        )
+        skus = [r.sku for r in rows]
+        cats = [r.category for r in rows] if by_category else None
+        if rule == "confusion":
+            result = merge_skus(embeddings, skus, categories=cats, thresholds=thresholds,
+                                folds=folds, soft=soft, progress=True)
+        else:
+            colors = None
+            if color_tol is not None:
+                colors = hash_images([r.path for r in rows], workers=workers,
+                                     progress=True).color
+            result = calibrated_merge(
+                embeddings, skus, categories=cats, false_merge_rate=false_merge_rate,
+                review_rate=review_rate, min_confusion=min_confusion, folds=folds,
+                accepted=reviewed_pairs(reviewed, "merge", "accept"),
+                rejected=reviewed_pairs(reviewed, "merge", "reject"),
+                colors=colors,
+                color_tol=color_tol if color_tol is not None else COLOR_TOL,
+            )
         _write_json(out / "sku_map.json", result.sku_map)
         _write_json(out / "report.json", result.to_dict())
         return result.summary()
@@ -473,6 +593,13 @@ def run_merge(args: argparse.Namespace) -> int:
         folds=args.folds,
         soft=not args.hard,
         by_category=not args.across_categories,
+        rule=args.rule,
+        false_merge_rate=args.false_merge_rate,
+        review_rate=args.review_rate,
+        min_confusion=args.min_confusion,
+        color_tol=args.color_tol if args.color_tol >= 0 else None,
+        workers=args.workers,
+        decisions=args.decisions,
         force=args.force,
     )
     _report(result, "merge")

@@ -314,10 +314,18 @@ class Pipeline:
         removed: set[str] = set()
         upstream = {**base, "ingest": _digest(ingest.out_dir)}
 
+        # Review decisions (visearch-index review) are applied by every cleaning stage.
+        from index_builder.cmd_review import decisions_path
+
+        reviewed = (["--decisions", decisions_path(self.work)]
+                    if decisions_path(self.work).is_file() else [])
         if cfg.dedup.enabled:
             radius = ["--radius", cfg.dedup.radius] if cfg.dedup.radius is not None else []
+            if cfg.dedup.color_tol is not None:
+                radius += ["--color-tol", cfg.dedup.color_tol]
             self._timed("dedup", ["dedup", "--catalog", self.catalog, "--out", self.work,
-                                  "--workers", cfg.dedup.workers, *radius, *lenient])
+                                  "--workers", cfg.dedup.workers, *radius, *reviewed,
+                                  *lenient])
             removed |= read_removed(self.work / "dedup" / "removed.json")
             upstream["dedup"] = _digest(self.work / "dedup")
 
@@ -392,20 +400,28 @@ class Pipeline:
                 self._timed("clean", [
                     "clean", "--catalog", catalog, "--model", model, "--out", self.work,
                     "--eps", cfg.clean.eps, "--return-thresh", cfg.clean.return_thresh,
-                    *excludes, *lenient,
+                    *excludes, *reviewed, *lenient,
                 ])
                 removed |= read_removed(self.work / "clean" / "removed.jsonl")
                 excludes += ["--exclude", self.work / "clean" / "removed.jsonl"]
             if cfg.merge.enabled:
-                thresholds = ",".join(str(t) for t in cfg.merge.thresholds)
+                m = cfg.merge
+                thresholds = ",".join(str(t) for t in m.thresholds)
                 self._timed("merge", [
                     "merge", "--catalog", catalog, "--model", model, "--out", self.work,
-                    "--thresholds", thresholds, *excludes, *lenient,
+                    "--rule", m.rule, "--thresholds", thresholds,
+                    "--false-merge-rate", m.false_merge_rate, "--review-rate", m.review_rate,
+                    "--min-confusion", m.min_confusion, *excludes, *reviewed, *lenient,
                 ])
                 sku_map = read_sku_map(self.work / "merge" / "sku_map.json")
             for stage in ("clean", "merge"):
                 if getattr(cfg, stage).enabled:
                     upstream[stage] = _digest(self.work / stage)
+        self.review_summary: dict[str, Any] = {}
+        if cfg.dedup.enabled or cfg.clean.enabled or cfg.merge.enabled:
+            from index_builder.cmd_review import write_review
+
+            self.review_summary = write_review(list(rows), self.catalog, self.work)
 
         # Training labels are the merged style ids; the gallery keeps the catalog's SKUs.
         train_catalog = catalogs / "train.jsonl"
@@ -419,6 +435,11 @@ class Pipeline:
         styles = f", {len(set(sku_map.values()))} style ids from {len(sku_map)} SKUs"
         print(f"\ncleaning: {len(rows)} catalog rows -> {len(rows) - len(removed)} kept "
               f"({len(removed)} removed){styles if sku_map else ''}")
+        if self.review_summary:
+            rs = self.review_summary
+            print(f"review: {rs['merge']} merges, {rs['duplicate']} cross-SKU duplicates, "
+                  f"{rs['denoise']} denoise removals ({rs['pending']} pending, "
+                  f"{rs['decided']} decided) -> {rs['page']}", flush=True)
         if extra:
             print(f"query-domain training: {len(extra)} user-photo-like crops from the "
                   f"scenes beside {len(train_rows)} shop images", flush=True)

@@ -22,7 +22,10 @@ from typing import Any
 @dataclass
 class DedupConfig:
     enabled: bool = True
-    radius: int | None = None  # dHash Hamming radius; None: the dedup stage's default
+    radius: int | None = None  # pHash Hamming radius; None: the dedup stage's default
+    #: colour check of near-duplicates (relative chroma difference); None: the stage's
+    #: default (visearch.dedup.COLOR_TOL), a negative value turns it off
+    color_tol: float | None = None
     workers: int = 2
 
 
@@ -81,6 +84,12 @@ class CleanConfig:
 @dataclass
 class MergeConfig:
     enabled: bool = True
+    #: "calibrated" (mutual confusion + embedding evidence at a false-merge rate; weaker
+    #: pairs go to review) or "confusion" (the symmetrised-confusion schedule below)
+    rule: str = "calibrated"
+    false_merge_rate: float = 0.01
+    review_rate: float = 0.1
+    min_confusion: float = 0.15
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.4, 0.3])
 
 

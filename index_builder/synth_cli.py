@@ -36,6 +36,9 @@ def _generate_parser() -> argparse.ArgumentParser:
                    help="fraction of shop images filed under a wrong SKU")
     p.add_argument("--split-rate", type=float, default=0.03,
                    help="fraction of SKUs whose product is also listed under other ids")
+    p.add_argument("--colourway-rate", type=float, default=0.0,
+                   help="probability that a look-alike family is a colourway family (one "
+                   "product in several body colours); 0 keeps the default world")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="rendering processes")
     p.add_argument("--shop-masks", action="store_true",
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             split_rate=args.split_rate, workers=args.workers, progress=not args.quiet,
             shop_masks=args.shop_masks,
             photo_backgrounds=_photos(args.photo_backgrounds),
+            colourway_rate=args.colourway_rate,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -95,7 +95,8 @@ def test_clean_then_merge_from_precomputed_embeddings(world, tmp_path, capsys):
     assert cmd_clean.read_removed(out / "clean" / "removed.jsonl") == {"img/b3.jpg"}
 
     clean_removed = out / "clean" / "removed.jsonl"
-    merge_args = (*common, "--exclude", clean_removed, "--thresholds", "0.4,0.2", "--folds", 3)
+    merge_args = (*common, "--exclude", clean_removed, "--rule", "confusion",
+                  "--thresholds", "0.4,0.2", "--folds", 3)
     assert _run("merge", *merge_args) == 0
     sku_map = cmd_clean.read_sku_map(out / "merge" / "sku_map.json")
     assert sku_map == {"A": "A", "B": "B", "C": "A"}

@@ -3,6 +3,7 @@ Hamming range search against a NumPy brute force."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,8 +12,11 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
 from visearch.dedup import (
+    COLOR_TOL,
     ImageHashes,
     build_binary_index,
+    color_distance,
+    color_signature,
     dedup_images,
     find_duplicates,
     hamming_distance,
@@ -80,8 +84,8 @@ def test_hashes_are_stable_and_pool_matches_in_process(images):
     one = hash_images(paths, workers=1)
     two = hash_images(paths, workers=2, chunk_size=1)
     assert one.md5 == two.md5
-    np.testing.assert_array_equal(one.dhash, two.dhash)
-    assert one.dhash.shape == (4, 32) and one.dhash.dtype == np.uint8
+    np.testing.assert_array_equal(one.codes, two.codes)
+    assert one.codes.shape == (4, 32) and one.codes.dtype == np.uint8
     assert one.md5[0] == one.md5[1] != one.md5[2]
     np.testing.assert_array_equal(one.width, [128] * 4)
 
@@ -99,9 +103,10 @@ def test_undecodable_file_is_reported_not_grouped(images, tmp_path: Path):
 def _hashes(codes: list[list[int]], sizes: list[tuple[int, int]], md5: list[str]) -> ImageHashes:
     return ImageHashes(
         md5=md5,
-        dhash=np.array(codes, dtype=np.uint8),
+        codes=np.array(codes, dtype=np.uint8),
         width=np.array([w for w, _ in sizes], dtype=np.int64),
         height=np.array([h for _, h in sizes], dtype=np.int64),
+        color=np.zeros((len(codes), 32), dtype=np.float32),
     )
 
 
@@ -176,3 +181,126 @@ def test_multihash_refuses_a_radius_it_cannot_answer_exactly():
         build_binary_index(codes, radius=40, method="multihash")
     with pytest.raises(TypeError):
         hamming_range_pairs(codes.astype(np.int64), 3)
+
+
+# ---- colour awareness and SKU awareness -------------------------------------------------------
+
+# Two colourways of equal luminance (ITU-R 601: 0.299 R + 0.587 G + 0.114 B = 143.9 and 143.8):
+# a grey-scale hash cannot tell them apart.
+ORANGE = (232, 120, 36)
+GREEN = (52, 205, 70)
+
+
+def _sneaker(body: tuple[int, int, int], size: int = 128) -> Image.Image:
+    img = Image.new("RGB", (size, size), (245, 245, 245))
+    d = ImageDraw.Draw(img)
+    d.polygon([(14, 92), (20, 52), (62, 44), (100, 70), (116, 92)], fill=body)
+    d.rectangle((14, 92, 116, 104), fill=(40, 40, 40))
+    d.line((40, 60, 70, 80), fill=(250, 250, 250), width=5)
+    return img
+
+
+def _hue_shift(img: Image.Image, degrees: float) -> Image.Image:
+    hsv = np.asarray(img.convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(degrees * 256 / 360)) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+@pytest.fixture()
+def sneakers(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for name, img in {
+        "orange": _sneaker(ORANGE),
+        "green": _sneaker(GREEN),
+        "orange_bright": ImageEnhance.Brightness(_sneaker(ORANGE)).enhance(1.2),
+        "orange_hue": _hue_shift(_sneaker(ORANGE), 20),
+    }.items():
+        out[name] = tmp_path / f"{name}.png"
+        img.save(out[name])
+    shutil.copyfile(out["orange"], tmp_path / "orange_copy.png")
+    out["orange_copy"] = tmp_path / "orange_copy.png"
+    return out
+
+
+def test_color_distance_by_hand():
+    a = np.array([0.3, 0.4], np.float32)  # norm 0.5
+    assert color_distance(a, a) == 0
+    assert color_distance(a, 0.8 * a) == pytest.approx(0.2)  # 20 % darker: |0.1| / 0.5
+    assert color_distance(a, -a) == pytest.approx(2.0)  # opposite chroma
+    grey = np.zeros(2, np.float32)
+    assert color_distance(grey, np.array([0.03, 0.04])) == pytest.approx(0.05 / 0.1)  # floor
+    # The signature of a grey image is zero: opponent chroma ignores the grey level.
+    assert np.abs(color_signature(Image.new("RGB", (8, 8), (90, 90, 90)))).max() < 1e-6
+
+
+def test_two_colourways_of_one_shape_are_not_duplicates(sneakers):
+    paths = [sneakers["orange"], sneakers["green"]]
+    hashes = hash_images(paths)
+    # The grey-scale dHash sees one image ...
+    assert hamming_distance(hashes.codes[0], hashes.codes[1]) <= 4
+    grey = find_duplicates(hashes, ["o", "g"], color_tol=None)
+    assert [g.members for g in grey.groups] == [["o", "g"]]
+    # ... the colour check does not, within a SKU or across SKUs.
+    assert color_distance(hashes.color[0], hashes.color[1]) > 1.0
+    for skus in (["S1", "S1"], ["S1", "S2"]):
+        res = find_duplicates(hashes, ["o", "g"], skus=skus)
+        assert res.groups == [] and res.removed == [] and res.cross_sku == []
+        assert res.rejected_by_color == 1
+
+
+def test_brightness_and_hue_edits_stay_duplicates_within_a_sku(sneakers):
+    names = ["orange", "orange_bright", "orange_hue", "green"]
+    hashes = hash_images([sneakers[n] for n in names])
+    for k in (1, 2):
+        assert color_distance(hashes.color[0], hashes.color[k]) < COLOR_TOL
+    res = find_duplicates(hashes, names, skus=["S1"] * 4)
+    assert [g.members for g in res.groups] == [["orange", "orange_bright", "orange_hue"]]
+    assert sorted(r.image for r in res.removed) == ["orange_bright", "orange_hue"]
+
+
+def test_cross_sku_near_duplicate_is_reported_and_not_removed(sneakers):
+    names = ["orange", "orange_copy", "orange_bright", "green"]
+    res = dedup_images([sneakers[n] for n in names], names, skus=["S1", "S1", "S2", "S3"])
+    # Within S1 the byte copy goes; nothing of S2 (another SKU) is removed.
+    assert [(r.image, r.duplicate_of, r.kind) for r in res.removed] == [
+        ("orange_copy", "orange", "exact")
+    ]
+    pairs = {(p.image_a, p.sku_a, p.image_b, p.sku_b, p.kind) for p in res.cross_sku}
+    assert pairs == {
+        ("orange", "S1", "orange_bright", "S2", "near"),
+        ("orange_copy", "S1", "orange_bright", "S2", "near"),
+    }
+    assert res.summary()["cross_sku_pairs"] == 2 and res.kept == 3
+    # An exact copy under two SKUs is reported too, never removed.
+    exact = dedup_images([sneakers["orange"], sneakers["orange_copy"]], ["a", "b"],
+                         skus=["S1", "S2"])
+    assert exact.removed == [] and [p.kind for p in exact.cross_sku] == ["exact"]
+    # Without SKUs (one namespace) the old rule holds: the copies are removed.
+    legacy = dedup_images([sneakers[n] for n in names[:3]], names[:3])
+    assert sorted(r.image for r in legacy.removed) == ["orange_bright", "orange_copy"]
+
+
+def test_skus_must_align_with_images(sneakers):
+    hashes = hash_images([sneakers["orange"]])
+    with pytest.raises(ValueError, match="one per image"):
+        find_duplicates(hashes, ["o"], skus=["S1", "S2"])
+
+
+def test_synthetic_colourway_families_lose_no_image(tmp_path: Path):
+    from visearch.catalog import read_manifest
+    from visearch.synth import generate_world
+
+    generate_world(tmp_path, skus=16, seed=3, image_size=64, scenes=0, photos_per_sku=0,
+                   dup_rate=0.0, mislabel_rate=0.0, split_rate=0.0, colourway_rate=1.0)
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    rows = read_manifest(tmp_path / "catalog.jsonl").rows
+    colour = {r.sku: r.attributes["color"] for r in rows}
+    family = {r.sku: r.attributes["family"] for r in rows}
+    assert truth["colourway_families"]
+    for fam in truth["colourway_families"]:
+        # one model (family) in as many body colours as members
+        assert len({family[s] for s in fam["skus"]}) == 1
+        assert len({colour[s] for s in fam["skus"]}) == len(fam["skus"])
+    res = dedup_images([r.path for r in rows], [r.image for r in rows],
+                       skus=[r.sku for r in rows])
+    assert res.removed == [] and res.cross_sku == []

@@ -1,5 +1,7 @@
-"""Catalog cleaning after dedup: SKU denoising (hierarchical DBSCAN) and SKU merging
-(classifier confusion), plus ``apply_cleaning`` to turn their outputs into cleaned rows.
+"""Catalog cleaning after dedup: SKU denoising (hierarchical DBSCAN), SKU merging (classifier
+confusion; calibrated: mutual confusion plus embedding evidence against a false-merge rate),
+the review queue of what cleaning proposes, and ``apply_cleaning`` to turn their outputs
+into cleaned rows.
 
 The catalog is never rewritten in place: each stage outputs what to drop or rename, and
 ``apply_cleaning`` applies it to the rows in memory.
@@ -11,6 +13,12 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 
 from visearch.catalog import CatalogRow
+from visearch.cleaning.calibrated import (
+    DistinctNull,
+    MergeCandidate,
+    calibrated_merge,
+    fit_distinct_null,
+)
 from visearch.cleaning.denoise import DenoiseResult, Removed, dbscan_baseline, denoise_skus
 from visearch.cleaning.merge import (
     MergeEdge,
@@ -24,14 +32,18 @@ from visearch.cleaning.merge import (
 
 __all__ = [
     "DenoiseResult",
+    "DistinctNull",
+    "MergeCandidate",
     "MergeEdge",
     "MergeGroup",
     "MergeResult",
     "MergeRound",
     "Removed",
     "apply_cleaning",
+    "calibrated_merge",
     "dbscan_baseline",
     "denoise_skus",
+    "fit_distinct_null",
     "heldout_confusion",
     "merge_skus",
     "symmetrise",

@@ -71,6 +71,13 @@ class DenoiseResult:
             "unclustered_skus_kept": len(self.unclustered_skus),
         }
 
+    def per_sku(self) -> dict[str, list[Removed]]:
+        """SKU -> what was removed from it (and why), SKUs with removals only, sorted."""
+        out: dict[str, list[Removed]] = {}
+        for r in self.removed:
+            out.setdefault(r.sku, []).append(r)
+        return dict(sorted(out.items()))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.summary(),

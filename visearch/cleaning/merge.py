@@ -77,11 +77,18 @@ class MergeRound:
 
 @dataclass
 class MergeResult:
-    """``sku_map``: every input SKU -> its style id (itself when not merged)."""
+    """``sku_map``: every input SKU -> its style id (itself when not merged).
+
+    ``candidates`` (calibrated merging only): every examined pair with evidence, each a
+    ``visearch.cleaning.calibrated.MergeCandidate`` with its decision ("merge", "review",
+    ...); ``calibration``: the fitted null per category.
+    """
 
     sku_map: dict[str, str]
     groups: list[MergeGroup]
     rounds: list[MergeRound]
+    candidates: list[Any] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -90,6 +97,7 @@ class MergeResult:
             "merge_groups": len(self.groups),
             "skus_merged": sum(len(g.skus) for g in self.groups),
             "rounds": len(self.rounds),
+            "review_pairs": sum(c.decision == "review" for c in self.candidates),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +105,8 @@ class MergeResult:
             **self.summary(),
             "groups": [asdict(g) for g in self.groups],
             "rounds_detail": [asdict(r) for r in self.rounds],
+            "candidates": [asdict(c) for c in self.candidates],
+            "calibration": self.calibration,
         }
 
     def merged_pairs(self) -> set[tuple[str, str]]:

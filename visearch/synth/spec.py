@@ -5,6 +5,10 @@ its members (distinct products) differ only in small details: the logo mark and 
 the pattern, the colour of a small part (strap, lid, laces, band) and a count of small
 features (buttons, holes, stripes on a strap). Same-item retrieval has to read those details;
 category or colour matching cannot tell family members apart.
+
+A *colourway family* (``colourway_rate`` > 0) is the other kind of look-alike: its members
+share the silhouette, the pattern and every small detail, and differ only in the body colour
+(one sneaker model in orange and in forest green). A grey-scale hash sees them as one image.
 """
 
 from __future__ import annotations
@@ -131,12 +135,19 @@ def _detail(rng: np.random.Generator, color_name: str) -> dict[str, object]:
     }
 
 
-def sample_products(n_products: int, rng: np.random.Generator) -> list[ProductSpec]:
+def sample_products(
+    n_products: int, rng: np.random.Generator, *, colourway_rate: float = 0.0
+) -> list[ProductSpec]:
     """Sample ``n_products`` products grouped in look-alike families.
 
     Family sizes are 1..4 (mean about 2.2), so roughly two thirds of products have at least
     one look-alike. Categories are balanced round-robin over families in shuffled order.
+    ``colourway_rate``: the probability that a family of two or more is a colourway family
+    (members differ only in body colour, each a different named colour). At 0 (the default)
+    no extra random number is drawn, so the products are those of earlier versions.
     """
+    if not 0.0 <= colourway_rate <= 1.0:
+        raise ValueError(f"colourway_rate must be in [0, 1], got {colourway_rate}")
     if n_products < 1:
         raise ValueError(f"n_products must be >= 1, got {n_products}")
     products: list[ProductSpec] = []
@@ -155,24 +166,38 @@ def sample_products(n_products: int, rng: np.random.Generator) -> list[ProductSp
         pattern_color = _contrast_color(rng, color_name)
         base_pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
         family_accent = _contrast_color(rng, color_name)
+        colourway = colourway_rate > 0 and size > 1 and rng.uniform() < colourway_rate
+        if colourway:
+            # Every member gets its own named colour; the first keeps the family's.
+            others = [n for n in COLOR_NAMES if n != color_name]
+            picks = rng.choice(len(others), size=size - 1, replace=False)
+            names = [color_name] + [others[int(i)] for i in picks]
+            colors = [color] + [_jitter_color(rng, PALETTE[n], 14) for n in names[1:]]
+            shared = _detail(rng, color_name)
+            shared_scale = float(rng.uniform(0.07, 0.16))
         for m in range(size):
-            pattern = base_pattern
-            if m > 0 and rng.uniform() < 0.35:
-                pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
-            detail = _detail(rng, color_name)
-            if rng.uniform() < 0.5:
-                detail["accent"] = family_accent  # same strap/handle colour: logo tells them apart
+            if colourway:
+                member_name, member_color = names[m], colors[m]
+                pattern, detail = base_pattern, dict(shared)
+            else:
+                member_name, member_color = color_name, color
+                pattern = base_pattern
+                if m > 0 and rng.uniform() < 0.35:
+                    pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+                detail = _detail(rng, color_name)
+                if rng.uniform() < 0.5:
+                    detail["accent"] = family_accent  # same strap colour: the logo tells apart
             products.append(
                 ProductSpec(
                     product=f"P{len(products):05d}",
                     family=family,
                     category=category,
-                    color_name=color_name,
-                    color=color,
+                    color_name=member_name,
+                    color=member_color,
                     material=material,
                     pattern=pattern,
                     pattern_color=pattern_color,
-                    pattern_scale=float(rng.uniform(0.07, 0.16)),
+                    pattern_scale=shared_scale if colourway else float(rng.uniform(0.07, 0.16)),
                     shape=shape,
                     detail=detail,
                     brand=brand,

@@ -159,6 +159,7 @@ def generate_world(
     progress: bool = False,
     shop_masks: bool = False,
     photo_backgrounds: Sequence[str | Path] = (),
+    colourway_rate: float = 0.0,
 ) -> dict:
     """Generate a synthetic product world into ``out`` (created if missing).
 
@@ -188,6 +189,10 @@ def generate_world(
             crops of these instead of the procedural clutter (detection scenes keep it),
             for evaluating on real backgrounds the generator never draws. The catalog, the
             truth and every other file are byte-identical either way.
+        colourway_rate: probability that a look-alike family is a colourway family (same
+            product in different body colours, see :func:`sample_products`); its families
+            are listed in ``truth.json`` as ``colourway_families``. At 0 (the default) the
+            world is byte-identical to one generated without the option.
 
     Returns:
         The ``world.json`` content: ``{"format", "params", "counts"}``.
@@ -223,7 +228,7 @@ def generate_world(
     while sum(extra) >= skus // 2 and extra:
         extra.pop()
     n_products = skus - sum(extra)
-    products = sample_products(n_products, rng)
+    products = sample_products(n_products, rng, colourway_rate=colourway_rate)
     split_products = rng.choice(n_products, size=len(extra), replace=False)
     listings = [(p, 0) for p in range(n_products)]
     for p, e in zip(split_products, extra, strict=True):
@@ -383,6 +388,13 @@ def generate_world(
         "lookalike_families": [{"family": f, "skus": sorted(s)} for f, s in families.items()
                                if fam_products[f] > 1],
     }
+    if colourway_rate > 0:
+        colours: dict[str, set[str]] = {}
+        for spec in products:
+            colours.setdefault(spec.family, set()).add(spec.color_name)
+        truth["colourway_families"] = [
+            {"family": f, "skus": sorted(s)} for f, s in families.items()
+            if fam_products[f] > 1 and len(colours[f]) > 1]
     _dump_json(out / "truth.json", truth)
     world = {
         "format": FORMAT_VERSION,
@@ -394,6 +406,7 @@ def generate_world(
             "val_fraction": val_fraction,
             # only when set, so that worlds without masks keep their earlier bytes
             **({"shop_masks": True} if shop_masks else {}),
+            **({"colourway_rate": colourway_rate} if colourway_rate > 0 else {}),
             **({"photo_backgrounds": [Path(p).name for p in backgrounds]}
                if backgrounds else {}),
         },
