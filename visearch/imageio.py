@@ -46,14 +46,19 @@ def _read_source(src: ImageSource) -> tuple[bytes, str]:
     raise TypeError(f"expected bytes or a path, got {type(src).__name__}")
 
 
+def _has_alpha(img: Image.Image) -> bool:
+    """Whether ``img`` carries transparency (an alpha band or a transparent palette entry)."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+
+
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     """Convert any supported mode to 8-bit RGB; transparency is composited on white."""
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in img.info
-    ):
+    if _has_alpha(img):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -79,8 +84,10 @@ def decode_pil(
     max_side: int | None = None,
     max_pixels: int = MAX_PIXELS,
     draft: tuple[int, int] | None = None,
+    keep_alpha: bool = False,
 ) -> Image.Image:
-    """Decode ``src`` into an RGB ``PIL.Image.Image``.
+    """Decode ``src`` into an RGB ``PIL.Image.Image`` (RGBA with ``keep_alpha`` when the
+    image has transparency: RGBA, LA, PA or a palette with a transparent colour).
 
     Args:
         src: encoded image bytes, or a path to an image file.
@@ -90,6 +97,8 @@ def decode_pil(
             from the header before decoding (decompression-bomb guard).
         draft: ``(width, height)``: for JPEG, let the decoder skip detail and return an
             image at least this large (a power-of-two reduction): much faster thumbnails.
+        keep_alpha: keep transparency (straight alpha) instead of compositing on white:
+            what product cut-outs need.
 
     Raises:
         ImageDecodeError: empty, unreadable, truncated, not an image, unsupported mode,
@@ -137,7 +146,7 @@ def decode_pil(
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{name}: truncated or corrupt image data: {exc}") from exc
 
-    img = _to_rgb(img, name)
+    img = img.convert("RGBA") if keep_alpha and _has_alpha(img) else _to_rgb(img, name)
     if max_side is not None:
         if max_side <= 0:
             raise ValueError(f"max_side must be positive, got {max_side}")
@@ -182,9 +191,12 @@ def decode_image(
     max_side: int | None = None,
     max_pixels: int = MAX_PIXELS,
     draft: tuple[int, int] | None = None,
+    keep_alpha: bool = False,
 ) -> np.ndarray:
-    """Decode ``src`` into an RGB array ``uint8 [H, W, 3]`` (see ``decode_pil`` for args)."""
-    img = decode_pil(src, max_side=max_side, max_pixels=max_pixels, draft=draft)
+    """Decode ``src`` into an RGB array ``uint8 [H, W, 3]`` (``[H, W, 4]`` RGBA with
+    ``keep_alpha`` for an image with transparency; see ``decode_pil`` for args)."""
+    img = decode_pil(src, max_side=max_side, max_pixels=max_pixels, draft=draft,
+                     keep_alpha=keep_alpha)
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 

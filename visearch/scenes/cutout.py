@@ -59,29 +59,23 @@ same benchmark (plain-background images): mean 0.986 at 128 px and 0.981 at 96 p
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visearch.errors import ImageDecodeError
-from visearch.imageio import MAX_INPUT_SIDE, MAX_PIXELS, ImageSource, _read_source, _to_rgb
+from visearch.imageio import MAX_PIXELS, ImageSource, decode_image
 
 logger = logging.getLogger(__name__)
 
 CUTOUT_STATUSES = ("ok", "decode_error", "bad_bbox", "empty", "transparent", "not_plain",
                    "too_small")
 
-#: PIL modes that carry an alpha channel (``P`` counts when it has a ``transparency``
-#: entry): the same rule as ``visearch.imageio``'s compositing on white.
-_PIL_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 #: RGB -> (Y, Cb - 128, Cr - 128), ITU-R BT.601 as JPEG uses it.
 _YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
                 np.float32)
@@ -141,52 +135,7 @@ def load_rgba(src: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             more than ``max_pixels`` pixels or a side above ``MAX_INPUT_SIDE``.
         TypeError: ``src`` is neither bytes nor a path.
     """
-    # decode_pil's checks, in its order, minus its compositing on white: imageio has no
-    # keep-alpha switch, so its reader and mode conversion are shared, not copied.
-    data, name = _read_source(src)
-    if not data:
-        raise ImageDecodeError(f"{name}: empty image data (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError(
-            f"{name}: not an image in a known format ({len(data)} bytes, starting {data[:8]!r})"
-        ) from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(
-            f"{name}: refused as a decompression bomb ({exc}); send a smaller image"
-        ) from exc
-    except OSError as exc:
-        raise ImageDecodeError(f"{name}: cannot open image: {exc}") from exc
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"{name}: image has no pixels ({width} x {height})")
-    if max(width, height) > MAX_INPUT_SIDE:
-        raise ImageDecodeError(
-            f"{name}: image is {width} x {height}; the longest side may be at most "
-            f"{MAX_INPUT_SIDE} pixels"
-        )
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"{name}: image is {width} x {height} = {width * height} pixels, above the "
-            f"limit of {max_pixels} (decompression-bomb guard); send a smaller image"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
-        img = ImageOps.exif_transpose(img) or img
-        if img.mode in _PIL_ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-        else:
-            img = _to_rgb(img, name)
-        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, ImageDecodeError):
-            raise
-        raise ImageDecodeError(f"{name}: truncated or corrupt image data: {exc}") from exc
+    return decode_image(src, max_pixels=max_pixels, keep_alpha=True)
 
 
 # ---- input checks --------------------------------------------------------------------------
