@@ -20,6 +20,7 @@ import torch
 from visearch.catalog import read_manifest, write_manifest
 from visearch.coco import coco_categories, coco_samples, read_coco
 from visearch.crops import main_object_boxes
+from visearch.imageio import image_files
 from visearch.labelling import UnlabelledImage, merge_coco, read_reviewed, run_rounds
 from visearch.models.detector import (
     DETECTOR_BACKBONES,
@@ -32,7 +33,6 @@ from visearch.train.detector import evaluate_detector, train_detector
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = {"mobilenet_v2_fpn": "mobilenet_v2-b0353104.pth"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 _REPO = Path(__file__).resolve().parent.parent
 
 
@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _unlabelled_images(src: Path, root: Path, lenient: bool) -> list[UnlabelledImage]:
     """Images of a folder (recursive, sorted) or of a catalog/queries manifest."""
     if src.is_dir():
-        paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = image_files(src, what="--unlabelled")
     elif src.suffix == ".jsonl":
         paths = [row.path for row in read_manifest(src, strict=not lenient).rows]
     else:

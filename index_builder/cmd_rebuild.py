@@ -34,6 +34,7 @@ from index_builder.stage import DONE_FILE, StageResult, file_checksum, run_stage
 from visearch.catalog import CatalogRow, read_manifest, write_manifest
 from visearch.cleaning import apply_cleaning
 from visearch.errors import ManifestError
+from visearch.imageio import image_files
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class Pipeline:
         fp = {"train": file_checksum(train_json),
               "val": file_checksum(val_json) if has_val else None,
               "images": _images_digest_paths(sorted(images_root.glob("*/*.jpg"))),
-              "unlabelled": (_images_digest_paths(sorted(self.unlabelled_photos.rglob("*")))
+              "unlabelled": (_images_digest_paths(image_files(self.unlabelled_photos))
                              if self.unlabelled_photos is not None else None),
               # the main-object floor is used after training (crop), not by it
               "config": {k: v for k, v in d.__dict__.items() if k != "score_thresh"},
@@ -262,10 +263,11 @@ class Pipeline:
         out = self.work / "detector_inputs"
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for src in (train_json, val_json):
+        for src, coco in ((train_json, train),
+                          (val_json, read_coco(val_json) if val_json.is_file() else None)):
             dst = out / f"{src.stem}_{labels}.json"
-            if src.is_file():
-                dst.write_text(json.dumps(relabel(read_coco(src))))
+            if coco is not None:
+                dst.write_text(json.dumps(relabel(coco)))
             else:
                 dst.unlink(missing_ok=True)
             paths.append(dst)

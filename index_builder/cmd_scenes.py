@@ -31,12 +31,12 @@ import numpy as np
 from PIL import Image
 
 from visearch.catalog import CatalogRow, read_manifest
+from visearch.imageio import image_files
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.jsonl"
 OBJECTS_FILE = "objects.jsonl"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -126,15 +126,7 @@ def read_cutout_boxes(cutouts: Path) -> dict[str, tuple[float, float, float, flo
 
 def background_files(folder: Path | None) -> list[Path]:
     """The image files under ``folder`` (recursive, sorted); [] for None."""
-    if folder is None:
-        return []
-    if not folder.is_dir():
-        raise ValueError(f"backgrounds folder {folder} does not exist or is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"backgrounds folder {folder} holds no image files "
-                         f"({', '.join(IMAGE_SUFFIXES)})")
-    return files
+    return [] if folder is None else image_files(folder, what="backgrounds folder")
 
 
 def synthesize_catalog_scenes(

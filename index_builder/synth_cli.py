@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from visearch.imageio import image_files
 from visearch.synth import generate_world, write_contact_sheet
 
 
@@ -74,16 +75,6 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _photos(folder: Path | None) -> list[Path]:
-    if folder is None:
-        return []
-    photos = sorted(p for p in folder.rglob("*")
-                    if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
-    if not photos:
-        raise ValueError(f"--photo-backgrounds {folder}: no .jpg/.png/.webp photos there")
-    return photos
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -107,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             scenes=args.scenes, dup_rate=args.dup_rate, mislabel_rate=args.mislabel_rate,
             split_rate=args.split_rate, workers=args.workers, progress=not args.quiet,
             shop_masks=args.shop_masks,
-            photo_backgrounds=_photos(args.photo_backgrounds),
+            photo_backgrounds=(image_files(args.photo_backgrounds, what="--photo-backgrounds")
+                               if args.photo_backgrounds else []),
             colourway_rate=args.colourway_rate,
         )
     except ValueError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,20 @@ def test_image_size_reads_the_header_and_applies_exif_rotation() -> None:
     assert image_size(_png(Image.new("L", (10_000, 10_000), 0))) == (10_000, 10_000)
     with pytest.raises(ImageDecodeError, match="not an image in a known format"):
         image_size(b"plain text")
+
+
+def test_image_files_lists_images_recursively_sorted_and_refuses_an_empty_folder(
+    tmp_path: Path,
+) -> None:
+    from visearch.imageio import image_files
+
+    (tmp_path / "b").mkdir()
+    for name in ("b/z.JPG", "a.png", "b/c.webp", "notes.txt", "b/d.svg"):
+        (tmp_path / name).write_bytes(b"x")
+    assert image_files(tmp_path) == [tmp_path / "a.png", tmp_path / "b/c.webp",
+                                     tmp_path / "b/z.JPG"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="backgrounds folder .* holds no image files"):
+        image_files(tmp_path / "empty", what="backgrounds folder")
+    with pytest.raises(ValueError, match="does not exist or is not a folder"):
+        image_files(tmp_path / "missing")

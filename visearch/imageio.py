@@ -33,6 +33,26 @@ MAX_INPUT_SIDE = 16_384
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike
 
 
+#: File name endings of the images a folder of photos is searched for.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def image_files(folder: str | os.PathLike[str], *, what: str = "image folder") -> list[Path]:
+    """The image files under ``folder`` (recursive, by ``IMAGE_SUFFIXES``), sorted.
+
+    Raises:
+        ValueError: ``folder`` is not a folder or holds no image file (``what`` names it
+            in the message).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{what} {folder} does not exist or is not a folder")
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{what} {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
 def _read_source(src: ImageSource) -> tuple[bytes, str]:
     """The raw bytes of ``src`` and a short name for messages."""
     if isinstance(src, bytes | bytearray | memoryview):
