@@ -49,9 +49,7 @@ from PIL import Image
 
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.cleaning import calibrated_merge, dbscan_baseline, denoise_skus, merge_skus
-from visearch.cleaning.denoise import EPS, RETURN_THRESH
-from visearch.cleaning.merge import THRESHOLDS
-from visearch.dedup import (
+from visearch.cleaning.dedup import (
     COLOR_TOL,
     DHASH_RADIUS,
     RADIUS,
@@ -62,6 +60,8 @@ from visearch.dedup import (
     hash_images,
     multihash_params,
 )
+from visearch.cleaning.denoise import EPS, RETURN_THRESH
+from visearch.cleaning.merge import THRESHOLDS
 from visearch.embedding import load_crop
 from visearch.unionfind import UnionFind
 
@@ -306,8 +306,7 @@ def embeddings_for(rows: Sequence[CatalogRow], args: argparse.Namespace) -> tupl
             if [str(s) for s in z["images"]] == [r.image for r in rows]:
                 return z["embeddings"], str(z["source"])
     if args.embedder:
-        from visearch.embedding import embed_items
-        from visearch.models import load_embedder
+        from visearch.embedding import embed_items, load_embedder
 
         model = load_embedder(args.embedder)
         items = ((i, r.path, r.bbox) for i, r in enumerate(rows))

@@ -32,25 +32,18 @@ import numpy as np
 import torch
 
 from visearch.catalog import read_manifest
-from visearch.coco import (
-    coco_categories,
-    coco_samples,
-    evaluate_coco,
-    main_object_hit_rate,
-    read_coco,
-)
-from visearch.imageio import decode_image
-from visearch.labelling import UnlabelledImage, run_rounds
-from visearch.models.detector import (
+from visearch.detection.data import coco_categories, coco_samples, read_coco
+from visearch.detection.evaluate import evaluate_coco, main_object_hit_rate
+from visearch.detection.main_object import MAIN_AREA_WEIGHT, MAIN_SCORE_THRESH, select_main_object
+from visearch.detection.model import (
     DETECTOR_BACKBONES,
-    MAIN_AREA_WEIGHT,
-    MAIN_SCORE_THRESH,
     ProductDetector,
     build_detector,
     load_detector,
-    select_main_object,
 )
-from visearch.train.detector import evaluate_detector, train_detector
+from visearch.detection.pseudo_label import UnlabelledImage, run_rounds
+from visearch.detection.train import evaluate_detector, train_detector
+from visearch.imageio import decode_image
 
 _REPO = Path(__file__).resolve().parent.parent
 MOBILENET = _REPO / "weights" / "mobilenet_v2-b0353104.pth"

@@ -25,8 +25,8 @@ import faiss
 import torch
 
 from visearch.catalog import read_manifest
-from visearch.embedding import load_crop
-from visearch.losses import (
+from visearch.embedding import build_embedder, load_crop
+from visearch.embedding.losses import (
     ArcFaceLoss,
     BatchHardTripletLoss,
     CosFaceLoss,
@@ -35,8 +35,7 @@ from visearch.losses import (
     SoftmaxLoss,
     WeightedLoss,
 )
-from visearch.models import build_embedder
-from visearch.train.embedder import ImageSet, LabelVocab, evaluate, train_embedder
+from visearch.embedding.train import ImageSet, LabelVocab, evaluate, train_embedder
 from visearch.transforms import train_transform
 
 REPO = Path(__file__).resolve().parent.parent

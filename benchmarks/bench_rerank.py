@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from benchmarks.latency import machine
-from visearch.rerank import KReciprocalReranker, k_reciprocal_bruteforce
+from visearch.search.rerank import KReciprocalReranker, k_reciprocal_bruteforce
 
 
 def synthetic(n: int, dim: int, per: int, queries: int, seed: int, noise: float,
@@ -49,9 +49,8 @@ def synthetic(n: int, dim: int, per: int, queries: int, seed: int, noise: float,
 
 def from_index(root: Path, world: Path, limit: int) -> tuple[np.ndarray, list[str], np.ndarray,
                                                               list[set[str]]]:
-    from visearch.embedding import embed_items
+    from visearch.embedding import embed_items, load_embedder
     from visearch.index import IndexRoot
-    from visearch.models import load_embedder
 
     version = IndexRoot(root).open()
     ids = np.asarray(version.graph.ids)

@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     baseline = None
     if args.index_root:
         from visearch.index import IndexRoot
-        from visearch.pipeline import SearchPipeline
+        from visearch.search.pipeline import SearchPipeline
 
         pipeline = SearchPipeline.from_version(IndexRoot(args.index_root).open(),
                                                use_detector=not args.no_detector)

@@ -34,8 +34,9 @@ import numpy as np
 from tqdm import tqdm
 
 from visearch.catalog import CatalogRow, read_manifest
-from visearch.metrics import accuracy, box_iou, retrieval_metrics
-from visearch.voting import VoteWeights, vote_category
+from visearch.detection.evaluate import main_object_hit_rate
+from visearch.metrics import accuracy, retrieval_metrics
+from visearch.search.voting import VoteWeights, vote_category
 
 KS = (1, 5, 10, 20)
 ABLATIONS = ("full", "no_rerank", "whole_image", "detector_category", "gt_box",
@@ -65,11 +66,11 @@ def _record_from(resp: Any, *, grpc_response: bool) -> dict[str, Any]:
 
 
 class InProcess:
-    """Search with ``visearch.pipeline.SearchPipeline`` over the index root's version."""
+    """Search with ``visearch.search.pipeline.SearchPipeline`` over the index root's version."""
 
     def __init__(self, index_root: Path, version: str | None, device: str | None) -> None:
         from visearch.index import IndexRoot
-        from visearch.pipeline import RerankParams, SearchPipeline
+        from visearch.search.pipeline import RerankParams, SearchPipeline
 
         self.version = IndexRoot(index_root).open(version)
         self.pipeline = SearchPipeline.from_version(
@@ -180,7 +181,7 @@ def summarise(
         [_detector_category(r) or "" for r in records], [q.category for q in queries])
     with_box = [(r, q) for r, q in zip(records, queries, strict=True) if q.bbox]
     out["main_object_hit_rate"] = (
-        float(np.mean([box_iou(r["main_box"], q.bbox) >= 0.5 for r, q in with_box]))
+        main_object_hit_rate([r["main_box"] for r, q in with_box], [q.bbox for r, q in with_box])
         if with_box else None
     )
     out["latency_ms_p50"] = float(np.percentile([r["latency_ms"] for r in records], 50))

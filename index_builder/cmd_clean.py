@@ -35,10 +35,7 @@ from index_builder.stage import StageResult, file_checksum, run_stage
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.cleaning import apply_cleaning, calibrated_merge, denoise_skus, merge_skus
 from visearch.cleaning.calibrated import FALSE_MERGE_RATE, MIN_CONFUSION, REVIEW_RATE
-from visearch.cleaning.denoise import EPS, MIN_SIZE, RETURN_THRESH
-from visearch.cleaning.merge import FOLDS, THRESHOLDS
-from visearch.cleaning.review import Decision, read_decisions, reviewed_pairs
-from visearch.dedup import (
+from visearch.cleaning.dedup import (
     COLOR_TOL,
     HASH_KIND,
     HASH_KINDS,
@@ -47,6 +44,9 @@ from visearch.dedup import (
     dedup_images,
     hash_images,
 )
+from visearch.cleaning.denoise import EPS, MIN_SIZE, RETURN_THRESH
+from visearch.cleaning.merge import FOLDS, THRESHOLDS
+from visearch.cleaning.review import Decision, read_decisions, reviewed_pairs
 from visearch.errors import ManifestError
 
 EMBED_STAGE = "clean-embed"
@@ -358,8 +358,7 @@ def _embeddings(args: argparse.Namespace, rows: list[CatalogRow]) -> tuple[np.nd
     if args.embeddings is not None:
         emb = _load_embeddings(args.embeddings, rows)
         return emb, file_checksum(args.embeddings)
-    from visearch.embedding import embed_items
-    from visearch.models import load_embedder
+    from visearch.embedding import embed_items, load_embedder
 
     fingerprint = {
         "catalog": file_checksum(args.catalog),

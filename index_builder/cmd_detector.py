@@ -18,17 +18,17 @@ from typing import Any
 import torch
 
 from visearch.catalog import read_manifest, write_manifest
-from visearch.coco import coco_categories, coco_samples, read_coco
-from visearch.crops import main_object_boxes
-from visearch.imageio import image_files
-from visearch.labelling import UnlabelledImage, merge_coco, read_reviewed, run_rounds
-from visearch.models.detector import (
+from visearch.detection.crops import main_object_boxes
+from visearch.detection.data import coco_categories, coco_samples, read_coco
+from visearch.detection.model import (
     DETECTOR_BACKBONES,
     ProductDetector,
     build_detector,
     load_detector,
 )
-from visearch.train.detector import evaluate_detector, train_detector
+from visearch.detection.pseudo_label import UnlabelledImage, merge_coco, read_reviewed, run_rounds
+from visearch.detection.train import evaluate_detector, train_detector
+from visearch.imageio import image_files
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from visearch.catalog import read_manifest
-from visearch.embedding import embed_items
-from visearch.losses import (
+from visearch.embedding import BACKBONES, POOLINGS, build_embedder, embed_items, load_embedder
+from visearch.embedding.losses import (
     ArcFaceLoss,
     AttributeLoss,
     BatchHardTripletLoss,
@@ -29,9 +29,8 @@ from visearch.losses import (
     SoftmaxLoss,
     WeightedLoss,
 )
-from visearch.models import BACKBONES, POOLINGS, build_embedder, load_embedder
+from visearch.embedding.train import LabelVocab, train_embedder
 from visearch.registry import Registry
-from visearch.train.embedder import LabelVocab, train_embedder
 from visearch.transforms import AUGMENTS, train_transform
 
 logger = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ def _read_catalog(path: Path, lenient: bool) -> list[CatalogRow]:
 
 
 def _load_model(path: Path, args: argparse.Namespace) -> torch.nn.Module:
-    from visearch.models import load_embedder
+    from visearch.embedding import load_embedder
 
     return load_embedder(path, device=_device(args.device))
 
@@ -172,7 +172,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     version = root.open(args.version)
     report = version.verify(sample=args.sample, checksums=not args.no_checksums)
     if report.ok and not args.no_model:
-        from visearch.models import load_embedder
+        from visearch.embedding import load_embedder
 
         dim = int(load_embedder(version.embedder_path).config["dim"])
         report.checks["model_dim"] = dim

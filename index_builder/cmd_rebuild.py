@@ -248,7 +248,7 @@ class Pipeline:
     def _relabel(self, train_json: Path, val_json: Path) -> tuple[Path, Path, str]:
         """The COCO files with the classes of ``detector.labels`` (copies under
         ``<work>/detector_inputs/``), and those classes in words."""
-        from visearch.coco import read_coco
+        from visearch.detection.data import read_coco
         from visearch.scenes import collapse_categories, main_categories
 
         labels = self.cfg.detector.labels

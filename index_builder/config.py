@@ -24,7 +24,7 @@ class DedupConfig:
     enabled: bool = True
     radius: int | None = None  # pHash Hamming radius; None: the dedup stage's default
     #: colour check of near-duplicates (relative chroma difference); None: the stage's
-    #: default (visearch.dedup.COLOR_TOL), a negative value turns it off
+    #: default (visearch.cleaning.dedup.COLOR_TOL), a negative value turns it off
     color_tol: float | None = None
     workers: int = 2
 

@@ -27,10 +27,10 @@ from grpc_reflection.v1alpha import reflection
 
 from server._proto import search_pb2_grpc
 from server.servicer import SERVICE_NAME, PipelineHolder, VisualSearchServicer
+from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.index import IndexRoot, IndexVersion
-from visearch.models.detector import MAIN_SCORE_THRESH
-from visearch.pipeline import RerankParams, SearchPipeline
-from visearch.voting import VoteWeights
+from visearch.search.pipeline import RerankParams, SearchPipeline
+from visearch.search.voting import VoteWeights
 
 log = logging.getLogger(__name__)
 

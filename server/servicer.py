@@ -1,4 +1,4 @@
-"""The VisualSearch servicer: thin, typed, calling :class:`visearch.pipeline.SearchPipeline`.
+"""The VisualSearch servicer: thin, typed, calling :class:`visearch.search.pipeline.SearchPipeline`.
 
 :class:`PipelineHolder` owns the pipeline being served and swaps it atomically on reload:
 every request leases the pipeline it started with, a retired pipeline is closed only when
@@ -19,7 +19,7 @@ import grpc
 
 from server._proto import search_pb2, search_pb2_grpc
 from visearch.index import IndexRoot, IndexVersion
-from visearch.pipeline import ChosenObject, Detection, SearchPipeline
+from visearch.search.pipeline import ChosenObject, Detection, SearchPipeline
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.recall import vote_weight_sweep
-from visearch.voting import VoteWeights, vote_category
+from visearch.search.voting import VoteWeights, vote_category
 
 CATS = ["bag", "cap", "mug", "shoe"]
 

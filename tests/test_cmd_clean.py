@@ -146,7 +146,7 @@ def test_stage_function_reports_skipped(world, tmp_path):
 def test_model_embeddings_are_computed_once_and_shared(world, tmp_path, capsys):
     import torch
 
-    from visearch.models import build_embedder, save_embedder
+    from visearch.embedding import build_embedder, save_embedder
 
     catalog, _ = world
     torch.manual_seed(0)

@@ -5,16 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from visearch.coco import (
-    coco_categories,
-    coco_samples,
-    detections_to_results,
-    evaluate_coco,
-    main_object_hit_rate,
-    read_coco,
-    write_coco,
-)
-from visearch.models.detector import Detections
+from visearch.detection.data import coco_categories, coco_samples, read_coco, write_coco
+from visearch.detection.evaluate import detections_to_results, evaluate_coco, main_object_hit_rate
+from visearch.detection.model import Detections
 
 
 def _gt() -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from visearch.dedup import (
+from visearch.cleaning.dedup import (
     COLOR_TOL,
     ImageHashes,
     build_binary_index,

@@ -9,19 +9,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from visearch.detection import train as train_mod
 
-from visearch.coco import coco_samples, write_coco
-from visearch.models.detector import (
+from visearch.detection.data import coco_samples, write_coco
+from visearch.detection.main_object import MAIN_LABEL, select_main_object
+from visearch.detection.model import (
     DETECTOR_BACKBONES,
-    MAIN_LABEL,
     Detections,
     build_detector,
     load_detector,
     save_detector,
-    select_main_object,
 )
-from visearch.train import detector as train_mod
-from visearch.train.detector import evaluate_detector, train_detector
+from visearch.detection.train import evaluate_detector, train_detector
 
 CATEGORIES = ["ball", "box"]
 

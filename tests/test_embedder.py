@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from visearch.models import (
+from visearch.embedding import (
     BACKBONES,
     GeM,
     SpatialAttention,

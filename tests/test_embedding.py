@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from visearch.embedding import embed_arrays, embed_items
+from visearch.embedding import build_embedder, embed_arrays, embed_items
 from visearch.errors import ImageDecodeError
 from visearch.imageio import decode_image, encode_jpeg
-from visearch.models import build_embedder
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from index_builder.cli import main
+from visearch.embedding import build_embedder, save_embedder
 from visearch.index import IndexRoot
-from visearch.models import build_embedder, save_embedder
 
 CATS = ("bag", "shoe")
 

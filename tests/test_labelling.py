@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from visearch.catalog import CatalogRow
-from visearch.coco import read_coco
-from visearch.crops import main_object_boxes
-from visearch.labelling import (
+from visearch.detection.crops import main_object_boxes
+from visearch.detection.data import read_coco
+from visearch.detection.model import Detections
+from visearch.detection.pseudo_label import (
     REVIEW_QUEUE,
     UnlabelledImage,
     merge_coco,
@@ -21,7 +22,6 @@ from visearch.labelling import (
     run_rounds,
     write_review_queue,
 )
-from visearch.models.detector import Detections
 
 CATEGORIES = ["bag", "shoe"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from visearch.losses import (
+from visearch.embedding.losses import (
     ArcFaceLoss,
     AttributeLoss,
     BatchHardTripletLoss,

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from visearch.metrics import accuracy, box_iou, hit_rate, retrieval_metrics
+from visearch.detection.evaluate import box_iou, main_object_hit_rate
+from visearch.metrics import accuracy, retrieval_metrics
 
 
 def test_single_correct_sku_hand_computed() -> None:
@@ -101,7 +102,10 @@ def test_bad_input_raises() -> None:
 
 
 def test_box_metrics() -> None:
-    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
-    assert box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
-    assert hit_rate([(0, 0, 10, 10), (0, 0, 10, 10)], [(0, 0, 10, 10), (6, 0, 16, 10)]) == 0.5
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10))[0, 0] == pytest.approx(50 / 150)
+    assert box_iou((0, 0, 1, 1), (2, 2, 3, 3))[0, 0] == 0.0
+    assert box_iou([(0, 0, 10, 10)] * 3, [(0, 0, 10, 10)] * 2).shape == (3, 2)
+    assert main_object_hit_rate(
+        [(0, 0, 10, 10), (0, 0, 10, 10)], [(0, 0, 10, 10), (6, 0, 16, 10)]
+    ) == 0.5
     assert accuracy(["shoe", "bag"], ["shoe", "top"]) == 0.5

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from visearch.batching import MicroBatcher
+from visearch.detection.model import Detections
+from visearch.embedding import build_embedder, save_embedder
 from visearch.errors import ImageDecodeError
 from visearch.imageio import decode_image, encode_jpeg
 from visearch.index import IndexRoot, build_version
-from visearch.models import build_embedder, save_embedder
-from visearch.models.detector import Detections
-from visearch.pipeline import RerankParams, SearchPipeline
-from visearch.voting import VoteWeights
+from visearch.search.batching import MicroBatcher
+from visearch.search.pipeline import RerankParams, SearchPipeline
+from visearch.search.voting import VoteWeights
 
 # ---------------------------------------------------------------------------- batching
 
@@ -153,7 +153,7 @@ class ScriptedDetector:
 
 
 def _pipeline(root: Path, detector=None, **kwargs) -> SearchPipeline:
-    from visearch.models import load_embedder
+    from visearch.embedding import load_embedder
 
     version = IndexRoot(root).open()
     return SearchPipeline(version, load_embedder(version.embedder_path), detector, **kwargs)

@@ -117,7 +117,7 @@ def test_rebuild_without_detection_annotations_trains_a_detector_on_catalog_scen
     import shutil
 
     from visearch.catalog import read_manifest
-    from visearch.coco import read_coco
+    from visearch.detection.data import read_coco
     from visearch.synth import generate_world
 
     world = tmp_path / "world"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from visearch.rerank import KReciprocalReranker, k_reciprocal_bruteforce
+from visearch.search.rerank import KReciprocalReranker, k_reciprocal_bruteforce
 
 
 def _clustered(seed: int, clusters: int = 12, per: int = 6, d: int = 16, noise: float = 0.35):

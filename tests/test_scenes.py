@@ -380,7 +380,7 @@ def test_collapse_categories_keeps_every_box(scene_set) -> None:
 
 
 def test_main_categories_label_the_marked_object_main_and_the_rest_other() -> None:
-    from visearch.models.detector import MAIN_LABEL
+    from visearch.detection.main_object import MAIN_LABEL
     from visearch.scenes.compose import OTHER_LABEL, main_categories
 
     coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],

@@ -24,9 +24,8 @@ from PIL import Image
 from server.client import SearchClient, format_response
 from server.client import main as query_main
 from server.serve import RunningServer, ServeConfig
-from visearch.embedding import embed_items
+from visearch.embedding import build_embedder, embed_items, save_embedder
 from visearch.index import IndexRoot, build_version
-from visearch.models import build_embedder, save_embedder
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret"

@@ -20,8 +20,8 @@ def tiny_index_for_tls(tmp_path: Path) -> Path:
     import numpy as np
     import torch
 
+    from visearch.embedding import build_embedder, save_embedder
     from visearch.index import build_version
-    from visearch.models import build_embedder, save_embedder
 
     torch.manual_seed(0)
     save_embedder(build_embedder("tiny", dim=8, input_size=32), tmp_path / "e.pt")

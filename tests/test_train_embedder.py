@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from index_builder.cli import main as cli_main
-from visearch.losses import ArcFaceLoss, LossTerm, NormFaceLoss, WeightedLoss
-from visearch.models import build_embedder
-from visearch.train.embedder import ImageSet, evaluate, rank_labels, train_embedder
-from visearch.train.sampler import PKSampler
+from visearch.embedding import build_embedder
+from visearch.embedding.losses import ArcFaceLoss, LossTerm, NormFaceLoss, WeightedLoss
+from visearch.embedding.sampler import PKSampler
+from visearch.embedding.train import ImageSet, evaluate, rank_labels, train_embedder
 from visearch.transforms import train_transform
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -193,7 +193,7 @@ def test_imprint_calibrates_bn_neck_to_the_training_features(toy) -> None:
     variance (hand-computed here), and the imprinted centres are the class means of those
     eval-mode embeddings."""
     from visearch.embedding import embed_arrays, model_transform
-    from visearch.train.embedder import imprint_classifiers
+    from visearch.embedding.train import imprint_classifiers
 
     train, _ = toy
     model = _tiny().eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from visearch.voting import VoteWeights, vote_category
+from visearch.search.voting import VoteWeights, vote_category
 
 
 def test_equal_weights_hand_computed() -> None:

@@ -1,4 +1,4 @@
-"""Retrieval and detection metrics, tie-aware, for queries with one or several correct SKUs.
+"""Retrieval metrics, tie-aware, for queries with one or several correct SKUs.
 
 A query's result is a ranking of SKUs (best first, each SKU once, as the engine returns
 them after grouping by SKU), optionally with scores. Equal scores form a tied group whose
@@ -119,26 +119,6 @@ def retrieval_metrics(
     keys = [f"{m}@{k}" for k in ks for m in ("recall", "map", "ndcg")]
     mean = {key: float(np.mean([row[key] for row in rows])) if rows else 0.0 for key in keys}
     return (mean, rows) if per_query else mean
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes in pixels."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def hit_rate(
-    predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[float]], iou: float = 0.5
-) -> float:
-    """Fraction of predicted main-object boxes with IoU >= ``iou`` against the true box."""
-    if len(predicted) != len(truth):
-        raise ValueError(f"{len(predicted)} predicted boxes but {len(truth)} true boxes")
-    if not truth:
-        return 0.0
-    return float(np.mean([box_iou(p, t) >= iou for p, t in zip(predicted, truth, strict=True)]))
 
 
 def accuracy(predicted: Sequence[str], truth: Sequence[str]) -> float:

@@ -24,8 +24,8 @@ distinct products. So a pair merges only when
 
 Embeddings trained with colour augmentation (hue jitter, grey-scale) may be nearly
 colour-blind, so two colourways of one model could pass both tests; when per-image colour
-signatures are given (``visearch.dedup.color_signature``), a pair also needs the mean hue
-directions of its two SKUs within ``color_tol`` (``visearch.dedup.color_distance``) to
+signatures are given (``visearch.cleaning.dedup.color_signature``), a pair also needs the mean hue
+directions of its two SKUs within ``color_tol`` (``visearch.cleaning.dedup.color_distance``) to
 merge. The pipeline leaves this off: on the synthetic world the relative excess already
 kept every colourway apart, and the hue check blocked true splits (close-ups, greyish
 products).
@@ -50,6 +50,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from visearch.cleaning.dedup import COLOR_TOL, color_distance
 from visearch.cleaning.merge import (
     FOLDS,
     MergeEdge,
@@ -58,7 +59,6 @@ from visearch.cleaning.merge import (
     MergeRound,
     heldout_confusion,
 )
-from visearch.dedup import COLOR_TOL, color_distance
 from visearch.unionfind import UnionFind
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ _GREY_CHROMA = 0.1
 
 def _hue_vectors(colors: np.ndarray) -> np.ndarray:
     """``float64 [N, 2]``: the hue direction of each image, from grid colour signatures
-    ``[N, 2 * G * G]`` (``visearch.dedup.color_signature``).
+    ``[N, 2 * G * G]`` (``visearch.cleaning.dedup.color_signature``).
 
     A SKU's shop images show its product in different poses and crops (a close-up has far
     more chroma than a full view on white), so neither the grid cells nor the chroma's

@@ -1176,7 +1176,7 @@ def synthesize_scenes(
             "image_size": image_size}
     cocos = {k: {"info": info, "images": v["images"], "annotations": v["annotations"],
                  "categories": cats} for k, v in splits.items()}
-    # as visearch.coco.write_coco writes it; not imported, so spawned workers skip torch
+    # as visearch.detection.data.write_coco writes it; not imported, so spawned workers skip torch
     _write_atomic(out / "train.json", json.dumps(cocos["train"]))
     if val_fraction > 0:
         _write_atomic(out / "val.json", json.dumps(cocos["val"]))
@@ -1227,7 +1227,7 @@ def main_categories(coco: dict) -> dict:
             field (annotations made by :func:`synthesize_scenes` do).
     """
     # imported here: the scene workers never load torch
-    from visearch.models.detector import MAIN_LABEL
+    from visearch.detection.main_object import MAIN_LABEL
 
     out = collapse_categories(coco, OTHER_LABEL)
     if out["annotations"] and not any("main" in a for a in out["annotations"]):

@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from visearch.catalog import CatalogRow
 from visearch.embedding import embed_arrays, load_crop, model_device, model_transform
+from visearch.embedding.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss
+from visearch.embedding.model import Embedder, save_embedder
+from visearch.embedding.sampler import PKSampler
 from visearch.imageio import ImageSource
-from visearch.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss
 from visearch.metrics import retrieval_metrics
-from visearch.models.embedder import Embedder, save_embedder
-from visearch.train.sampler import PKSampler
 from visearch.transforms import train_transform
 
 logger = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ def train_embedder(
         loss: the weighted loss; its terms read ``train.labels`` by target name.
         train: training images, cropped to their boxes, labels incl. ``"sku"`` (0..C-1).
         out_dir: receives ``checkpoint.pt`` (after every epoch) and ``embedder.pt`` (the final
-            model, :func:`~visearch.models.save_embedder` format).
+            model, :func:`~visearch.embedding.save_embedder` format).
         val: ``(gallery, queries)`` for Recall@k after each epoch (by ``"sku"`` label).
         epochs: total epochs (a resumed run continues up to this number).
         p, k: labels per batch and images per label; batch size ``p * k``.

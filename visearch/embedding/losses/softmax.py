@@ -11,7 +11,7 @@ class SoftmaxLoss(nn.Module):
     """``CE(W x + b, y)`` on un-normalised embeddings.
 
     Also the auxiliary *category head*: train it on the ``"category"`` target of a
-    :class:`~visearch.losses.WeightedLoss`.
+    :class:`~visearch.embedding.losses.WeightedLoss`.
 
     ``forward(embeddings float [B, D], labels int64 [B]) -> float []``.
     """

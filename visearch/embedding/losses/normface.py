@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from visearch.losses._cosine import CosineSoftmaxLoss
+from visearch.embedding.losses._cosine import CosineSoftmaxLoss
 
 
 class NormFaceLoss(CosineSoftmaxLoss):

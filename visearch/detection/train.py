@@ -21,16 +21,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from visearch.coco import (
+from visearch.detection.data import (
     DetectionDataset,
     DetectionSample,
     coco_categories,
     collate_detection,
-    detections_to_results,
-    evaluate_coco,
 )
+from visearch.detection.evaluate import detections_to_results, evaluate_coco
+from visearch.detection.model import ProductDetector, save_detector
 from visearch.imageio import decode_image
-from visearch.models.detector import ProductDetector, save_detector
 
 logger = logging.getLogger(__name__)
 

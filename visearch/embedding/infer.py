@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from visearch.embedding.model import Embedder
 from visearch.imageio import ImageSource, crop, decode_image
-from visearch.models.embedder import Embedder
 from visearch.transforms import eval_transform
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from visearch.losses._cosine import CosineSoftmaxLoss
+from visearch.embedding.losses._cosine import CosineSoftmaxLoss
 
 
 class ArcFaceLoss(CosineSoftmaxLoss):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from visearch.losses._cosine import CosineSoftmaxLoss
+from visearch.embedding.losses._cosine import CosineSoftmaxLoss
 
 
 class CosFaceLoss(CosineSoftmaxLoss):

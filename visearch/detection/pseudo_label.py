@@ -29,10 +29,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from visearch.coco import box_iou_np, coco_categories, write_coco
+from visearch.detection.data import coco_categories, write_coco
+from visearch.detection.evaluate import box_iou
+from visearch.detection.model import Detections
 from visearch.errors import ImageDecodeError
 from visearch.imageio import decode_image
-from visearch.models.detector import Detections
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def _split(
     doubtful = above & ~strong
     if doubtful.any() and strong.any():
         # A doubtful box on top of a confident one is the same object, not a missed one.
-        overlap = box_iou_np(det.boxes[doubtful], det.boxes[strong]).max(axis=1) >= 0.5
+        overlap = box_iou(det.boxes[doubtful], det.boxes[strong]).max(axis=1) >= 0.5
         doubtful[np.flatnonzero(doubtful)[overlap]] = False
     if not strong.any():
         reason = "low_confidence" if above.any() else "no_detection"

@@ -4,7 +4,7 @@ decode and validate -> detect -> main object crop (or the caller's box) -> embed
 top-k neighbours over the whole index -> category vote -> search that category (or the
 caller's hint) -> k-reciprocal re-ranking -> best item per SKU -> top-K.
 
-Model inference goes through :class:`~visearch.batching.MicroBatcher` workers, so concurrent
+Model inference goes through :class:`~visearch.search.batching.MicroBatcher` workers, so concurrent
 searches share forward passes (and the models, which are not thread-safe, see one caller).
 """
 
@@ -20,17 +20,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from visearch.batching import MicroBatcher
+from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.embedding import embed_arrays
 from visearch.imageio import MAX_PIXELS, crop, decode_image
-from visearch.models.detector import MAIN_SCORE_THRESH
-from visearch.rerank import KReciprocalReranker
-from visearch.voting import CategoryDecision, VoteWeights, vote_category
+from visearch.search.batching import MicroBatcher
+from visearch.search.rerank import KReciprocalReranker
+from visearch.search.voting import CategoryDecision, VoteWeights, vote_category
 
 if TYPE_CHECKING:
+    from visearch.detection.main_object import MainObject
+    from visearch.detection.model import Detections, ProductDetector
+    from visearch.embedding import Embedder
     from visearch.index import IndexVersion
-    from visearch.models import Embedder
-    from visearch.models.detector import Detections, MainObject, ProductDetector
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class SearchPipeline:
         vote_k: neighbours over the whole index that vote on the category.
         detect_thresh: minimum score of a main object (else the whole image is used); the
             main object is the passing box with the highest score x sqrt(relative area)
-            (``visearch.models.detector.select_main_object``).
+            (``visearch.detection.model.select_main_object``).
         default_top_k, max_top_k: SKUs returned when the caller says 0, and the limit.
         max_pixels: larger images are rejected (decompression bombs, huge photos).
         max_batch_size, batch_window_ms: dynamic micro-batching of model inference.
@@ -228,8 +229,8 @@ class SearchPipeline:
     ) -> SearchPipeline:
         """Load the version's embedder (and its detector, or ``detector_path``) and build.
         The version is closed again when anything fails (it can then be reopened)."""
-        from visearch.models import load_embedder
-        from visearch.models.detector import load_detector
+        from visearch.detection.model import load_detector
+        from visearch.embedding import load_embedder
 
         device = device or default_device()
         try:
@@ -320,7 +321,7 @@ class SearchPipeline:
             return [], ChosenObject(box, None, 1.0, False, "request"), None
         if self._detect is None or skip_detection:
             return [], ChosenObject((0.0, 0.0, float(w), float(h)), None, 0.0, True, "image"), None
-        from visearch.models.detector import select_main_object
+        from visearch.detection.main_object import select_main_object
 
         dets = self._detect(image, timeout=clock.remaining("detect"))
         names = dets.category_names()

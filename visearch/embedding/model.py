@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visearch.models.attention import SpatialAttention
-from visearch.models.backbones import BACKBONES
-from visearch.models.pooling import POOLINGS
+from visearch.embedding.attention import SpatialAttention
+from visearch.embedding.backbones import BACKBONES
+from visearch.embedding.pooling import POOLINGS
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def build_embedder(
     """Build an :class:`Embedder`.
 
     Args:
-        backbone: a name in ``visearch.models.BACKBONES``.
+        backbone: a name in ``visearch.embedding.BACKBONES``.
         dim: embedding dimension.
         pooling: ``"gem"`` (generalised mean, learnable p) or ``"avg"``.
         attention: insert a :class:`SpatialAttention` block after the trunk.

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from visearch.catalog import CatalogRow
+from visearch.detection.main_object import MAIN_SCORE_THRESH, select_main_object
+from visearch.detection.pseudo_label import Detector
 from visearch.imageio import decode_image
-from visearch.labelling import Detector
-from visearch.models.detector import MAIN_SCORE_THRESH, select_main_object
 
 logger = logging.getLogger(__name__)
 

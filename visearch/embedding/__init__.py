@@ -1,0 +1,44 @@
+"""The retrieval embedding: backbones, pooling, attention and neck (``model``), metric-learning
+losses (``losses``), training (``train``, ``sampler``) and batch inference (``infer``).
+
+The package exports the model and inference API; training is imported by path
+(``visearch.embedding.train``) so that serving never imports it.
+"""
+
+from visearch.embedding.attention import SpatialAttention
+from visearch.embedding.backbones import BACKBONES
+from visearch.embedding.infer import (
+    embed_arrays,
+    embed_items,
+    load_crop,
+    model_device,
+    model_transform,
+)
+from visearch.embedding.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Embedder,
+    build_embedder,
+    load_embedder,
+    save_embedder,
+)
+from visearch.embedding.pooling import POOLINGS, AvgPool, GeM
+
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "POOLINGS",
+    "AvgPool",
+    "Embedder",
+    "GeM",
+    "SpatialAttention",
+    "build_embedder",
+    "embed_arrays",
+    "embed_items",
+    "load_crop",
+    "load_embedder",
+    "model_device",
+    "model_transform",
+    "save_embedder",
+]

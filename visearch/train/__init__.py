@@ -1,1 +1,0 @@
-"""Training loops (library side): plain typed arguments in, checkpoints out."""
