@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from visearch.detection import train as train_mod
 
+from visearch.detection import train as train_mod
 from visearch.detection.data import coco_samples, write_coco
 from visearch.detection.main_object import MAIN_LABEL, select_main_object
 from visearch.detection.model import (
