@@ -74,6 +74,40 @@ def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+def test_forward_features_without_neck_is_the_necks_input() -> None:
+    torch.manual_seed(0)
+    model = build_embedder("tiny", dim=16, attention=True, input_size=40).eval()
+    x = torch.randn(3, 3, 40, 40)
+    with torch.no_grad():
+        z = model.forward_features(x, neck=False)
+        by_hand = model.proj(model.pool(model.attention(model.trunk(x))))
+        assert z.shape == (3, 16)
+        assert torch.equal(z, by_hand)
+        assert torch.equal(model.neck(z), model.forward_features(x))
+
+
+def test_a_failed_save_leaves_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    old, new = (build_embedder("tiny", dim=8, input_size=32) for _ in range(2))
+    path = tmp_path / "embedder.pt"
+    save_embedder(old, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a model")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="No space left"):
+        save_embedder(new, path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["embedder.pt"]  # no temp file left
+    loaded = load_embedder(path)
+    for name, value in old.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
 def test_load_rejects_missing_and_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_embedder(tmp_path / "nope.pt")

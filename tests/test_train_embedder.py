@@ -94,7 +94,7 @@ def test_pk_sampler_draws_p_labels_k_times_reproducibly() -> None:
         group = big[start : start + 3]
         if len({labels[i] for i in group}) == 1:
             assert len(set(group)) == 3
-    with pytest.raises(ValueError, match="lower --p"):
+    with pytest.raises(ValueError, match=r"needs at least p=11 labels .* found 10; lower p "):
         PKSampler(labels, p=11, k=2)
 
 
@@ -155,6 +155,14 @@ def test_resume_after_a_crash_continues_bit_for_bit(toy, tmp_path) -> None:
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values(),
                             strict=True):  # fmt: skip
         assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_a_caller_error(toy, tmp_path) -> None:
+    loss = WeightedLoss([LossTerm("normface", NormFaceLoss(32, 12))])
+    with pytest.raises(ValueError, match="'cuda' asked for, but no CUDA GPU is visible"):
+        train_embedder(_tiny(), loss, toy[0], out_dir=tmp_path, device="cuda")
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_cli_trains_and_embeds_tiny_world(tiny_world, tmp_path, capsys) -> None:

@@ -4,7 +4,7 @@
 is ``categories[i]``; focal loss uses per-class sigmoids, so no background class is needed).
 Backbones are looked up by name in ``DETECTOR_BACKBONES`` at the CLI edge:
 
-- ``resnet50_fpn``: the reference design's backbone (heavy on CPU);
+- ``resnet50_fpn``: the RetinaNet paper's backbone (heavy on CPU);
 - ``resnet18_fpn``: lighter, trains from scratch in minutes on small images;
 - ``mobilenet_v2_fpn``: lightest real backbone; starts from the ImageNet MobileNetV2 file;
 - ``tiny_fpn``: a few convolutions, for fast CPU tests only.
@@ -33,6 +33,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from visearch.fileio import atomic_open
 from visearch.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -318,13 +319,13 @@ def _assemble(config: dict[str, Any], weights: Path | None) -> ProductDetector:
 
 
 def save_detector(model: ProductDetector, path: str | os.PathLike[str]) -> None:
-    """Write config + state_dict to one file (written to a temp name, then renamed)."""
+    """Write ``{"format", "config", "state_dict"}`` (tensors on the CPU) to one file,
+    atomically (:func:`visearch.fileio.atomic_open`); missing parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": FORMAT, "config": model.config, "state_dict": state}, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        torch.save({"format": FORMAT, "config": model.config, "state_dict": state}, f)
 
 
 def load_detector(

@@ -1,8 +1,13 @@
 """Training the RetinaNet product detector on COCO samples, with resumable checkpoints.
 
-Each epoch writes ``<out_dir>/checkpoint.pt`` ({model, optimiser, scheduler, epoch, config,
-history}) and ``<out_dir>/detector.pt`` (``save_detector``, loadable on its own), then scores
-the validation set with pycocotools. ``resume=True`` continues from the checkpoint's next
+This module holds the detector's data (shuffled, flipped COCO samples), model and loss
+(RetinaNet's own); the loop, optimiser, schedule, AMP and checkpoints are
+:class:`visearch.training.Trainer`'s.
+
+Each epoch scores the validation set with pycocotools, then writes
+``<out_dir>/checkpoint.pt`` ({model, optimiser, scheduler, scaler, rng, epoch (0-based index
+of the epoch just finished), config, history}) and ``<out_dir>/detector.pt``
+(``save_detector``, loadable on its own). ``resume=True`` continues from the checkpoint's next
 epoch with the same data order (shuffles and flips are seeded per epoch, not per process).
 Mixed precision (fp16 autocast + gradient scaling) is used on CUDA.
 """
@@ -12,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ from visearch.detection.data import (
 from visearch.detection.evaluate import detections_to_results, evaluate_coco
 from visearch.detection.model import ProductDetector, save_detector
 from visearch.imageio import decode_image
+from visearch.training import EpochStats, Trainer, WarmupCosine, read_checkpoint, seed_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ CHECKPOINT = "checkpoint.pt"
 DETECTOR = "detector.pt"
 
 # Called with the epoch index after each epoch's files are written; tests set it to simulate
-# a crash between epochs (STYLE.md: crashes are tested through a private hook).
+# a crash between epochs (a private hook, so the public signature carries no test-only knob).
 _after_epoch_hook: Callable[[int], None] | None = None
 
 
@@ -73,13 +78,6 @@ def evaluate_detector(
     return evaluate_coco(coco_gt, results)
 
 
-def _lr_factor(step: int, *, warmup: int, total: int) -> float:
-    if step < warmup:
-        return 0.001 + (1 - 0.001) * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_detector(
     model: ProductDetector,
     train_samples: Sequence[DetectionSample],
@@ -113,38 +111,53 @@ def train_detector(
         hflip: random horizontal flips of training images.
         seed: seeds shuffling, flips and the order of everything random.
         workers: DataLoader decoding processes (0 decodes in this process).
-        device: None picks CUDA when available.
+        device: a torch device name; None picks CUDA when visible, else CPU
+            (:func:`visearch.device.choose_device`).
         resume: continue from ``out_dir/checkpoint.pt`` when it exists (its detector config
             must match ``model``'s).
-        progress: show a tqdm bar per epoch.
+        progress: show a tqdm bar over all steps with the loss and images/s.
         extra_config: JSON-like values stored in the checkpoint's config (e.g. CLI flags).
         callback: called with each epoch's history row (e.g. for a CLI to print it).
+
+    Each step clips the gradient norm to 10. The learning rate warms up linearly from
+    ``0.001 * lr`` over a tenth of the steps (at most 200), then decays along a cosine to
+    ``0.02 * lr``.
+
+    Raises:
+        ValueError: no training samples, bad sizes, only one of ``val_coco``/``val_samples``,
+            ``device`` asks for CUDA but none is visible, or the checkpoint to resume from
+            belongs to a detector with another config.
+        FloatingPointError: the loss became NaN or infinite.
     """
     if not train_samples:
-        raise ValueError("no training images; check the COCO file and --images-root")
+        raise ValueError(
+            "train_samples is empty: no annotated training images (check the COCO file and "
+            "the images root its file names are relative to)"
+        )
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     if (val_coco is None) != (val_samples is None):
         raise ValueError("give both val_coco and val_samples, or neither")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    )
-    torch.manual_seed(seed)
-    model.to(dev)
-    use_amp = dev.type == "cuda"
+    # Torch only: shuffles and flips come from generators seeded by (seed, epoch), so the
+    # caller's numpy and python RNG streams are left alone.
+    seed_rngs(seed, torch_only=True)
 
     dataset = DetectionDataset(train_samples, hflip=hflip, seed=seed)
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
     total = steps_per_epoch * epochs
     warmup = min(200, max(1, total // 10))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: _lr_factor(step, warmup=warmup, total=total)
+    engine = Trainer(
+        {"model": model},
+        [p for p in model.parameters() if p.requires_grad],
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=WarmupCosine(warmup, total, start=0.001, floor=0.02),
+        device=device,
+        max_grad_norm=10.0,
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    dev = engine.device
     config = {
         "detector": model.config,
         "train": {
@@ -162,24 +175,20 @@ def train_detector(
     start_epoch = 0
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(ckpt_path)
         if ckpt["config"]["detector"] != model.config:
             raise ValueError(
                 f"{ckpt_path} was trained with detector config {ckpt['config']['detector']}, "
-                f"not {model.config}; use another --out or drop --resume"
+                f"not {model.config}; train into another out_dir or start without resume"
             )
-        model.load_state_dict(ckpt["model"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt and use_amp:
-            scaler.load_state_dict(ckpt["scaler"])
+        engine.load_state_dict(ckpt)
         history = list(ckpt.get("history", []))
         start_epoch = int(ckpt["epoch"]) + 1
         logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif resume:
         logger.info("no checkpoint in %s; starting from scratch", out)
 
-    for epoch in range(start_epoch, epochs):
+    def batches(epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
         loader = DataLoader(
             dataset,
@@ -190,8 +199,30 @@ def train_detector(
             generator=torch.Generator().manual_seed(seed * 1000 + epoch),
             drop_last=False,
         )
-        row = _train_epoch(model, loader, optimiser, scheduler, scaler, dev, use_amp,
-                           desc=f"epoch {epoch + 1}/{epochs}", progress=progress)
+        # One iterator is created and dropped before the real one, as the loop before the
+        # training engine did (its tqdm.auto wrapper called iter() on the loader): that draws a
+        # base seed from the loader's generator (with workers, also the first prefetched
+        # indices) and so fixes the shuffle order. Keeping it keeps a seed's data order, and
+        # the trained weights, the same as before.
+        iter(loader)
+        model.train()
+        return loader
+
+    def batch_loss(
+        batch: tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        images, targets = batch
+        images = [im.to(dev, non_blocking=True) for im in images]
+        targets = [{k: v.to(dev) for k, v in t.items()} for t in targets]
+        with engine.autocast():
+            losses = model(images, targets)
+        return sum(losses.values()), losses, len(images)
+
+    def end_epoch(stats: EpochStats) -> None:
+        epoch = stats.epoch
+        row = {"loss": stats.loss, **stats.parts}
+        row["lr"] = float(engine.optimiser.param_groups[0]["lr"])
+        row["seconds"] = stats.seconds
         row["epoch"] = float(epoch)
         if val_coco is not None and val_samples is not None:
             row.update(evaluate_detector(model, val_coco, val_samples, batch_size=batch_size))
@@ -201,74 +232,22 @@ def train_detector(
             f", val mAP {row['map']:.4f} mAP@.5 {row['map50']:.4f}" if "map" in row else "",
             row["seconds"],
         )
-        ckpt = {
-            "model": model.state_dict(),
-            "optimiser": optimiser.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "config": config,
-            "history": history,
-        }
-        if use_amp:
-            ckpt["scaler"] = scaler.state_dict()
-        tmp = ckpt_path.with_name(CHECKPOINT + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, ckpt_path)
+        engine.save_checkpoint(ckpt_path, epoch=epoch, config=config, history=history)
         save_detector(model, out / DETECTOR)
         if callback is not None:
             callback(row)
         if _after_epoch_hook is not None:
             _after_epoch_hook(epoch)
+
+    engine.fit(
+        epochs,
+        batches,
+        batch_loss,
+        steps_per_epoch=steps_per_epoch,
+        start_epoch=start_epoch,
+        end_epoch=end_epoch,
+        progress=progress,
+        desc="train-detector",
+    )
     model.eval()
     return DetectorTrainResult(model, history, ckpt_path, out / DETECTOR)
-
-
-def _train_epoch(
-    model: ProductDetector,
-    loader: DataLoader,
-    optimiser: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    use_amp: bool,
-    *,
-    desc: str,
-    progress: bool,
-) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
-    model.train()
-    t0 = time.perf_counter()
-    sums: dict[str, float] = {}
-    n = 0
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
-    for images, targets in bar:
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"detector loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} }); "
-                "lower --lr"
-            )
-        optimiser.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimiser)
-        torch.nn.utils.clip_grad_norm_(
-            [p for g in optimiser.param_groups for p in g["params"]], max_norm=10.0
-        )
-        scaler.step(optimiser)
-        scaler.update()
-        scheduler.step()
-        n += 1
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.item())
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.item())
-        bar.set_postfix(loss=f"{sums['loss'] / n:.3f}")
-    row = {k: v / max(n, 1) for k, v in sums.items()}
-    row["lr"] = float(optimiser.param_groups[0]["lr"])
-    row["seconds"] = time.perf_counter() - t0
-    return row
-

@@ -19,6 +19,7 @@ from torch import nn
 from visearch.embedding.attention import SpatialAttention
 from visearch.embedding.backbones import BACKBONES
 from visearch.embedding.pooling import POOLINGS
+from visearch.fileio import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,16 @@ class Embedder(nn.Module):
         """Embedding dimension."""
         return int(self.config["dim"])
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Un-normalised embeddings ``float [B, dim]`` (what the losses take)."""
+    def forward_features(self, x: torch.Tensor, *, neck: bool = True) -> torch.Tensor:
+        """Un-normalised embeddings ``float [B, dim]`` (what the losses take).
+
+        With ``neck=False``, the projection before the BN-neck, i.e. the neck's inputs
+        ``float [B, dim]`` (used to set the neck's running statistics).
+        """
         fmap = self.attention(self.trunk(x))
         pooled = self.pool(fmap)
-        return self.neck(self.proj(pooled.to(self.proj.weight.dtype)))
+        z = self.proj(pooled.to(self.proj.weight.dtype))
+        return self.neck(z) if neck else z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings ``float [B, dim]``."""
@@ -123,13 +129,13 @@ def build_embedder(
 
 
 def save_embedder(model: Embedder, path: str | os.PathLike[str]) -> None:
-    """Write ``{"config", "state_dict"}`` to one file (written to a temp name, then renamed)."""
+    """Write ``{"config", "state_dict"}`` (tensors on the CPU) to one file, atomically
+    (:func:`visearch.fileio.atomic_open`); missing parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": dict(model.config), "state_dict": state}, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        torch.save({"config": dict(model.config), "state_dict": state}, f)
 
 
 def load_embedder(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Embedder:

@@ -45,7 +45,7 @@ class PKSampler(Sampler[list[int]]):
         if len(self.by_label) < p:
             raise ValueError(
                 f"P x K sampling needs at least p={p} labels with >= {min_per_label} images, "
-                f"found {len(self.by_label)}; lower --p"
+                f"found {len(self.by_label)}; lower p (labels per batch) or min_per_label"
             )
         self.steps = (
             int(steps_per_epoch)

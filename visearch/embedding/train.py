@@ -1,4 +1,8 @@
-"""Training loop for the retrieval embedder (library side: objects and typed args in).
+"""Training the retrieval embedder (library side: objects and typed args in).
+
+This module holds the embedder's data (P x K batches of augmented crops), model set-up
+(frozen blocks, parameter groups, imprinted classifiers) and loss; the loop, optimiser,
+schedule, AMP and checkpoints are :class:`visearch.training.Trainer`'s.
 
 One epoch = ``len(sampler)`` P x K batches. After each epoch: optional validation (user-photo
 queries against the gallery, Recall@k by label) and a checkpoint holding everything needed to
@@ -9,10 +13,7 @@ epoch, config, RNG states and history. On CUDA it trains in fp16 autocast with c
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,21 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from visearch.catalog import CatalogRow
+from visearch.device import choose_device
 from visearch.embedding import embed_arrays, load_crop, model_device, model_transform
 from visearch.embedding.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss
 from visearch.embedding.model import Embedder, save_embedder
 from visearch.embedding.sampler import PKSampler
 from visearch.imageio import ImageSource
 from visearch.metrics import retrieval_metrics
+from visearch.training import (
+    EpochStats,
+    Trainer,
+    WarmupCosine,
+    read_checkpoint,
+    seed_rngs,
+    seed_worker,
+)
 from visearch.transforms import train_transform
 
 logger = logging.getLogger(__name__)
@@ -133,33 +143,6 @@ class _TrainDataset(Dataset):
         return self.transform(crop), i
 
 
-def _seed_worker(worker_id: int) -> None:
-    # DataLoader seeds torch per worker from the main RNG; numpy/random follow that seed.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 def _labels_to_tensors(labels: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(np.asarray(v), dtype=torch.int64) for k, v in labels.items()}
 
@@ -254,7 +237,7 @@ def imprint_classifiers(
         terms.append((name, weight, labels))
     if not terms and not calibrate_neck:
         return []
-    z = _pre_neck(model, train.crops(), batch_size=batch_size, device=device)
+    z = _neck_inputs(model, train.crops(), batch_size=batch_size, device=device)
     if calibrate_neck:
         _set_neck_stats(model, z)
     if not terms:
@@ -294,27 +277,27 @@ def calibrate_bn_neck(
     common offset and the eval-mode embeddings (used for imprinting and retrieval) point in
     other directions than the train-mode ones the loss shapes.
     """
-    _set_neck_stats(model, _pre_neck(model, crops, batch_size=batch_size, device=device))
+    _set_neck_stats(model, _neck_inputs(model, crops, batch_size=batch_size, device=device))
 
 
-def _pre_neck(
+def _neck_inputs(
     model: Embedder,
     crops: Sequence[np.ndarray],
     *,
     batch_size: int,
     device: torch.device | str | None,
 ) -> torch.Tensor:
-    """The neck's inputs ``float32 [N, dim]`` for ``crops`` (eval mode, eval transform)."""
+    """The BN-neck's inputs ``float32 [N, dim]`` for ``crops`` (``model.forward_features``
+    without the neck, eval mode, eval transform); ``device=None`` uses the model's device."""
     transform = model_transform(model)
-    dev = torch.device(device) if device is not None else model_device(model)
+    dev = choose_device(device) if device is not None else model_device(model)
     was_training = model.training
     model.to(dev).eval()
     chunks = []
     with torch.no_grad():
         for start in range(0, len(crops), batch_size):
             x = torch.stack([transform(c) for c in crops[start : start + batch_size]]).to(dev)
-            pooled = model.pool(model.attention(model.trunk(x)))
-            chunks.append(model.proj(pooled.to(model.proj.weight.dtype)).float())
+            chunks.append(model.forward_features(x, neck=False).float())
     model.train(was_training)
     return torch.cat(chunks)
 
@@ -327,16 +310,6 @@ def _set_neck_stats(model: Embedder, z: torch.Tensor) -> None:
         neck.running_mean.copy_(z.mean(0).to(neck.running_mean))
         neck.running_var.copy_(z.var(0, unbiased=True).to(neck.running_var))
     logger.debug("calibrated the BN-neck on %d images", len(z))
-
-
-def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def train_embedder(
@@ -397,23 +370,22 @@ def train_embedder(
         seed: seeds torch, numpy and python RNGs and the sampler; on CPU two runs with the
             same arguments give identical weights.
         resume: continue from ``out_dir/checkpoint.pt`` when it exists.
-        device: default CUDA when available, else CPU.
+        device: a torch device name; None picks CUDA when visible, else CPU
+            (:func:`visearch.device.choose_device`).
         num_workers: DataLoader decode/augment processes.
         amp: fp16 autocast + GradScaler on CUDA (ignored on CPU).
         progress: show a tqdm bar with loss and images/s (for CLIs).
         callback: called after each epoch with that epoch's history dict.
+
+    Raises:
+        ValueError: ``device`` asks for CUDA but none is visible; bad ``p``/``k``/
+            ``frozen_blocks`` for this data and model.
+        FloatingPointError: the loss became NaN or infinite.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    use_amp = amp and dev.type == "cuda"
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
+    dev = choose_device(device)
+    seed_rngs(seed)
 
     cfg = model.config
     if transform is None:
@@ -443,11 +415,15 @@ def train_embedder(
         },
         {"params": head + [q for q in loss.parameters() if q.requires_grad], "lr": lr},
     ]
-    optimiser = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, _warmup_cosine(total_steps, warmup_steps)
+    engine = Trainer(
+        {"model": model, "loss": loss},
+        groups,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=WarmupCosine(warmup_steps, total_steps, offset=1),
+        device=dev,
+        amp=amp,
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     run_config = {
         "model": dict(cfg),
@@ -464,7 +440,7 @@ def train_embedder(
         "weight_decay": weight_decay,
         "warmup_steps": warmup_steps,
         "seed": seed,
-        "amp": use_amp,
+        "amp": engine.amp,
         "loss_terms": {
             n: [loss.weights[n], loss.targets[n], type(m).__name__] for n, m in loss.losses.items()
         },
@@ -473,13 +449,8 @@ def train_embedder(
     history: list[dict[str, Any]] = []
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        loss.load_state_dict(ckpt["loss"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        ckpt = read_checkpoint(ckpt_path)
+        engine.load_state_dict(ckpt)
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt["history"])
         logger.info("resumed from %s at epoch %d/%d", ckpt_path, start_epoch, epochs)
@@ -497,121 +468,84 @@ def train_embedder(
         _TrainDataset(train, transform),
         batch_sampler=sampler,
         num_workers=num_workers,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=seed_worker,
         generator=gen,
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
     val_crops = (val[0].crops(), val[1].crops()) if val is not None else None
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    def batches(epoch: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        # Worker seeds come from this generator; derive it from the main RNG stream so a
+        # resumed run (RNG restored) draws the same augmentations.
+        gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        model.train()
+        for block in frozen:
+            block.eval()
+        if freeze_bn:
+            for m in model.trunk.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        loss.train()
+        return loader
 
-        bar = tqdm(
-            total=total_steps,
-            initial=start_epoch * len(sampler),
-            unit="step",
-            desc="train-embedder",
-        )
-    step_losses: list[float] = []
-    try:
-        for epoch in range(start_epoch, epochs):
-            sampler.set_epoch(epoch)
-            # Worker seeds come from this generator; derive it from the main RNG stream so a
-            # resumed run (RNG restored) draws the same augmentations.
-            gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-            model.train()
-            for block in frozen:
-                block.eval()
-            if freeze_bn:
-                for m in model.trunk.modules():
-                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-            loss.train()
-            t0, seen, epoch_loss = time.perf_counter(), 0, 0.0
-            parts_sum: dict[str, float] = {}
-            for x, idx in loader:
-                x = x.to(dev, non_blocking=True)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                targets = {name: t[idx].to(dev) for name, t in targets_all.items()}
-                with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-                    feats = model.forward_features(x)
-                total, parts = loss(feats.float(), targets)
-                optimiser.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()
-                scaler.step(optimiser)
-                scaler.update()
-                scheduler.step()
-                value = float(total.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"loss became {value} at epoch {epoch + 1}; lower --lr or the margin"
-                    )
-                step_losses.append(value)
-                epoch_loss += value
-                for name, part in parts.items():
-                    parts_sum[name] = parts_sum.get(name, 0.0) + float(part)
-                seen += len(x)
-                if bar is not None:
-                    rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", img_s=f"{rate:.0f}")
-                    bar.update(1)
-            seconds = time.perf_counter() - t0
-            steps = len(sampler)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "loss": epoch_loss / steps,
-                "parts": {n: v / steps for n, v in parts_sum.items()},
-                "images_per_s": seen / max(seconds, 1e-9),
-                "seconds": seconds,
-                "lr": scheduler.get_last_lr()[-1],
-            }
-            if val is not None and val_crops is not None:
-                # Val queries of labels absent from the gallery count as misses.
-                record.update(
-                    evaluate(
-                        model,
-                        val[0],
-                        val[1],
-                        device=dev,
-                        gallery_crops=val_crops[0],
-                        query_crops=val_crops[1],
-                    )
+    def batch_loss(
+        batch: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        x, idx = batch
+        x = x.to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        targets = {name: t[idx].to(dev) for name, t in targets_all.items()}
+        with engine.autocast():
+            feats = model.forward_features(x)
+        total, parts = loss(feats.float(), targets)
+        return total, parts, len(x)
+
+    def end_epoch(stats: EpochStats) -> None:
+        epoch = stats.epoch
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": stats.loss,
+            "parts": stats.parts,
+            "images_per_s": stats.images_per_s,
+            "seconds": stats.seconds,
+            "lr": engine.scheduler.get_last_lr()[-1],
+        }
+        if val is not None and val_crops is not None:
+            # Val queries of labels absent from the gallery count as misses.
+            record.update(
+                evaluate(
+                    model,
+                    val[0],
+                    val[1],
+                    device=dev,
+                    gallery_crops=val_crops[0],
+                    query_crops=val_crops[1],
                 )
-            history.append(record)
-            logger.info(
-                "epoch %d/%d %s",
-                epoch + 1,
-                epochs,
-                {k_: v for k_, v in record.items() if k_ != "parts"},
             )
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    "loss": loss.state_dict(),
-                    "optimiser": optimiser.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1,
-                    "config": run_config,
-                    "rng": _rng_state(),
-                    "history": history,
-                },
-            )
-            if callback is not None:
-                callback(record)
-    finally:
-        if bar is not None:
-            bar.close()
+        history.append(record)
+        logger.info(
+            "epoch %d/%d %s",
+            epoch + 1,
+            epochs,
+            {k_: v for k_, v in record.items() if k_ != "parts"},
+        )
+        engine.save_checkpoint(ckpt_path, epoch=epoch + 1, config=run_config, history=history)
+        if callback is not None:
+            callback(record)
+
+    step_losses = engine.fit(
+        epochs,
+        batches,
+        batch_loss,
+        steps_per_epoch=len(sampler),
+        start_epoch=start_epoch,
+        end_epoch=end_epoch,
+        progress=progress,
+        desc="train-embedder",
+    )
     model_path = out / MODEL_FILE
     save_embedder(model, model_path)
     return TrainResult(model_path, ckpt_path, history, step_losses)
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
