@@ -20,21 +20,21 @@
    default version.
 
 Prints one table with the main-object hit rate, full R@1, gt_box R@1 and their ratio (the
-issue's target: hit rate >= 0.75 and full >= 0.85 x gt_box), plus the machine.
+target: hit rate >= 0.75 and full >= 0.85 x gt_box), plus the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.machine import machine
 
 BIN = Path(sys.executable).parent
 
@@ -146,11 +146,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['full_r1']:.3f} | {r['full_r10']:.3f} | {r['gt_box_r1']:.3f} | "
               f"{r['ratio']:.2f} | {r['category']:.3f} | "
               f"{'-' if r['rebuild_s'] is None else r['rebuild_s']} |")
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(),
-               "date": time.strftime("%Y-%m-%d")}
-    print(f"\nmachine: {machine}")
+    measured_on = machine() | {"date": time.strftime("%Y-%m-%d")}
+    print(f"\nmachine: {measured_on}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "machine": machine,
+        args.json.write_text(json.dumps({"rows": rows, "machine": measured_on,
                                          "skus": args.skus, "seed": args.seed}, indent=1))
     return 0
 

@@ -32,7 +32,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -43,10 +42,10 @@ from typing import Any
 
 import faiss
 import numpy as np
-import sklearn
 import torch
 from PIL import Image
 
+from benchmarks.machine import machine
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.cleaning import calibrated_merge, dbscan_baseline, denoise_skus, merge_skus
 from visearch.cleaning.dedup import (
@@ -62,23 +61,12 @@ from visearch.cleaning.dedup import (
 )
 from visearch.cleaning.denoise import EPS, RETURN_THRESH
 from visearch.cleaning.merge import THRESHOLDS
+from visearch.device import choose_device
 from visearch.embedding import load_crop
 from visearch.unionfind import UnionFind
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "mobilenet_v2-b0353104.pth"
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-        "sklearn": sklearn.__version__,
-        "numpy": np.__version__,
-        "cuda": torch.cuda.is_available(),
-    }
 
 
 def prf(tp: int, n_pred: int, n_true: int) -> dict[str, float]:
@@ -279,7 +267,7 @@ def imagenet_features(rows: Sequence[CatalogRow], input_size: int, batch: int) -
 
     net = torchvision.models.mobilenet_v2(weights=None)
     net.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = choose_device()
     trunk = net.features.eval().to(dev)
     mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
@@ -426,7 +414,7 @@ def render(report: dict) -> str:
     parts = [
         "# Catalog cleaning benchmark",
         f"machine: {m['cpu_count']} CPUs, {m['platform']}, torch {m['torch']}, faiss "
-        f"{m['faiss']}, sklearn {m['sklearn']}, numpy {m['numpy']}, cuda {m['cuda']}",
+        f"{m['faiss']}, sklearn {m['scikit-learn']}, numpy {m['numpy']}, cuda {m['cuda']}",
         f"world: {report['world']} ({report['rows']} catalog rows)",
     ]
     if "dedup_rules" in report:
@@ -616,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_manifest(world / "catalog.jsonl").rows
     truth = json.loads((world / "truth.json").read_text())
     report: dict[str, Any] = {
-        "machine": machine(),
+        "machine": machine(["scikit-learn"]),
         "world": str(world),
         "rows": len(rows),
         "args": {k: str(v) for k, v in vars(args).items()},

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.machine import machine
 from benchmarks.recall import InProcess, relevant_skus, run_ablation, summarise
 from index_builder.cli import main as index_main
 from visearch.catalog import read_manifest
@@ -198,9 +198,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{stats['removed']}, mislabelled left {stats['mislabelled_left']}/"
               f"{stats['mislabelled']}", flush=True)
 
-    report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                         "platform": platform.platform(), "loadavg_start": load_start,
-                         "loadavg_end": os.getloadavg()}
+    report["machine"] = machine() | {"loadavg_start": load_start,
+                                     "loadavg_end": os.getloadavg()}
     lines = [
         f"world {world.name}: {report['queries']} user photos, true box, voting + re-ranking",
         "| arm | rows removed | mislabelled left | merge groups (same product) | R@1 | R@5 "

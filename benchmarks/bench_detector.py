@@ -11,7 +11,7 @@ Figures, each beside a baseline measured in the same run:
   baseline: the whole image as the box (what the search does without a detector);
 - ms per image (CPU, batch 1) per backbone and input size, untrained weights; on CUDA also
   images/s at batch 1 and 8 in fp32 and fp16 (autocast); baseline: resnet50_fpn, the
-  reference design's backbone;
+  usual RetinaNet backbone;
 - semi-supervised: val mAP after each round from a 10% labelled subset, and the 100% run.
 Trainings use the same number of optimiser steps whatever the set size, so rows compare.
 """
@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.machine import machine
 from visearch.catalog import read_manifest
 from visearch.detection.data import coco_categories, coco_samples, read_coco
 from visearch.detection.evaluate import evaluate_coco, main_object_hit_rate
@@ -43,32 +42,11 @@ from visearch.detection.model import (
 )
 from visearch.detection.pseudo_label import UnlabelledImage, run_rounds
 from visearch.detection.train import evaluate_detector, train_detector
+from visearch.device import choose_device
 from visearch.imageio import decode_image
 
 _REPO = Path(__file__).resolve().parent.parent
 MOBILENET = _REPO / "weights" / "mobilenet_v2-b0353104.pth"
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    try:
-        import faiss
-
-        faiss_version = faiss.__version__
-    except ImportError:
-        faiss_version = "n/a"
-    info = {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": __import__("torchvision").__version__,
-        "faiss": faiss_version,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _weights(backbone: str, pretrained: bool) -> Path | None:
@@ -266,13 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-timing", action="store_true", help="skip the trainings")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = choose_device(args.device)
     args.time_backbones = [b for b in args.time_backbones.split(",") if b]
     args.time_sizes = [int(s) for s in args.time_sizes.split(",") if s]
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"machine": machine(args.device), "args": {
+    report: dict[str, Any] = {"machine": machine(["torchvision"]) | {"device": str(args.device)},
+                              "args": {
         k: str(v) for k, v in vars(args).items()}}
     print(json.dumps(report["machine"]))
 
@@ -307,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     full_val = evaluate_detector(full, val, val_samples)
     report["full"] = {"val": full_val, "queries": query_metrics(
         full, world, args.main_thresh, args.area_weight)}
-    # The reference design's rule (top score, 0.3 floor) on the same detections.
+    # The plain rule (top score, 0.3 floor, box area ignored) on the same detections.
     report["top_score"] = query_metrics(full, world, 0.3, 0.0)
     report["baseline_whole_image"] = query_metrics(None, world, args.main_thresh, 0.0)
 

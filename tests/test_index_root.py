@@ -17,8 +17,9 @@ import faiss
 import numpy as np
 import pytest
 
+from visearch import fileio
 from visearch.errors import IndexFormatError
-from visearch.index import IndexRoot, IndexVersion, _io, build_version, update_version
+from visearch.index import IndexRoot, IndexVersion, build_version, update_version
 
 N, D_DIM = 600, 16
 CATS = ("bag", "shoe", "toy")
@@ -222,7 +223,7 @@ def test_disk_full_leaves_the_active_version_untouched(built, monkeypatch):
         if path.name == "items.lmdb":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(_io, "_fault_hook", disk_full)
+    monkeypatch.setattr(fileio, "_fault_hook", disk_full)
     ids = np.arange(N, dtype=np.int64)
     with pytest.raises(OSError, match="disk full while writing a new index version") as e:
         build_version(root, xb, ids, items_for(ids), v1.embedder_path, k1=4)
@@ -235,7 +236,8 @@ _KILLED_BUILD = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from visearch.index import _io, build_version
+    from visearch import fileio
+    from visearch.index import build_version
 
     root, emb = sys.argv[1], sys.argv[2]
 
@@ -243,7 +245,7 @@ _KILLED_BUILD = textwrap.dedent(
         if path.name == "neighbours_I.npy":  # index files written, graph half written
             os.kill(os.getpid(), signal.SIGKILL)
 
-    _io._fault_hook = kill_mid_build
+    fileio._fault_hook = kill_mid_build
     rng = np.random.default_rng(3)
     xb = rng.standard_normal((200, 16)).astype(np.float32)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)

@@ -82,14 +82,13 @@ def test_resume_after_crash_completes(tmp_path: Path, catalog: Path) -> None:
     store.close()
 
 
-def test_map_grows_when_full(tmp_path: Path, catalog: Path, monkeypatch) -> None:
-    monkeypatch.setattr("visearch.store._INITIAL_MAP_SIZE", 64 << 10)  # 64 KiB
+def test_map_grows_when_full(tmp_path: Path, catalog: Path) -> None:
     big = tmp_path / "img" / "big.png"
     Image.effect_noise((300, 300), 80).convert("RGB").save(big)  # ~270 KB, above the map
     row = {"image": "img/big.png", "sku": "B", "category": "box"}
     with open(catalog, "a") as f:
         f.write(json.dumps(row) + "\n")
-    with ImageStore(tmp_path / "store") as store:
+    with ImageStore(tmp_path / "store", initial_map_size=64 << 10) as store:  # 64 KiB
         report = store.ingest(read_manifest(catalog).rows)
         assert report.added_items == 14
         assert store.env.info()["map_size"] > 64 << 10

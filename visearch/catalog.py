@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from visearch.errors import ImageDecodeError, ManifestError
+from visearch.fileio import atomic_open
 from visearch.imageio import image_size
 
 logger = logging.getLogger(__name__)
@@ -238,10 +239,8 @@ def write_manifest(path: str | os.PathLike[str], rows: list[CatalogRow]) -> None
     relative to the new manifest's folder, so the file can live anywhere."""
     path = Path(path)
     root = path.parent.resolve()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for row in rows:
             obj = row.to_json()
             obj["image"] = os.path.relpath(row.path, root)
             f.write(json.dumps(obj, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 _IMAGES = b"images"
 _ITEMS = b"items"
-_INITIAL_MAP_SIZE = 64 << 20  # grows by doubling; LMDB files are sparse, so this is cheap
+#: LMDB map size a new store starts with; it grows by doubling (LMDB files are sparse, so a
+#: large map costs nothing until it is used).
+INITIAL_MAP_SIZE = 64 << 20
 
 
 def item_key(md5: str, sku: str) -> str:
@@ -58,14 +60,18 @@ class ImageStore:
         path: the LMDB directory (created when writable and missing).
         readonly: open for reading only (many processes may do so at once).
         batch_size: rows per write transaction during ingest.
+        initial_map_size: LMDB map size in bytes to open with; ingest doubles it whenever
+            LMDB reports the map full.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, readonly: bool = False, batch_size: int = 256
+        self, path: str | os.PathLike[str], *, readonly: bool = False, batch_size: int = 256,
+        initial_map_size: int = INITIAL_MAP_SIZE,
     ) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self.batch_size = batch_size
+        self.initial_map_size = initial_map_size
         self._open()
 
     def _open(self) -> None:
@@ -74,7 +80,7 @@ class ImageStore:
         self.path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
             str(self.path),
-            map_size=_INITIAL_MAP_SIZE,
+            map_size=self.initial_map_size,
             max_dbs=4,
             readonly=self.readonly,
             lock=True,
@@ -94,7 +100,8 @@ class ImageStore:
 
     # Pickling (DataLoader workers): reopen the environment in the child process.
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "readonly": True, "batch_size": self.batch_size}
+        return {"path": self.path, "readonly": True, "batch_size": self.batch_size,
+                "initial_map_size": self.initial_map_size}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

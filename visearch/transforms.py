@@ -36,8 +36,9 @@ def train_transform(
 
     ``augment="light"``: random resized crop (``scale`` of the area, aspect 3/4..4/3),
     horizontal flip with probability ``flip``, colour jitter of brightness/contrast/saturation
-    by ``jitter`` (no hue), then random erasing with probability ``erasing`` (the reference
-    design credits erasing for making the model look at shape as well as texture).
+    by ``jitter`` (no hue), then random erasing with probability ``erasing`` (a hidden patch
+    stops the model from matching on one distinctive region, so it learns shape as well as
+    texture).
 
     ``augment="strong"`` adds general photometric and geometric corruptions that close the gap
     between clean catalog images and photos taken in the wild: random perspective and

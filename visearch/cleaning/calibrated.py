@@ -59,6 +59,7 @@ from visearch.cleaning.merge import (
     MergeRound,
     heldout_confusion,
 )
+from visearch.index.blas import small_batch_blas
 from visearch.unionfind import UnionFind
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,8 @@ def _neighbour_pairs(centroid: np.ndarray, neighbours: int) -> tuple[np.ndarray,
     index = faiss.IndexFlatIP(c.shape[1])
     index.add(c)
     kk = min(k, neighbours + 1)
-    _, ids = index.search(c, kk)
+    with small_batch_blas():
+        _, ids = index.search(c, kk)
     a = np.repeat(np.arange(k, dtype=np.int64), kk)
     b = ids.reshape(-1).astype(np.int64)
     keep = (b >= 0) & (b != a)

@@ -1,4 +1,4 @@
-"""SKU denoising: the reference design's "hierarchical DBSCAN", per SKU.
+"""SKU denoising, per SKU: a two-step ("hierarchical") DBSCAN.
 
 A SKU's images should show one product. Step 1 clusters the SKU's embeddings with DBSCAN
 (cosine distance, ``min_samples`` 2) and keeps the largest cluster as the SKU's core; this

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from visearch.fileio import atomic_write_text
 from visearch.imageio import decode_image
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,7 @@ def write_coco(path: str | os.PathLike[str], coco: dict[str, Any]) -> None:
     """Write a COCO dict atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(coco), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(coco))
 
 
 def coco_categories(coco: dict[str, Any]) -> tuple[list[str], list[int]]:

@@ -54,7 +54,7 @@ def select_main_object(
 
     A shopper fills the frame with the product, while distractors in the background are
     smaller and often detected more confidently (they are whole and unoccluded). The
-    reference design's rule, the top score alone, is ``area_weight=0``: it found the main
+    plain rule, the top score alone, is ``area_weight=0``: it found the main
     object (IoU >= 0.5) in 0.31 of 400 synthetic user photos where this rule finds 0.815,
     and in 0.26 vs 0.81 of the demo's 300 (``benchmarks.bench_detector`` prints both).
 

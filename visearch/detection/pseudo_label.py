@@ -1,7 +1,7 @@
 """Semi-supervised box labelling: train, pseudo-label, queue the doubtful, retrain, repeat.
 
-The reference design labelled a million boxes from about a hundred thousand manual ones by
-this loop. One round: a detector trained on the labelled set (plus earlier rounds'
+The loop grows a small hand-labelled set into a large one: people label only the images the
+detector is unsure of. One round: a detector trained on the labelled set (plus earlier rounds'
 pseudo-labels) labels the unlabelled images; per image
 
 - every box scoring ``>= keep_thresh`` is *confident*; boxes in ``[review_thresh,
@@ -33,6 +33,7 @@ from visearch.detection.data import coco_categories, write_coco
 from visearch.detection.evaluate import box_iou
 from visearch.detection.model import Detections
 from visearch.errors import ImageDecodeError
+from visearch.fileio import atomic_open
 from visearch.imageio import decode_image
 
 logger = logging.getLogger(__name__)
@@ -179,11 +180,9 @@ def write_review_queue(path: str | os.PathLike[str], items: Sequence[ReviewItem]
     """Write the queue as JSONL, one ``ReviewItem.to_json()`` per line (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for item in items:
             f.write(json.dumps(item.to_json()) + "\n")
-    os.replace(tmp, path)
 
 
 def read_reviewed(path: str | os.PathLike[str], categories: Sequence[str]) -> list[ImageLabels]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from visearch.index import _io
+from visearch import fileio
 from visearch.index.gallery import GalleryIndex
 from visearch.index.graph import NeighbourGraph, build_neighbour_graph, update_neighbour_graph
 from visearch.index.items import ITEM_FIELDS, ItemStore
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 def _copy(src: Path, dst: Path) -> None:
-    _io.before_write(dst)
+    fileio.before_write(dst)
     shutil.copyfile(src, dst)
 
 
@@ -74,19 +74,19 @@ def _write_version(
             if n_items != index.ntotal:
                 raise ValueError(f"{n_items} item records for {index.ntotal} indexed vectors")
             _copy(embedder_path, tmp / EMBEDDER_FILE)
-            model = {"file": EMBEDDER_FILE, "sha256": _io.sha256_file(tmp / EMBEDDER_FILE),
+            model = {"file": EMBEDDER_FILE, "sha256": fileio.file_digest(tmp / EMBEDDER_FILE),
                      "source": str(embedder_path)}
             detector = None
             if detector_path is not None:
                 _copy(detector_path, tmp / DETECTOR_FILE)
                 detector = {"file": DETECTOR_FILE,
-                            "sha256": _io.sha256_file(tmp / DETECTOR_FILE),
+                            "sha256": fileio.file_digest(tmp / DETECTOR_FILE),
                             "source": str(detector_path)}
             timings["write"] = _timed("wrote index files", t0)
             files = {}
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 rel = path.relative_to(tmp).as_posix()
-                files[rel] = {"sha256": _io.sha256_file(path), "bytes": path.stat().st_size}
+                files[rel] = {"sha256": fileio.file_digest(path), "bytes": path.stat().st_size}
             manifest.update(
                 format_version=MANIFEST_FORMAT,
                 model=model,
@@ -99,7 +99,7 @@ def _write_version(
                 timings=timings,
                 files=files,
             )
-            _io.before_write(tmp / MANIFEST)
+            fileio.before_write(tmp / MANIFEST)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     except OSError as e:
         if e.errno == errno.ENOSPC:

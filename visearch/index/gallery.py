@@ -1,9 +1,9 @@
 """GalleryIndex: FAISS inner-product search over L2-normalised gallery vectors, per category.
 
 One FAISS index holds the whole gallery and one more per category partition, so a query can
-be searched across all categories or, after category prediction, within one (as the
-reference design does). Similarities are inner products of L2-normalised float32 vectors,
-i.e. cosine similarities in [-1, 1].
+be searched across all categories or, after category prediction, within that category
+alone (fewer look-alikes of other categories to outrank the right item). Similarities are
+inner products of L2-normalised float32 vectors, i.e. cosine similarities in [-1, 1].
 
 Ids are stable int64 item ids, so items are added and removed without a rebuild:
 
@@ -32,8 +32,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from visearch import fileio
 from visearch.errors import IndexFormatError
-from visearch.index import _io
+from visearch.index.blas import small_batch_blas
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +53,9 @@ IVF_FLAT_MAX = 2_000_000
 # (benchmarks/RESULTS.md, Index); above it, PQ's d/4 bytes per vector.
 IVF_SQ8_MAX = 20_000_000
 
-#: IVF-SQ codes quantise the vectors themselves (False) or their residuals (faiss's default)
-SQ_BY_RESIDUAL = False
-
 DEFAULT_EF_SEARCH = 64
 #: IVF coarse k-means trains on at most this many sampled points per list
 IVF_TRAIN_POINTS_PER_LIST = 64
-# faiss brute force switches to BLAS only when (queries x d) >= this threshold (128000 by
-# default: 500 queries at d=256), so exact search of batches of 16-256 ran 8-10x slower
-# than it could (measured: benchmarks/bench_index.py). 4096 = 16 queries at d=256.
-faiss.cvar.distance_compute_blas_threshold = min(
-    faiss.cvar.distance_compute_blas_threshold, 4096
-)
 
 # faiss pads missing results with this similarity (and id -1) for inner-product indexes.
 PAD_SIMILARITY = float(np.finfo(np.float32).min)
@@ -178,9 +170,12 @@ class _Partition:
             )
 
     @classmethod
-    def create(cls, factory: str, d: int, xtrain: np.ndarray, *, fallback: bool) -> _Partition:
+    def create(cls, factory: str, d: int, xtrain: np.ndarray, *, fallback: bool,
+               sq_by_residual: bool = False) -> _Partition:
         """An empty, trained partition. With ``fallback``, a factory that cannot be trained
-        on ``xtrain`` (too few points for its lists or codebooks) falls back to ``Flat``."""
+        on ``xtrain`` (too few points for its lists or codebooks) falls back to ``Flat``.
+        ``sq_by_residual``: IVF-SQ codes quantise the vectors' residuals to their list
+        centroid (faiss's default) instead of the vectors themselves (see ``build``)."""
         try:
             base = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
@@ -197,7 +192,7 @@ class _Partition:
             # it (a new category) were clipped. Measured on 100k vectors trained on half
             # the data: Recall@10 on the other half 0.88 -> 0.96 (0.75 -> 0.92 on harder
             # data), for 0.007 less in-distribution (benchmarks/RESULTS.md, Index).
-            coarse.by_residual = SQ_BY_RESIDUAL
+            coarse.by_residual = sq_by_residual
         if coarse is not None:
             # k-means on a sample: faiss's default (256 points per list) trains IVF4096 on
             # 1M points, half an hour on one core; 64 per list is well above faiss's 39.
@@ -208,7 +203,8 @@ class _Partition:
             try:
                 if too_few:
                     raise RuntimeError(f"{len(xtrain)} training points for {nlist} lists")
-                base.train(xtrain)
+                with small_batch_blas():
+                    base.train(xtrain)
             except RuntimeError as e:
                 if not fallback:
                     raise ValueError(
@@ -243,7 +239,8 @@ class _Partition:
     def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
         self._gpu = None
         if len(ids):
-            self.index.add_with_ids(xb, ids)
+            with small_batch_blas():  # IVF list assignment is an exact search
+                self.index.add_with_ids(xb, ids)
 
     def remove(self, ids: np.ndarray, keep_ids: np.ndarray) -> int:
         """Remove ``ids``; ``keep_ids`` (the partition's ids after removal) lets an index that
@@ -261,6 +258,7 @@ class _Partition:
         keep_ids = np.ascontiguousarray(keep_ids, dtype=np.int64)
         xkeep = self.reconstruct(keep_ids)
         logger.info("HNSW partition cannot delete: rebuilding it from %d vectors", len(keep_ids))
+        # not IVF (IVF deletes in place), so no IVF-SQ encoding to carry over
         fresh = _Partition.create(self.factory, self.index.d, xkeep, fallback=False)
         fresh.add(xkeep, keep_ids)
         self.index = fresh.index
@@ -290,15 +288,18 @@ class _Partition:
         elif self.is_hnsw and ef_search is not None:
             params = faiss.SearchParametersHNSW(efSearch=int(ef_search))
         index = self._search_index()
-        try:
-            return index.search(xq, k) if params is None else index.search(xq, k, params=params)
-        except RuntimeError:
-            if index is self.index:
-                raise
-            # What a GPU index refuses (k > 2048, per-call parameters on some versions),
-            # the CPU master copy answers.
-            logger.debug("GPU search failed, answering on CPU", exc_info=True)
-            return self.index.search(xq, k, params=params)
+        with small_batch_blas():
+            try:
+                if params is None:
+                    return index.search(xq, k)
+                return index.search(xq, k, params=params)
+            except RuntimeError:
+                if index is self.index:
+                    raise
+                # What a GPU index refuses (k > 2048, per-call parameters on some
+                # versions), the CPU master copy answers.
+                logger.debug("GPU search failed, answering on CPU", exc_info=True)
+                return self.index.search(xq, k, params=params)
 
 
 class GalleryIndex:
@@ -319,9 +320,11 @@ class GalleryIndex:
         category_names: list[str],
         factory: str | None,
         partitioned: bool = True,
+        sq_by_residual: bool = False,
     ) -> None:
         self._dim = int(dim)
         self.partitioned = partitioned
+        self.sq_by_residual = sq_by_residual
         self._whole = whole
         self._parts = parts
         self._ids = ids
@@ -341,6 +344,7 @@ class GalleryIndex:
         *,
         factory: str | None = None,
         partitioned: bool = True,
+        sq_by_residual: bool = False,
     ) -> GalleryIndex:
         """Build the index of a gallery.
 
@@ -354,6 +358,10 @@ class GalleryIndex:
                 gallery itself.
             partitioned: also build one index per category (for ``search(category=...)``);
                 False builds only the whole index (half the memory, e.g. for benchmarks).
+            sq_by_residual: IVF-SQ indexes quantise each vector's residual to its list
+                centroid (faiss's default) instead of the vector itself (the default here:
+                items added later, far from the training set, are not clipped). Also used
+                for the partitions that ``add`` creates. Other index types ignore it.
 
         Returns:
             The index; ``.ntotal == N``.
@@ -371,20 +379,22 @@ class GalleryIndex:
         code_of = {c: i for i, c in enumerate(names)}
         codes = np.fromiter((code_of[c] for c in cats), dtype=np.int32, count=n)
 
-        whole = _Partition.create(factory or choose_factory(n, d), d, xb, fallback=False)
+        whole = _Partition.create(factory or choose_factory(n, d), d, xb, fallback=False,
+                                  sq_by_residual=sq_by_residual)
         whole.add(xb, ids)
         parts: dict[str, _Partition] = {}
         for code, name in enumerate(names if partitioned else []):
             mask = codes == code
             xc = np.ascontiguousarray(xb[mask])
-            part = _Partition.create(factory or choose_factory(len(xc), d), d, xc, fallback=True)
+            part = _Partition.create(factory or choose_factory(len(xc), d), d, xc, fallback=True,
+                                     sq_by_residual=sq_by_residual)
             part.add(xc, ids[mask])
             parts[name] = part
         logger.info(
             "built gallery index: %d vectors, d=%d, %s, %d categories",
             n, d, whole.factory, len(parts),
         )
-        return cls(d, whole, parts, ids, codes, names, factory, partitioned)
+        return cls(d, whole, parts, ids, codes, names, factory, partitioned, sq_by_residual)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -524,7 +534,7 @@ class GalleryIndex:
                 xc = xb[np.array([c == name for c in cats])]
                 self._parts[name] = _Partition.create(
                     self.factory or choose_factory(len(xc), self._dim), self._dim, xc,
-                    fallback=True,
+                    fallback=True, sq_by_residual=self.sq_by_residual,
                 )
         code_of = {c: i for i, c in enumerate(self._names)}
         codes = np.fromiter((code_of[c] for c in cats), dtype=np.int32, count=n)
@@ -571,7 +581,7 @@ class GalleryIndex:
 
         def write_faiss(index: faiss.Index, name: str) -> None:
             path = out / name
-            _io.before_write(path)
+            fileio.before_write(path)
             faiss.write_index(index, str(path))
             written.append(path)
 
@@ -584,7 +594,7 @@ class GalleryIndex:
             parts.append({"category": name, "file": fname, "factory": p.factory,
                           "ntotal": p.ntotal})
         for fname, arr in ((IDS_FILE, self._ids), (CATS_FILE, self._codes)):
-            _io.before_write(out / fname)
+            fileio.before_write(out / fname)
             np.save(out / fname, arr)
             written.append(out / fname)
         meta = {
@@ -598,7 +608,7 @@ class GalleryIndex:
             "partitioned": self.partitioned,
             "partitions": parts,
         }
-        _io.before_write(out / META_FILE)
+        fileio.before_write(out / META_FILE)
         (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         written.append(out / META_FILE)
         return written
@@ -634,7 +644,8 @@ class GalleryIndex:
             except RuntimeError as e:
                 raise IndexFormatError(
                     f"corrupt or truncated index file {path}: {str(e).splitlines()[-1][:200]}; "
-                    "run `visearch-index verify` and roll back or rebuild"
+                    "check the version with IndexVersion.verify, then roll back to another "
+                    "version or rebuild this one"
                 ) from e
             if index.d != dim or index.ntotal != expect:
                 raise IndexFormatError(
@@ -646,9 +657,14 @@ class GalleryIndex:
         if len(ids) != meta["ntotal"] or len(codes) != len(ids):
             raise IndexFormatError(f"{src}: id arrays disagree with {META_FILE}")
         whole = read(meta["whole"]["file"], meta["whole"]["factory"], len(ids))
+        # Not recorded in gallery.json: the whole index's own IVF-SQ encoding, so that the
+        # partitions a later ``add`` creates are encoded like the rest.
+        coarse = _ivf_of(whole.index)
+        sq_by_residual = (isinstance(coarse, faiss.IndexIVFScalarQuantizer)
+                          and bool(coarse.by_residual))
         names = list(meta["category_names"])
         parts = {}
         for p in meta["partitions"]:
             parts[p["category"]] = read(p["file"], p["factory"], int(p["ntotal"]))
         return cls(dim, whole, parts, ids.astype(np.int64), codes.astype(np.int32), names,
-                   meta.get("factory"), bool(meta.get("partitioned", True)))
+                   meta.get("factory"), bool(meta.get("partitioned", True)), sq_by_residual)

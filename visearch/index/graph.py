@@ -17,8 +17,9 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from visearch import fileio
 from visearch.errors import IndexFormatError
-from visearch.index import _io
+from visearch.index.blas import small_batch_blas
 from visearch.index.gallery import GalleryIndex
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class NeighbourGraph:
         out = Path(directory)
         written = []
         for name, arr in ((IDS_FILE, self.ids), (I_FILE, self.I), (D_FILE, self.D)):
-            _io.before_write(out / name)
+            fileio.before_write(out / name)
             np.save(out / name, np.ascontiguousarray(arr))
             written.append(out / name)
         return written
@@ -123,7 +124,8 @@ def _knn_exact(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     if faiss.get_num_gpus() > 0:
         res = faiss.StandardGpuResources()
         return faiss.knn_gpu(res, xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
-    return faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+    with small_batch_blas():
+        return faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def build_neighbour_graph(

@@ -18,8 +18,8 @@ from typing import Any
 
 import lmdb
 
+from visearch import fileio
 from visearch.errors import IndexFormatError
-from visearch.index import _io
 
 ITEM_FIELDS = ("sku", "category", "image_key", "title")
 _KEY = struct.Struct(">q")
@@ -79,7 +79,7 @@ class ItemStore(Mapping[int, dict[str, Any]]):
         """Write a new item map at ``path`` from ``(item_id, {sku, category, image_key,
         title, ...})`` pairs; returns the number of items. Extra keys are kept."""
         path = Path(path)
-        _io.before_write(path)
+        fileio.before_write(path)
         records = [(_key(i), json.dumps(dict(meta), sort_keys=True).encode()) for i, meta in items]
         for _, value in records:
             meta = json.loads(value)

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from visearch import fileio
 from visearch.errors import IndexFormatError
-from visearch.index import _io
 from visearch.index.gallery import GalleryIndex
 from visearch.index.graph import NeighbourGraph
 from visearch.index.items import ItemStore
@@ -171,7 +171,7 @@ class IndexVersion:
                     f"{rel}: {path.stat().st_size} bytes, manifest says {info['bytes']} "
                     "(truncated or rewritten)"
                 )
-            elif checksums and _io.sha256_file(path) != info["sha256"]:
+            elif checksums and fileio.file_digest(path) != info["sha256"]:
                 problems.append(f"{rel}: sha256 differs from the manifest (corrupt)")
         report.checks["files"] = len(files)
         if problems:
@@ -340,8 +340,8 @@ class IndexRoot:
     def _switch(self, target: str, history: list[str]) -> None:
         # HISTORY first: a crash between the two writes leaves CURRENT unchanged and at
         # worst one extra rollback entry, never a CURRENT that history does not explain.
-        _io.atomic_write_text(self.path / HISTORY, json.dumps(history[-_HISTORY_MAX:]))
-        _io.atomic_write_text(self.path / CURRENT, target + "\n")
+        fileio.atomic_write_text(self.path / HISTORY, json.dumps(history[-_HISTORY_MAX:]))
+        fileio.atomic_write_text(self.path / CURRENT, target + "\n")
 
     def activate(self, version: str) -> None:
         """Make ``version`` the active one (atomic); the previous one becomes the rollback
@@ -392,7 +392,7 @@ class IndexRoot:
                 os.rename(self.path / v, trash)
                 shutil.rmtree(trash)
             if doomed:
-                _io.atomic_write_text(
+                fileio.atomic_write_text(
                     self.path / HISTORY, json.dumps([v for v in history if v not in doomed])
                 )
         self.clean_staging()
@@ -434,7 +434,7 @@ class IndexRoot:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     continue  # a concurrent build took this number
                 raise
-            _io.fsync_dir(self.path)
+            fileio.fsync_dir(self.path)
             logger.info("published index version %s", name)
             return name
 

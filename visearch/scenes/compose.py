@@ -43,17 +43,17 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
 from visearch.errors import ImageDecodeError
+from visearch.fileio import atomic_write_text
 from visearch.imageio import decode_image, encode_jpeg
 
 logger = logging.getLogger(__name__)
@@ -911,18 +911,112 @@ def compose_scene(
 
 # ---- scene sets -------------------------------------------------------------------------------
 
-_STATE: dict[str, Any] = {}
+class _SceneJob(NamedTuple):
+    """Scene number ``scene`` (0-based; it seeds the scene's generator) with main cut-out
+    ``main`` (an index into the objects)."""
+
+    scene: int
+    main: int
 
 
-def _init_worker(cutouts: list[np.ndarray], skus: list[str], photos: list[np.ndarray],
-                 config: dict[str, Any]) -> None:
-    _STATE.clear()
-    _STATE.update(cutouts=cutouts, skus=skus, photos=photos, **config)
+class _Annotation(NamedTuple):
+    """One object visible in a rendered scene: its cut-out ``obj`` (index into the
+    objects), visible ``box``, ``visible`` fraction, and whether it is the ``main`` one."""
+
+    obj: int
+    box: Box
+    visible: float
+    main: bool
 
 
-def _init_pool_worker(*args: Any) -> None:
+class _RenderedScene(NamedTuple):
+    """A rendered scene: its JPEG bytes, annotations (the main object first when still
+    visible) and ``crops`` ``[(JPEG bytes, box)]`` of the main object."""
+
+    scene: int
+    jpeg: bytes
+    annotations: list[_Annotation]
+    crops: list[tuple[bytes, Box]]
+
+
+@dataclass(frozen=True)
+class _SceneRenderer:
+    """Everything a scene needs besides its job; one per rendering process.
+
+    ``cutouts`` are the objects' RGBA cut-outs (already shrunk to the scene size), ``skus``
+    their SKUs, ``photos`` the decoded background photos; the rest are the arguments of
+    ``synthesize_scenes`` of the same names (``size`` is ``image_size``).
+    """
+
+    cutouts: list[np.ndarray]
+    skus: list[str]
+    photos: list[np.ndarray]
+    seed: int
+    size: int
+    max_distractors: int
+    crops_per_scene: int
+    crop_jitter: float
+    photo_fraction: float
+    occlusion: float
+    min_visible: float
+
+    def _pick_distractors(self, main: int, count: int, rng: np.random.Generator) -> list[int]:
+        """Up to ``count`` other cut-outs, preferring SKUs other than the main's."""
+        skus = self.skus
+        n = len(skus)
+        picked: list[int] = []
+        if n < 2:
+            return picked
+        for _ in range(4 * count):
+            if len(picked) == count:
+                break
+            j = int(rng.integers(n))
+            if j != main and j not in picked and skus[j] != skus[main]:
+                picked.append(j)
+        return picked
+
+    def render(self, job: _SceneJob) -> _RenderedScene:
+        """Render scene ``job.scene`` with main cut-out ``job.main``."""
+        rng = np.random.default_rng([self.seed, _KIND_SCENE, job.scene])
+        size = self.size
+        if self.photos and rng.random() < self.photo_fraction:
+            bg = background_from_photo(self.photos[int(rng.integers(len(self.photos)))], size,
+                                       rng)
+        else:
+            bg = procedural_background(size, rng)
+        count = int(rng.integers(0, self.max_distractors + 1))
+        chosen = [job.main, *self._pick_distractors(job.main, count, rng)]
+        comp = _compose([_premultiplied(self.cutouts[j]) for j in chosen], bg, rng, main=0,
+                        photometric=True, occlusion=self.occlusion,
+                        min_visible=self.min_visible)
+        lo, hi = _JPEG_QUALITY
+        data = encode_jpeg(comp.image, int(rng.integers(lo, hi + 1)))
+        anns = [_Annotation(chosen[p.index], p.box, p.visible, p.main) for p in comp.pasted]
+        crops = []
+        if comp.pasted and comp.pasted[0].main:
+            for _ in range(self.crops_per_scene):
+                x1, y1, x2, y2 = box = _jitter_box(comp.pasted[0].box, self.crop_jitter, size,
+                                                   rng)
+                crop = np.ascontiguousarray(comp.image[y1:y2, x1:x2])
+                crops.append((encode_jpeg(crop, int(rng.integers(lo, hi + 1))), box))
+        return _RenderedScene(job.scene, data, anns, crops)
+
+
+# The renderer of a pool worker process, set once by ``_init_pool_worker`` in that process
+# (multiprocessing hands per-process state to tasks only through the initializer); the
+# calling process never sets it.
+_pool_renderer: _SceneRenderer | None = None
+
+
+def _init_pool_worker(renderer: _SceneRenderer) -> None:
+    global _pool_renderer
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would contend
-    _init_worker(*args)
+    _pool_renderer = renderer
+
+
+def _render_in_pool_worker(job: _SceneJob) -> _RenderedScene:
+    assert _pool_renderer is not None, "called outside a pool started by _run"
+    return _pool_renderer.render(job)
 
 
 def _jitter_box(box: Box, jitter: float, size: int, rng: np.random.Generator) -> Box:
@@ -938,74 +1032,25 @@ def _jitter_box(box: Box, jitter: float, size: int, rng: np.random.Generator) ->
     return nx1, ny1, nx2, ny2
 
 
-def _pick_distractors(main: int, count: int, rng: np.random.Generator) -> list[int]:
-    """Up to ``count`` other cut-outs, preferring SKUs other than the main's."""
-    skus = _STATE["skus"]
-    n = len(skus)
-    picked: list[int] = []
-    if n < 2:
-        return picked
-    for _ in range(4 * count):
-        if len(picked) == count:
-            break
-        j = int(rng.integers(n))
-        if j != main and j not in picked and skus[j] != skus[main]:
-            picked.append(j)
-    return picked
-
-
-def _render(job: tuple[int, int]) -> tuple[int, bytes, list[tuple[int, Box, float, bool]],
-                                           list[tuple[bytes, Box]]]:
-    """Render scene ``i`` with main cut-out ``main``: (i, JPEG bytes, [(object, box, visible,
-    main)], [(crop JPEG bytes, crop box)])."""
-    i, main = job
-    rng = np.random.default_rng([_STATE["seed"], _KIND_SCENE, i])
-    size = _STATE["size"]
-    photos = _STATE["photos"]
-    if photos and rng.random() < _STATE["photo_fraction"]:
-        bg = background_from_photo(photos[int(rng.integers(len(photos)))], size, rng)
-    else:
-        bg = procedural_background(size, rng)
-    chosen = [main, *_pick_distractors(main, int(rng.integers(0, _STATE["max_distractors"] + 1)),
-                                       rng)]
-    cutouts = _STATE["cutouts"]
-    comp = _compose([_premultiplied(cutouts[j]) for j in chosen], bg, rng, main=0,
-                    photometric=True, occlusion=_STATE["occlusion"],
-                    min_visible=_STATE["min_visible"])
-    lo, hi = _JPEG_QUALITY
-    data = encode_jpeg(comp.image, int(rng.integers(lo, hi + 1)))
-    anns = [(chosen[p.index], p.box, p.visible, p.main) for p in comp.pasted]
-    crops = []
-    if comp.pasted and comp.pasted[0].main:
-        for _ in range(_STATE["crops_per_scene"]):
-            x1, y1, x2, y2 = box = _jitter_box(comp.pasted[0].box, _STATE["crop_jitter"], size,
-                                               rng)
-            crop = np.ascontiguousarray(comp.image[y1:y2, x1:x2])
-            crops.append((encode_jpeg(crop, int(rng.integers(lo, hi + 1))), box))
-    return i, data, anns, crops
-
-
-def _run(jobs: list[tuple[int, int]], args: tuple, workers: int, progress: bool
-         ) -> Iterator[tuple[int, bytes, list, list]]:
+def _run(jobs: list[_SceneJob], renderer: _SceneRenderer, workers: int, progress: bool
+         ) -> Iterator[_RenderedScene]:
     bar = tqdm(total=len(jobs), desc="scenes", unit="scene", disable=not progress)
     try:
         if workers == 1:
-            _init_worker(*args)
             for job in jobs:
-                yield _render(job)
+                yield renderer.render(job)
                 bar.update()
             return
         # spawn: workers do not inherit the caller's threads (torch, BLAS) or open files;
         # the cut-outs and photos travel once per worker through the initializer.
         ctx = multiprocessing.get_context("spawn")
         chunk = max(1, min(32, len(jobs) // (workers * 8)))
-        with ctx.Pool(workers, initializer=_init_pool_worker, initargs=args) as pool:
-            for res in pool.imap(_render, jobs, chunksize=chunk):
+        with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(renderer,)) as pool:
+            for res in pool.imap(_render_in_pool_worker, jobs, chunksize=chunk):
                 yield res
                 bar.update()
     finally:
         bar.close()
-        _STATE.clear()
 
 
 def _load_photos(paths: Sequence[Path], size: int) -> tuple[list[np.ndarray], int]:
@@ -1022,12 +1067,6 @@ def _load_photos(paths: Sequence[Path], size: int) -> tuple[list[np.ndarray], in
         logger.warning("none of the %d background photos decodes; all backgrounds will be "
                        "procedural", len(paths))
     return photos, failed
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def synthesize_scenes(
@@ -1132,12 +1171,13 @@ def synthesize_scenes(
     n_val = round(val_fraction * n_scenes)
     is_val = np.zeros(n_scenes, bool)
     is_val[plan.choice(n_scenes, size=n_val, replace=False)] = True
-    jobs = [(i, int(perm[i % n])) for i in range(n_scenes)]
-    config = {"seed": seed, "size": image_size, "max_distractors": max_distractors,
-              "crops_per_scene": crops_per_scene, "crop_jitter": crop_jitter,
-              "photo_fraction": photo_fraction, "occlusion": occlusion,
-              "min_visible": min_visible}
-    args = (cutouts, [o.sku for o in objects], photos, config)
+    jobs = [_SceneJob(i, int(perm[i % n])) for i in range(n_scenes)]
+    renderer = _SceneRenderer(
+        cutouts=cutouts, skus=[o.sku for o in objects], photos=photos, seed=seed,
+        size=image_size, max_distractors=max_distractors, crops_per_scene=crops_per_scene,
+        crop_jitter=crop_jitter, photo_fraction=photo_fraction, occlusion=occlusion,
+        min_visible=min_visible,
+    )
 
     width = max(6, len(str(n_scenes)))
     crop_width = max(6, len(str(n_scenes * crops_per_scene)))
@@ -1146,13 +1186,13 @@ def synthesize_scenes(
     rows: list[dict[str, Any]] = []
     without_main = 0
     n_ann = 0
-    for i, data, anns, crops in _run(jobs, args, workers, progress):
+    for i, data, anns, crops in _run(jobs, renderer, workers, progress):
         name = f"scenes/S{i + 1:0{width}d}.jpg"
         (out / name).write_bytes(data)
         split = splits["val" if is_val[i] else "train"]
         split["images"].append({"id": i + 1, "file_name": name, "width": image_size,
                                 "height": image_size})
-        if not (anns and anns[0][3]):
+        if not (anns and anns[0].main):
             without_main += 1
         for obj, (x1, y1, x2, y2), visible, is_main in anns:
             n_ann += 1
@@ -1162,7 +1202,7 @@ def synthesize_scenes(
                 "iscrowd": 0, "main": is_main, "sku": objects[obj].sku,
                 "visible": round(visible, 4),
             })
-        main_obj = objects[jobs[i][1]]
+        main_obj = objects[jobs[i].main]
         for data_c, box in crops:
             crop_name = f"crops/C{len(rows) + 1:0{crop_width}d}.jpg"
             (out / crop_name).write_bytes(data_c)
@@ -1177,13 +1217,13 @@ def synthesize_scenes(
     cocos = {k: {"info": info, "images": v["images"], "annotations": v["annotations"],
                  "categories": cats} for k, v in splits.items()}
     # as visearch.detection.data.write_coco writes it; not imported, so spawned workers skip torch
-    _write_atomic(out / "train.json", json.dumps(cocos["train"]))
+    atomic_write_text(out / "train.json", json.dumps(cocos["train"]))
     if val_fraction > 0:
-        _write_atomic(out / "val.json", json.dumps(cocos["val"]))
+        atomic_write_text(out / "val.json", json.dumps(cocos["val"]))
     crops_path = None
     if crops_per_scene:
         crops_path = out / "crops.jsonl"
-        _write_atomic(crops_path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(crops_path, "".join(json.dumps(r) + "\n" for r in rows))
     counts = {"scenes": n_scenes, "train_images": len(cocos["train"]["images"]),
               "val_images": len(cocos["val"]["images"]), "annotations": n_ann,
               "crops": len(rows), "scenes_without_main": without_main, "objects": n,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from visearch.detection.main_object import MAIN_SCORE_THRESH
+from visearch.device import choose_device
 from visearch.embedding import embed_arrays
 from visearch.imageio import MAX_PIXELS, crop, decode_image
 from visearch.search.batching import MicroBatcher
@@ -40,7 +41,8 @@ Box = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class RerankParams:
-    """k-reciprocal parameters (the paper's defaults) and how many hits get re-ranked."""
+    """k-reciprocal parameters (the defaults of Zhong et al., CVPR 2017) and how many hits
+    get re-ranked."""
 
     k1: int = 20
     k2: int = 6
@@ -132,11 +134,6 @@ class _Clock:
         return self.timings
 
 
-def default_device() -> str:
-    """"cuda" when a GPU is visible, else "cpu"."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class SearchPipeline:
     """Search one index version with its embedder and an optional detector.
 
@@ -224,16 +221,17 @@ class SearchPipeline:
         *,
         detector_path: str | None = None,
         use_detector: bool = True,
-        device: str | None = None,
+        device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> SearchPipeline:
-        """Load the version's embedder (and its detector, or ``detector_path``) and build.
+        """Load the version's embedder (and its detector, or ``detector_path``) on
+        ``device`` (default: the first GPU when one is visible, else the CPU) and build.
         The version is closed again when anything fails (it can then be reopened)."""
         from visearch.detection.model import load_detector
         from visearch.embedding import load_embedder
 
-        device = device or default_device()
         try:
+            device = choose_device(device)
             embedder = load_embedder(version.embedder_path, device=device)
             detector = None
             det_path = detector_path or version.detector_path

@@ -15,13 +15,15 @@ or under ``if __name__ == "__main__":``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import multiprocessing
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -44,21 +46,140 @@ FORMAT_VERSION = 1
 SHOP_QUALITY = 92
 _KIND_PLAN, _KIND_SHOP, _KIND_DUP, _KIND_PHOTO, _KIND_SCENE, _KIND_BACKGROUND = range(6)
 
-# One job: (kind, relative path, product index, key index, extra). For "dup", extra is
-# (source shop job, transform); for "shop", extra is the close-up flag.
-Job = tuple[str, str, int, int, Any]
 
-_STATE: dict[str, Any] = {}
+@dataclass(frozen=True)
+class _Job:
+    """One image to render and write.
+
+    Attributes:
+        kind: ``"shop"``, ``"dup"`` (a near-duplicate of a shop image), ``"photo"`` or
+            ``"scene"``.
+        path: the image file, relative to the world folder.
+        product: index into the world's products of the (main) product drawn.
+        key: the job's index among the jobs of its kind; with the world seed and the kind
+            it seeds the job's generator. A shop job's key is its row in the shop images.
+        closeup: shop jobs: a close-up shot.
+        source: dup jobs: the shop job whose image is edited.
+        transform: dup jobs: the edit, one of ``NEAR_DUP_TRANSFORMS``.
+    """
+
+    kind: str
+    path: str
+    product: int
+    key: int
+    closeup: bool = False
+    source: _Job | None = None
+    transform: str = ""
 
 
-def _init_worker(products: Sequence[ProductSpec], out: str, size: int, seed: int,
-                 shop_masks: bool = False, photo_backgrounds: Sequence[str] = ()) -> None:
-    others: dict[str, list[int]] = {}
-    for cat in {p.category for p in products}:
-        others[cat] = [i for i, p in enumerate(products) if p.category != cat]
-    _STATE.update(products=list(products), out=Path(out), size=size, seed=seed, others=others,
-                  shop_masks=shop_masks,
-                  photos=[_load_photo(Path(p), 4 * size) for p in photo_backgrounds])
+class _Rendered(NamedTuple):
+    """What a job wrote: the image ``path``, ``boxes`` ``[(product, box)]`` of the products
+    drawn in it (the main one first), and the image ``size`` ``(width, height)``."""
+
+    path: str
+    boxes: list[tuple[int, Box]]
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Renderer:
+    """Everything a job needs besides itself; one per rendering process.
+
+    Attributes:
+        products: the world's products.
+        out: the world folder.
+        size: image side in pixels.
+        seed: the world seed.
+        shop_masks: also write each shop image's drawn mask (see ``mask_path``).
+        photos: decoded background photos for the user photos (empty: procedural clutter).
+        distractors: category -> indices of the products of every other category.
+    """
+
+    products: list[ProductSpec]
+    out: Path
+    size: int
+    seed: int
+    shop_masks: bool
+    photos: list[Image.Image]
+    distractors: dict[str, list[int]]
+
+    @classmethod
+    def create(cls, products: Sequence[ProductSpec], out: str | Path, size: int, seed: int,
+               shop_masks: bool, photo_backgrounds: Sequence[str]) -> _Renderer:
+        distractors = {
+            cat: [i for i, p in enumerate(products) if p.category != cat]
+            for cat in {p.category for p in products}
+        }
+        return cls(products=list(products), out=Path(out), size=size, seed=seed,
+                   shop_masks=shop_masks,
+                   photos=[_load_photo(Path(p), 4 * size) for p in photo_backgrounds],
+                   distractors=distractors)
+
+    def _rng(self, kind: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, kind, index])
+
+    def _shop_bytes(self, job: _Job) -> tuple[bytes, Box, Image.Image]:
+        """JPEG bytes, tight box and drawn mask (PIL ``L``) of one shop job."""
+        image, box, mask = render_shop(self.products[job.product], self.size,
+                                       self._rng(_KIND_SHOP, job.key), closeup=job.closeup,
+                                       return_mask=True)
+        return to_jpeg(image, SHOP_QUALITY), box, mask
+
+    def run(self, job: _Job) -> _Rendered:
+        """Render one job and write its file."""
+        size = self.size
+        if job.kind == "shop":
+            data, box, mask = self._shop_bytes(job)
+            boxes = [(job.product, box)]
+            wh = (size, size)
+            if self.shop_masks:
+                mask.save(self.out / mask_path(job.path), format="PNG")
+        elif job.kind == "dup":
+            assert job.source is not None
+            src_bytes, src_box, _ = self._shop_bytes(job.source)
+            data, box = near_duplicate(src_bytes, src_box, job.transform,
+                                       self._rng(_KIND_DUP, job.key))
+            boxes = [(job.source.product, box)]
+            wh = _jpeg_size(data)
+        else:
+            rng = self._rng(_KIND_PHOTO if job.kind == "photo" else _KIND_SCENE, job.key)
+            photos = self.photos if job.kind == "photo" else []
+            background = None
+            if photos:
+                # its own generator, so the scene's other draws do not depend on the photos
+                bg_rng = self._rng(_KIND_BACKGROUND, job.key)
+                background = photo_crop(photos[int(bg_rng.integers(len(photos)))], size, bg_rng)
+            image, placed = render_scene(
+                self.products, job.product, size, rng,
+                distractors=self.distractors[self.products[job.product].category],
+                max_distractors=3 if job.kind == "photo" else 4, background=background,
+            )
+            quality = int(rng.integers(25, 76))
+            data = to_jpeg(image, quality)
+            boxes = [(p.product, p.box) for p in placed]
+            wh = (size, size)
+        (self.out / job.path).write_bytes(data)
+        return _Rendered(job.path, boxes, wh)
+
+
+# The renderer of a pool worker process, set once by ``_init_pool_worker`` in that process
+# (multiprocessing hands per-process state to tasks only through the initializer); the
+# calling process never sets it.
+_pool_renderer: _Renderer | None = None
+
+
+def _init_pool_worker(products: Sequence[ProductSpec], out: str, size: int, seed: int,
+                      shop_masks: bool, photo_backgrounds: Sequence[str]) -> None:
+    """Build this worker's renderer; its background photos are decoded here, once per
+    worker, rather than pickled from the caller."""
+    global _pool_renderer
+    _pool_renderer = _Renderer.create(products, out, size, seed, shop_masks,
+                                      photo_backgrounds)
+
+
+def _run_in_pool_worker(job: _Job) -> _Rendered:
+    assert _pool_renderer is not None, "called outside a pool started by _render"
+    return _pool_renderer.run(job)
 
 
 def _load_photo(path: Path, max_side: int) -> Image.Image:
@@ -70,63 +191,11 @@ def _load_photo(path: Path, max_side: int) -> Image.Image:
     return photo
 
 
-def _rng(kind: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([_STATE["seed"], kind, index])
-
-
-def _shop_bytes(job: Job) -> tuple[bytes, Box, Image.Image]:
-    """JPEG bytes, tight box and drawn mask (PIL ``L``) of one shop job."""
-    _, _, product, key, closeup = job
-    image, box, mask = render_shop(_STATE["products"][product], _STATE["size"],
-                                   _rng(_KIND_SHOP, key), closeup=bool(closeup),
-                                   return_mask=True)
-    return to_jpeg(image, SHOP_QUALITY), box, mask
-
-
 def mask_path(image: str) -> str:
     """Where ``generate_world(shop_masks=True)`` writes the drawn mask of shop image
     ``image`` (both relative to the world folder): ``shop/S00012_1.jpg`` ->
     ``masks/S00012_1.png``."""
     return f"masks/{Path(image).stem}.png"
-
-
-def _run_job(job: Job) -> tuple[str, list[tuple[int, Box]], tuple[int, int]]:
-    """Render one job, write its file, return (path, [(product, box)], (width, height))."""
-    kind, path, product, key, extra = job
-    size = _STATE["size"]
-    if kind == "shop":
-        data, box, mask = _shop_bytes(job)
-        boxes = [(product, box)]
-        wh = (size, size)
-        if _STATE["shop_masks"]:
-            mask.save(_STATE["out"] / mask_path(path), format="PNG")
-    elif kind == "dup":
-        source, transform = extra
-        src_bytes, src_box, _ = _shop_bytes(source)
-        data, box = near_duplicate(src_bytes, src_box, transform, _rng(_KIND_DUP, key))
-        boxes = [(source[2], box)]
-        wh = _jpeg_size(data)
-    else:
-        kind_code = _KIND_PHOTO if kind == "photo" else _KIND_SCENE
-        rng = _rng(kind_code, key)
-        products = _STATE["products"]
-        photos = _STATE["photos"] if kind == "photo" else []
-        background = None
-        if photos:
-            # its own generator, so the scene's other draws do not depend on the photos
-            bg_rng = _rng(_KIND_BACKGROUND, key)
-            background = photo_crop(photos[int(bg_rng.integers(len(photos)))], size, bg_rng)
-        image, placed = render_scene(
-            products, product, size, rng, distractors=_STATE["others"][products[product].category],
-            max_distractors=3 if kind == "photo" else 4, background=background,
-        )
-        quality = int(rng.integers(25, 76))
-        data = to_jpeg(image, quality)
-        boxes = [(p.product, p.box) for p in placed]
-        wh = (size, size)
-    target = _STATE["out"] / path
-    target.write_bytes(data)
-    return path, boxes, wh
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
@@ -247,13 +316,13 @@ def generate_world(
         product_skus.setdefault(sku_product[sku], []).append(sku)
 
     # -- shop images, mislabels, near-duplicates -----------------------------------------
-    shop_jobs: list[Job] = []
+    shop_jobs: list[_Job] = []
     shop_sku: list[str] = []
     for sku in sku_ids:
         for j in range(shop_per_sku):
             closeup = shop_per_sku >= 3 and j == shop_per_sku - 1 and rng.uniform() < 0.5
-            shop_jobs.append(("shop", f"shop/{sku}_{j + 1}.jpg", sku_product[sku],
-                              len(shop_jobs), bool(closeup)))
+            shop_jobs.append(_Job("shop", f"shop/{sku}_{j + 1}.jpg", sku_product[sku],
+                                  key=len(shop_jobs), closeup=bool(closeup)))
             shop_sku.append(sku)
     n_shop = len(shop_jobs)
     n_mis = int(round(mislabel_rate * n_shop))
@@ -264,7 +333,7 @@ def generate_world(
         by_category.setdefault(p.category, []).append(i)
     if len({p.family for p in products}) >= 2:
         for r in sorted(int(i) for i in rng.choice(n_shop, size=n_mis, replace=False)):
-            filed = products[shop_jobs[r][2]]
+            filed = products[shop_jobs[r].product]
             # Half the time a product of the same category (the hard case for cleaning);
             # rejection sampling keeps planning O(1) per row at any catalog size.
             pools = [range(n_products)]
@@ -281,10 +350,9 @@ def generate_world(
                     break
             if true_p < 0:
                 continue
-            kind, path, _, key, closeup = shop_jobs[r]
-            shop_jobs[r] = (kind, path, true_p, key, closeup)
+            shop_jobs[r] = dataclasses.replace(shop_jobs[r], product=true_p)
             mis_rows.add(r)
-            mislabelled.append({"image": path, "filed_sku": shop_sku[r],
+            mislabelled.append({"image": shop_jobs[r].path, "filed_sku": shop_sku[r],
                                 "true_sku": product_skus[true_p][0]})
     candidates = [r for r in range(n_shop) if r not in mis_rows]
     n_dup = min(int(round(dup_rate * n_shop)), len(candidates))
@@ -293,45 +361,46 @@ def generate_world(
     transforms = [NEAR_DUP_TRANSFORMS[i % len(NEAR_DUP_TRANSFORMS)] for i in range(n_dup)]
     transforms = [transforms[int(i)] for i in rng.permutation(n_dup)]
     next_index = dict.fromkeys(sku_ids, shop_per_sku)
-    dup_jobs: list[Job] = []
+    dup_jobs: list[_Job] = []
     near_duplicates = []
     for k, (r, t) in enumerate(zip(dup_sources, transforms, strict=True)):
         sku = shop_sku[r]
         next_index[sku] += 1
         path = f"shop/{sku}_{next_index[sku]}.jpg"
-        dup_jobs.append(("dup", path, shop_jobs[r][2], k, (shop_jobs[r], t)))
-        near_duplicates.append({"image": path, "source": shop_jobs[r][1], "transform": t})
+        source = shop_jobs[r]
+        dup_jobs.append(_Job("dup", path, source.product, key=k, source=source, transform=t))
+        near_duplicates.append({"image": path, "source": source.path, "transform": t})
 
     # -- user photos (queries) and detection scenes --------------------------------------
     pairs = [(sku, k) for sku in sku_ids for k in range(photos_per_sku)]
-    photo_jobs: list[Job] = []
+    photo_jobs: list[_Job] = []
     photo_sku: list[str] = []
     q_width = max(6, len(str(len(pairs))))
     for qi, pi in enumerate(rng.permutation(len(pairs)) if pairs else []):
         sku = pairs[int(pi)][0]
-        photo_jobs.append(("photo", f"photos/Q{qi + 1:0{q_width}d}.jpg", sku_product[sku], qi,
-                           None))
+        photo_jobs.append(_Job("photo", f"photos/Q{qi + 1:0{q_width}d}.jpg", sku_product[sku],
+                               key=qi))
         photo_sku.append(sku)
     n_val = int(round(val_fraction * n_scenes))
     n_train = n_scenes - n_val
     t_width = max(6, len(str(n_scenes)))
     mains = np.concatenate([rng.permutation(n_products)
                             for _ in range(n_scenes // n_products + 1)])[:n_scenes]
-    scene_jobs: list[Job] = [
-        ("scene", f"scenes/T{i + 1:0{t_width}d}.jpg" if i < n_train else
-         f"scenes/V{i - n_train + 1:0{t_width}d}.jpg", int(mains[i]), i, None)
+    scene_jobs: list[_Job] = [
+        _Job("scene", f"scenes/T{i + 1:0{t_width}d}.jpg" if i < n_train else
+             f"scenes/V{i - n_train + 1:0{t_width}d}.jpg", int(mains[i]), key=i)
         for i in range(n_scenes)
     ]
 
     # -- render ----------------------------------------------------------------------------
     jobs = shop_jobs + dup_jobs + photo_jobs + scene_jobs
     # A world regenerated in place must not keep images of a previous, larger one.
-    wanted = {j[1] for j in jobs}
+    wanted = {j.path for j in jobs}
     for sub in ("shop", "photos", "scenes"):
         for f in (out / sub).glob("*.jpg"):
             if f"{sub}/{f.name}" not in wanted:
                 f.unlink()
-    wanted_masks = {mask_path(j[1]) for j in shop_jobs} if shop_masks else set()
+    wanted_masks = {mask_path(j.path) for j in shop_jobs} if shop_masks else set()
     if shop_masks:
         (out / "masks").mkdir(exist_ok=True)
     if (out / "masks").is_dir():
@@ -350,17 +419,19 @@ def generate_world(
         return {"image": path, "sku": sku, "category": spec.category, "bbox": list(box),
                 "attributes": spec.attributes(), "title": spec.title(sku_seller[sku])}
 
-    catalog = [row(j[1], shop_sku[i], results[i][1][0][1]) for i, j in enumerate(shop_jobs)]
+    catalog = [row(j.path, shop_sku[i], results[i].boxes[0][1])
+               for i, j in enumerate(shop_jobs)]
     for k, job in enumerate(dup_jobs):
-        src_row = job[4][0][3]
-        catalog.append(row(job[1], shop_sku[src_row], results[n_shop + k][1][0][1]))
+        assert job.source is not None
+        # a near-duplicate is filed under the SKU of the shop row it copies
+        catalog.append(row(job.path, shop_sku[job.source.key], results[n_shop + k].boxes[0][1]))
     catalog.sort(key=lambda r: (r["sku"], int(r["image"].rsplit("_", 1)[1][:-4])))
     base = n_shop + len(dup_jobs)
     queries = []
     for q, job in enumerate(photo_jobs):
-        _, boxes, _ = results[base + q]
-        assert boxes and boxes[0][0] == job[2], "the main product is always visible"
-        queries.append(row(job[1], photo_sku[q], boxes[0][1]))
+        boxes = results[base + q].boxes
+        assert boxes and boxes[0][0] == job.product, "the main product is always visible"
+        queries.append(row(job.path, photo_sku[q], boxes[0][1]))
     base += len(photo_jobs)
     cat_id = {c: i + 1 for i, c in enumerate(CATEGORIES)}
     coco_sets = {"train": results[base:base + n_train], "val": results[base + n_train:]}
@@ -426,34 +497,33 @@ def generate_world(
     return world
 
 
-def _render(jobs: list[Job], products: list[ProductSpec], out: Path, size: int, seed: int,
+def _render(jobs: list[_Job], products: list[ProductSpec], out: Path, size: int, seed: int,
             workers: int, progress: bool, shop_masks: bool,
-            photo_backgrounds: Sequence[str]) -> list[tuple[str, list[tuple[int, Box]], tuple]]:
+            photo_backgrounds: Sequence[str]) -> list[_Rendered]:
     bar = tqdm(total=len(jobs), desc="render", unit="img", disable=not progress)
     args = (products, str(out), size, seed, shop_masks, tuple(photo_backgrounds))
     try:
         if workers == 1:
-            _init_worker(*args)
+            renderer = _Renderer.create(*args)
             results = []
             for job in jobs:
-                results.append(_run_job(job))
+                results.append(renderer.run(job))
                 bar.update()
             return results
         # spawn: workers do not inherit the caller's threads (torch, BLAS) or open files.
         ctx = multiprocessing.get_context("spawn")
         chunk = max(1, min(64, len(jobs) // (workers * 8)))
-        with ctx.Pool(workers, initializer=_init_worker, initargs=args) as pool:
+        with ctx.Pool(workers, initializer=_init_pool_worker, initargs=args) as pool:
             results = []
-            for res in pool.imap(_run_job, jobs, chunksize=chunk):
+            for res in pool.imap(_run_in_pool_worker, jobs, chunksize=chunk):
                 results.append(res)
                 bar.update()
             return results
     finally:
         bar.close()
-        _STATE.clear()
 
 
-def _coco(results: list, products: list[ProductSpec], cat_id: dict[str, int]) -> dict:
+def _coco(results: list[_Rendered], products: list[ProductSpec], cat_id: dict[str, int]) -> dict:
     images, annotations = [], []
     for image_id, (path, boxes, (w, h)) in enumerate(results, start=1):
         images.append({"id": image_id, "file_name": path, "width": w, "height": h})
