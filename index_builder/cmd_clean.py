@@ -16,6 +16,11 @@ writes what to drop or rename, which ``visearch.cleaning.apply_cleaning`` applie
 ``--decisions`` (a review decisions JSONL, see ``visearch-index review``) is applied by each
 stage: accepted cross-SKU duplicates are dropped, rejected denoise removals kept, accepted
 merges merged and rejected ones never.
+
+The typed functions :func:`dedup_catalog`, :func:`clean_catalog` and :func:`merge_catalog`
+are what ``rebuild`` calls; the subcommands are thin wrappers over them. Below them,
+:func:`dedup_stage`, :func:`clean_stage` and :func:`merge_stage` run on rows and embeddings
+already in memory.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from index_builder.stage import StageResult, file_checksum, run_stage
+from index_builder.stage import StageResult, run_stage, stat_digest
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.cleaning import apply_cleaning, calibrated_merge, denoise_skus, merge_skus
 from visearch.cleaning.calibrated import FALSE_MERGE_RATE, MIN_CONFUSION, REVIEW_RATE
@@ -48,8 +54,532 @@ from visearch.cleaning.denoise import EPS, MIN_SIZE, RETURN_THRESH
 from visearch.cleaning.merge import FOLDS, THRESHOLDS
 from visearch.cleaning.review import Decision, read_decisions, reviewed_pairs
 from visearch.errors import ManifestError
+from visearch.fileio import file_digest
 
 EMBED_STAGE = "clean-embed"
+
+
+# ---- typed arguments and results --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DedupParams:
+    """The ``dedup`` stage's parameters (``visearch.cleaning.dedup.dedup_images``)."""
+
+    radius: int = RADIUS  # inclusive Hamming radius
+    #: largest relative chroma difference of two near-duplicates; None: grey-scale hash only
+    color_tol: float | None = COLOR_TOL
+    hash_size: int = HASH_SIZE
+    hash_kind: str = HASH_KIND
+    method: str = "auto"  # faiss binary index for the range search: auto, flat, multihash
+    workers: int = 1  # hashing processes
+
+
+@dataclass(frozen=True)
+class EmbeddingSource:
+    """Where ``clean`` and ``merge`` get the catalog's embeddings: a precomputed file
+    (``embeddings``), or a model (``model``) run once over the catalog in the shared
+    ``clean-embed`` stage with the other fields."""
+
+    model: Path | None = None
+    #: .npz with 'embeddings' float32 [N, D] and 'images' [N], or .npy [rows, D]
+    embeddings: Path | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str | None = None  # None: the model's
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.embeddings is None):
+            raise ValueError("give exactly one of an embedder model and an embeddings file")
+
+
+@dataclass(frozen=True)
+class CleanParams:
+    """The ``clean`` stage's parameters (``visearch.cleaning.denoise_skus``)."""
+
+    eps: float = EPS  # step-1 DBSCAN eps (cosine distance)
+    return_thresh: float | None = RETURN_THRESH  # None skips step 2
+    return_rule: str = "centroid"
+    min_size: int = MIN_SIZE  # smaller SKUs are kept whole
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """The ``merge`` stage's parameters: rule "calibrated" (``calibrated_merge``) or
+    "confusion" (``merge_skus``); see :func:`merge_stage`."""
+
+    rule: str = "calibrated"
+    thresholds: tuple[float, ...] = THRESHOLDS
+    folds: int = FOLDS
+    soft: bool = True
+    by_category: bool = True
+    false_merge_rate: float = FALSE_MERGE_RATE
+    review_rate: float = REVIEW_RATE
+    min_confusion: float = MIN_CONFUSION
+    color_tol: float | None = None  # None: no colour check
+    workers: int = 1  # processes for colour signatures
+
+
+@dataclass(frozen=True)
+class CleaningResult:
+    """What ``clean_catalog`` or ``merge_catalog`` did: the shared embedding stage (None
+    when the embeddings were given) and the stage itself."""
+
+    embed: StageResult | None
+    stage: StageResult
+
+    def report(self, what: str) -> str:
+        """The lines the subcommand ``what`` prints: the embedding stage's (when it ran),
+        then its own."""
+        lines = [report_line(self.embed, "embed")] if self.embed is not None else []
+        return "\n".join([*lines, report_line(self.stage, what)])
+
+
+# ---- stage outputs, for the rebuild pipeline ------------------------------------------------
+
+
+def read_removed(path: str | os.PathLike[str]) -> set[str]:
+    """Catalog ``image`` fields listed in a ``removed.json`` (JSON list of strings or of
+    objects with ``image``) or ``removed.jsonl`` (one object with ``image`` per line)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        items: Iterable[Any] = (json.loads(line) for line in text.splitlines() if line.strip())
+    else:
+        items = json.loads(text)
+    out: set[str] = set()
+    for it in items:
+        out.add(it if isinstance(it, str) else it["image"])
+    return out
+
+
+def read_sku_map(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``{old_sku: style_id}`` map written by ``merge``."""
+    return dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def report_line(result: StageResult, what: str) -> str:
+    """The line the cleaning subcommands (and ``rebuild``) print for a stage."""
+    state = "up to date, skipped" if result.skipped else f"done in {result.seconds:.1f} s"
+    summary = ", ".join(f"{k} {v}" for k, v in result.summary.items())
+    return f"{what}: {state}: {summary} -> {result.out_dir}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def rows_digest(rows: Sequence[CatalogRow]) -> str:
+    """Digest of every image's name, size and mtime: changes when an image file changes,
+    without reading the images."""
+    return stat_digest((r.image, r.path) for r in rows)
+
+
+def _labels_digest(rows: Sequence[CatalogRow]) -> str:
+    """Digest of the rows' images, SKUs and categories (what denoise and merge read)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r.image}\0{r.sku}\0{r.category}\n".encode())
+    return h.hexdigest()
+
+
+def _decisions(path: Path | None) -> tuple[dict[str, Decision], str | None]:
+    """The decisions at ``path`` and a checksum for the fingerprint (None when absent)."""
+    if path is None or not Path(path).is_file():
+        return {}, None
+    return read_decisions(path), file_digest(path)
+
+
+# ---- dedup ------------------------------------------------------------------------------------
+
+
+def dedup_stage(
+    rows: Sequence[CatalogRow],
+    work_dir: Path,
+    *,
+    inputs: dict[str, Any],
+    radius: int = RADIUS,
+    hash_size: int = HASH_SIZE,
+    hash_kind: str = HASH_KIND,
+    color_tol: float | None = COLOR_TOL,
+    method: str = "auto",
+    workers: int = 1,
+    decisions: Path | None = None,
+    force: bool = False,
+) -> StageResult:
+    """The ``dedup`` stage over catalog ``rows``: ``<work_dir>/dedup/removed.json`` and
+    ``report.json``. ``inputs`` identifies the catalog (e.g. ``{"catalog": checksum}``); the
+    images' names, sizes and mtimes are added to the fingerprint here. Removals stay within
+    a SKU; an accepted cross-SKU duplicate in ``decisions`` drops its ``image b``."""
+    reviewed, reviewed_sum = _decisions(decisions)
+    fingerprint = {**inputs, "images": rows_digest(rows), "radius": radius,
+                   "hash_size": hash_size, "hash_kind": hash_kind, "color_tol": color_tol,
+                   "decisions": reviewed_sum,
+                   "skus": _labels_digest(rows)}
+
+    # A catalog may list one image file on several rows: it is hashed (and kept) once.
+    unique = list({r.image: r for r in rows}.values())
+
+    def work(out: Path) -> dict[str, Any]:
+        result = dedup_images(
+            [r.path for r in unique],
+            [r.image for r in unique],
+            skus=[r.sku for r in unique],
+            radius=radius,
+            hash_size=hash_size,
+            kind=hash_kind,
+            color_tol=color_tol,
+            method=method,
+            workers=workers,
+            progress=True,
+        )
+        accepted = {b for _, b in reviewed_pairs(reviewed, "duplicate", "accept")}
+        dropped = {p.image_b for p in result.cross_sku if p.image_b in accepted}
+        _write_json(out / "removed.json", sorted(result.removed_images | dropped))
+        report = result.to_dict()
+        report["removed_by_review"] = sorted(dropped)
+        _write_json(out / "report.json", report)
+        return {**result.summary(), "removed_by_review": len(dropped)}
+
+    return run_stage("dedup", work_dir, fingerprint, work, force=force)
+
+
+def dedup_catalog(
+    catalog: Path,
+    work_dir: Path,
+    params: DedupParams,
+    *,
+    lenient: bool = False,
+    decisions: Path | None = None,
+    force: bool = False,
+) -> StageResult:
+    """The ``dedup`` stage over the ``catalog`` file (see :func:`dedup_stage`); its
+    checksum identifies the catalog.
+
+    Raises:
+        ManifestError: a bad catalog row (unless ``lenient``).
+    """
+    rows = read_manifest(catalog, strict=not lenient).rows
+    return dedup_stage(
+        rows,
+        work_dir,
+        inputs={"catalog": file_digest(catalog)},
+        radius=params.radius,
+        hash_size=params.hash_size,
+        hash_kind=params.hash_kind,
+        color_tol=params.color_tol,
+        method=params.method,
+        workers=params.workers,
+        decisions=decisions,
+        force=force,
+    )
+
+
+# ---- embeddings shared by clean and merge -----------------------------------------------------
+
+
+def _load_embeddings(path: Path, rows: Sequence[CatalogRow]) -> np.ndarray:
+    """``float32 [len(rows), D]`` for the catalog ``rows``, from an ``.npz`` (matched by
+    image) or an ``.npy`` (one row per catalog row, in catalog order)."""
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            emb, images = z["embeddings"], [str(s) for s in z["images"]]
+        pos = {name: i for i, name in enumerate(images)}
+        missing = [r.image for r in rows if r.image not in pos]
+        if missing:
+            raise ValueError(f"{path}: no embedding for {len(missing)} image(s), e.g. {missing[0]}")
+        return np.ascontiguousarray(emb[[pos[r.image] for r in rows]], dtype=np.float32)
+    emb = np.load(path, allow_pickle=False)
+    if emb.ndim != 2 or len(emb) != len(rows):
+        raise ValueError(
+            f"{path}: expected [{len(rows)}, D] (one row per catalog row), got {emb.shape}; "
+            "or pass an .npz with 'embeddings' and 'images'"
+        )
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def _embeddings(
+    catalog: Path, rows: list[CatalogRow], work_dir: Path, source: EmbeddingSource,
+    force: bool,
+) -> tuple[np.ndarray, str, StageResult | None]:
+    """Embeddings of all catalog ``rows``, a checksum of where they came from, and the
+    ``clean-embed`` stage that computed them (None: read from ``source.embeddings``)."""
+    if source.embeddings is not None:
+        emb = _load_embeddings(source.embeddings, rows)
+        return emb, file_digest(source.embeddings), None
+    from visearch.embedding import embed_items, load_embedder
+
+    assert source.model is not None  # EmbeddingSource holds one of the two
+    model_path = source.model
+    fingerprint = {
+        "catalog": file_digest(catalog),
+        "images": rows_digest(rows),
+        "model": file_digest(model_path),
+    }
+
+    def work(out: Path) -> dict[str, Any]:
+        model = load_embedder(model_path, device=source.device or "cpu")
+        items = ((i, r.path, r.bbox) for i, r in enumerate(rows))
+        ids, feats = [], []
+        for b_ids, b_feats in embed_items(
+            model,
+            items,
+            batch_size=source.batch_size,
+            num_workers=source.num_workers,
+            device=source.device,
+            progress=True,
+        ):
+            ids.append(b_ids)
+            feats.append(b_feats)
+        emb = np.concatenate(feats)[np.argsort(np.concatenate(ids))]
+        np.savez(out / "embeddings.npz", embeddings=emb, images=np.array([r.image for r in rows]))
+        return {"images": len(rows), "dim": int(emb.shape[1])}
+
+    result = run_stage(EMBED_STAGE, work_dir, fingerprint, work, force=force)
+    path = result.out_dir / "embeddings.npz"
+    return _load_embeddings(path, rows), file_digest(path), result
+
+
+def _cleaning_inputs(
+    catalog: Path, work_dir: Path, source: EmbeddingSource, exclude: Sequence[Path],
+    *, lenient: bool, force: bool,
+) -> tuple[list[CatalogRow], np.ndarray, dict[str, Any], StageResult | None]:
+    """The catalog rows left after ``exclude``, their embeddings, the fingerprint, and the
+    embedding stage (None for given embeddings)."""
+    rows = read_manifest(catalog, strict=not lenient).rows
+    emb, emb_sum, embed = _embeddings(catalog, rows, work_dir, source, force)
+    removed: set[str] = set()
+    for path in exclude:
+        removed |= read_removed(path)
+    keep = np.array([r.image not in removed for r in rows], dtype=bool)
+    kept_rows = apply_cleaning(rows, removed)
+    fingerprint = {
+        "catalog": file_digest(catalog),
+        "embeddings": emb_sum,
+        "exclude": [file_digest(p) for p in exclude],
+    }
+    return kept_rows, emb[keep], fingerprint, embed
+
+
+# ---- clean ------------------------------------------------------------------------------------
+
+
+def clean_stage(
+    rows: Sequence[CatalogRow],
+    embeddings: np.ndarray,
+    work_dir: Path,
+    *,
+    inputs: dict[str, Any],
+    eps: float = EPS,
+    return_thresh: float | None = RETURN_THRESH,
+    return_rule: str = "centroid",
+    min_size: int = MIN_SIZE,
+    decisions: Path | None = None,
+    force: bool = False,
+) -> StageResult:
+    """The ``clean`` stage (SKU denoising) over ``rows`` and their ``embeddings``
+    (``float32 [len(rows), D]``): ``<work_dir>/clean/removed.jsonl`` and ``report.json``
+    (with the removals per SKU). ``inputs`` identifies rows and embeddings (checksums) for
+    the fingerprint. A removal rejected in ``decisions`` is kept (listed as such)."""
+    reviewed, reviewed_sum = _decisions(decisions)
+    kept_by_review = {s[0] for s in reviewed_pairs(reviewed, "denoise", "reject")}
+    fingerprint = {
+        "decisions": reviewed_sum,
+        **inputs,
+        "rows": _labels_digest(rows),
+        "eps": eps,
+        "return_thresh": return_thresh,
+        "return_rule": return_rule,
+        "min_size": min_size,
+    }
+
+    def work(out: Path) -> dict[str, Any]:
+        result = denoise_skus(
+            embeddings,
+            [r.sku for r in rows],
+            eps=eps,
+            return_thresh=return_thresh,
+            return_rule=return_rule,
+            min_size=min_size,
+            progress=True,
+        )
+        per_sku: dict[str, list[dict[str, Any]]] = {}
+        kept: list[str] = []
+        with open(out / "removed.jsonl", "w", encoding="utf-8") as f:
+            for rem in result.removed:
+                rec = {
+                    "image": rows[rem.index].image,
+                    "sku": rem.sku,
+                    "reason": rem.reason,
+                    "distance": rem.distance,
+                }
+                if rec["image"] in kept_by_review:
+                    kept.append(rec["image"])
+                    continue
+                f.write(json.dumps(rec) + "\n")
+                per_sku.setdefault(rem.sku, []).append(
+                    {k: rec[k] for k in ("image", "reason", "distance")}
+                )
+        report = result.to_dict()
+        for rec in report["removed_detail"]:
+            rec["image"] = rows[rec.pop("index")].image
+        report["per_sku"] = dict(sorted(per_sku.items()))
+        report["kept_by_review"] = kept
+        _write_json(out / "report.json", report)
+        return {**result.summary(), "removed": len(result.removed) - len(kept),
+                "kept_by_review": len(kept)}
+
+    return run_stage("clean", work_dir, fingerprint, work, force=force)
+
+
+def clean_catalog(
+    catalog: Path,
+    work_dir: Path,
+    source: EmbeddingSource,
+    params: CleanParams,
+    *,
+    exclude: Sequence[Path] = (),
+    lenient: bool = False,
+    decisions: Path | None = None,
+    force: bool = False,
+) -> CleaningResult:
+    """The ``clean`` stage over the ``catalog`` file less the images listed in ``exclude``
+    (earlier stages' removed files), with the embeddings of ``source``.
+
+    Raises:
+        ManifestError: a bad catalog row (unless ``lenient``).
+        ValueError, FileNotFoundError: embeddings that do not match the catalog, or missing.
+    """
+    rows, emb, fingerprint, embed = _cleaning_inputs(
+        catalog, work_dir, source, exclude, lenient=lenient, force=force)
+    result = clean_stage(
+        rows,
+        emb,
+        work_dir,
+        inputs=fingerprint,
+        eps=params.eps,
+        return_thresh=params.return_thresh,
+        return_rule=params.return_rule,
+        min_size=params.min_size,
+        decisions=decisions,
+        force=force,
+    )
+    return CleaningResult(embed, result)
+
+
+# ---- merge ------------------------------------------------------------------------------------
+
+
+def merge_stage(
+    rows: Sequence[CatalogRow],
+    embeddings: np.ndarray,
+    work_dir: Path,
+    *,
+    inputs: dict[str, Any],
+    thresholds: Sequence[float] = THRESHOLDS,
+    folds: int = FOLDS,
+    soft: bool = True,
+    by_category: bool = True,
+    rule: str = "calibrated",
+    false_merge_rate: float = FALSE_MERGE_RATE,
+    review_rate: float = REVIEW_RATE,
+    min_confusion: float = MIN_CONFUSION,
+    color_tol: float | None = None,
+    workers: int = 1,
+    decisions: Path | None = None,
+    force: bool = False,
+) -> StageResult:
+    """The ``merge`` stage over ``rows`` and their ``embeddings``: ``<work_dir>/merge/
+    sku_map.json`` (every SKU -> style id) and ``report.json``.
+
+    ``rule``: "calibrated" (``calibrated_merge``: ``false_merge_rate``, ``review_rate``,
+    ``min_confusion``; ``color_tol``: the colour check on the images' colour signatures,
+    computed here with ``workers`` processes, None for none; ``decisions`` applied) or
+    "confusion" (``merge_skus``: ``thresholds``,
+    ``soft``; reviewed decisions do not apply to it)."""
+    if rule not in ("calibrated", "confusion"):
+        raise ValueError(f"merge rule must be 'calibrated' or 'confusion', got {rule!r}")
+    reviewed, reviewed_sum = _decisions(decisions)
+    fingerprint = {
+        **inputs,
+        "rows": _labels_digest(rows),
+        "rule": rule,
+        "folds": folds,
+        "by_category": by_category,
+        **({"thresholds": list(thresholds), "soft": soft} if rule == "confusion" else
+           {"false_merge_rate": false_merge_rate, "review_rate": review_rate,
+            "min_confusion": min_confusion, "decisions": reviewed_sum,
+            "color_tol": color_tol, "images": rows_digest(rows) if color_tol else None}),
+    }
+
+    def work(out: Path) -> dict[str, Any]:
+        skus = [r.sku for r in rows]
+        cats = [r.category for r in rows] if by_category else None
+        if rule == "confusion":
+            result = merge_skus(embeddings, skus, categories=cats, thresholds=thresholds,
+                                folds=folds, soft=soft, progress=True)
+        else:
+            colors = None
+            if color_tol is not None:
+                colors = hash_images([r.path for r in rows], workers=workers,
+                                     progress=True).color
+            result = calibrated_merge(
+                embeddings, skus, categories=cats, false_merge_rate=false_merge_rate,
+                review_rate=review_rate, min_confusion=min_confusion, folds=folds,
+                accepted=reviewed_pairs(reviewed, "merge", "accept"),
+                rejected=reviewed_pairs(reviewed, "merge", "reject"),
+                colors=colors,
+                color_tol=color_tol if color_tol is not None else COLOR_TOL,
+            )
+        _write_json(out / "sku_map.json", result.sku_map)
+        _write_json(out / "report.json", result.to_dict())
+        return result.summary()
+
+    return run_stage("merge", work_dir, fingerprint, work, force=force)
+
+
+def merge_catalog(
+    catalog: Path,
+    work_dir: Path,
+    source: EmbeddingSource,
+    params: MergeParams,
+    *,
+    exclude: Sequence[Path] = (),
+    lenient: bool = False,
+    decisions: Path | None = None,
+    force: bool = False,
+) -> CleaningResult:
+    """The ``merge`` stage over the ``catalog`` file less the images listed in ``exclude``,
+    with the embeddings of ``source`` (see :func:`merge_stage`).
+
+    Raises:
+        ManifestError: a bad catalog row (unless ``lenient``).
+        ValueError, FileNotFoundError: embeddings that do not match the catalog, or missing.
+    """
+    rows, emb, fingerprint, embed = _cleaning_inputs(
+        catalog, work_dir, source, exclude, lenient=lenient, force=force)
+    result = merge_stage(
+        rows,
+        emb,
+        work_dir,
+        inputs=fingerprint,
+        thresholds=params.thresholds,
+        folds=params.folds,
+        soft=params.soft,
+        by_category=params.by_category,
+        rule=params.rule,
+        false_merge_rate=params.false_merge_rate,
+        review_rate=params.review_rate,
+        min_confusion=params.min_confusion,
+        color_tol=params.color_tol,
+        workers=params.workers,
+        decisions=decisions,
+        force=force,
+    )
+    return CleaningResult(embed, result)
+
+
+# ---- CLI --------------------------------------------------------------------------------------
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -189,417 +719,68 @@ def _floats(text: str) -> tuple[float, ...]:
         ) from None
 
 
-# ---- stage outputs, for the rebuild pipeline ------------------------------------------------
-
-
-def read_removed(path: str | os.PathLike[str]) -> set[str]:
-    """Catalog ``image`` fields listed in a ``removed.json`` (JSON list of strings or of
-    objects with ``image``) or ``removed.jsonl`` (one object with ``image`` per line)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        items: Iterable[Any] = (json.loads(line) for line in text.splitlines() if line.strip())
-    else:
-        items = json.loads(text)
-    out: set[str] = set()
-    for it in items:
-        out.add(it if isinstance(it, str) else it["image"])
-    return out
-
-
-def read_sku_map(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``{old_sku: style_id}`` map written by ``merge``."""
-    return dict(json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def rows_digest(rows: Sequence[CatalogRow]) -> str:
-    """Digest of every image's name, size and mtime: changes when an image file changes,
-    without reading the images."""
-    h = hashlib.sha256()
-    for r in rows:
-        st = r.path.stat()
-        h.update(f"{r.image}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _labels_digest(rows: Sequence[CatalogRow]) -> str:
-    """Digest of the rows' images, SKUs and categories (what denoise and merge read)."""
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(f"{r.image}\0{r.sku}\0{r.category}\n".encode())
-    return h.hexdigest()
-
-
-def _read_catalog(args: argparse.Namespace) -> list[CatalogRow] | None:
-    try:
-        return read_manifest(args.catalog, strict=not args.lenient).rows
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None
-
-
-def _decisions(path: Path | None) -> tuple[dict[str, Decision], str | None]:
-    """The decisions at ``path`` and a checksum for the fingerprint (None when absent)."""
-    if path is None or not Path(path).is_file():
-        return {}, None
-    return read_decisions(path), file_checksum(path)
-
-
-def _report(result: StageResult, what: str) -> None:
-    state = "up to date, skipped" if result.skipped else f"done in {result.seconds:.1f} s"
-    summary = ", ".join(f"{k} {v}" for k, v in result.summary.items())
-    print(f"{what}: {state}: {summary} -> {result.out_dir}")
-
-
-# ---- dedup ------------------------------------------------------------------------------------
-
-
-def dedup_stage(
-    rows: Sequence[CatalogRow],
-    work_dir: Path,
-    *,
-    inputs: dict[str, Any],
-    radius: int = RADIUS,
-    hash_size: int = HASH_SIZE,
-    hash_kind: str = HASH_KIND,
-    color_tol: float | None = COLOR_TOL,
-    method: str = "auto",
-    workers: int = 1,
-    decisions: Path | None = None,
-    force: bool = False,
-) -> StageResult:
-    """The ``dedup`` stage over catalog ``rows``: ``<work_dir>/dedup/removed.json`` and
-    ``report.json``. ``inputs`` identifies the catalog (e.g. ``{"catalog": checksum}``); the
-    images' names, sizes and mtimes are added to the fingerprint here. Removals stay within
-    a SKU; an accepted cross-SKU duplicate in ``decisions`` drops its ``image b``."""
-    reviewed, reviewed_sum = _decisions(decisions)
-    fingerprint = {**inputs, "images": rows_digest(rows), "radius": radius,
-                   "hash_size": hash_size, "hash_kind": hash_kind, "color_tol": color_tol,
-                   "decisions": reviewed_sum,
-                   "skus": _labels_digest(rows)}
-
-    # A catalog may list one image file on several rows: it is hashed (and kept) once.
-    unique = list({r.image: r for r in rows}.values())
-
-    def work(out: Path) -> dict[str, Any]:
-        result = dedup_images(
-            [r.path for r in unique],
-            [r.image for r in unique],
-            skus=[r.sku for r in unique],
-            radius=radius,
-            hash_size=hash_size,
-            kind=hash_kind,
-            color_tol=color_tol,
-            method=method,
-            workers=workers,
-            progress=True,
-        )
-        accepted = {b for _, b in reviewed_pairs(reviewed, "duplicate", "accept")}
-        dropped = {p.image_b for p in result.cross_sku if p.image_b in accepted}
-        _write_json(out / "removed.json", sorted(result.removed_images | dropped))
-        report = result.to_dict()
-        report["removed_by_review"] = sorted(dropped)
-        _write_json(out / "report.json", report)
-        return {**result.summary(), "removed_by_review": len(dropped)}
-
-    return run_stage("dedup", work_dir, fingerprint, work, force=force)
+def _source(args: argparse.Namespace) -> EmbeddingSource:
+    return EmbeddingSource(model=args.model, embeddings=args.embeddings,
+                           batch_size=args.batch_size, num_workers=args.num_workers,
+                           device=args.device)
 
 
 def run_dedup(args: argparse.Namespace) -> int:
-    rows = _read_catalog(args)
-    if rows is None:
-        return 1
-    result = dedup_stage(
-        rows,
-        args.out,
-        inputs={"catalog": file_checksum(args.catalog)},
+    params = DedupParams(
         radius=args.radius,
+        color_tol=args.color_tol if args.color_tol >= 0 else None,
         hash_size=args.hash_size,
         hash_kind=args.hash,
-        color_tol=args.color_tol if args.color_tol >= 0 else None,
         method=args.method,
         workers=args.workers,
-        decisions=args.decisions,
-        force=args.force,
     )
-    _report(result, "dedup")
+    try:
+        result = dedup_catalog(args.catalog, args.out, params, lenient=args.lenient,
+                               decisions=args.decisions, force=args.force)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report_line(result, "dedup"))
     return 0
 
 
-# ---- embeddings shared by clean and merge -----------------------------------------------------
-
-
-def _load_embeddings(path: Path, rows: Sequence[CatalogRow]) -> np.ndarray:
-    """``float32 [len(rows), D]`` for the catalog ``rows``, from an ``.npz`` (matched by
-    image) or an ``.npy`` (one row per catalog row, in catalog order)."""
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            emb, images = z["embeddings"], [str(s) for s in z["images"]]
-        pos = {name: i for i, name in enumerate(images)}
-        missing = [r.image for r in rows if r.image not in pos]
-        if missing:
-            raise ValueError(f"{path}: no embedding for {len(missing)} image(s), e.g. {missing[0]}")
-        return np.ascontiguousarray(emb[[pos[r.image] for r in rows]], dtype=np.float32)
-    emb = np.load(path, allow_pickle=False)
-    if emb.ndim != 2 or len(emb) != len(rows):
-        raise ValueError(
-            f"{path}: expected [{len(rows)}, D] (one row per catalog row), got {emb.shape}; "
-            "or pass an .npz with 'embeddings' and 'images'"
-        )
-    return np.ascontiguousarray(emb, dtype=np.float32)
-
-
-def _embeddings(args: argparse.Namespace, rows: list[CatalogRow]) -> tuple[np.ndarray, str]:
-    """Embeddings of all catalog ``rows`` and a checksum of where they came from."""
-    if args.embeddings is not None:
-        emb = _load_embeddings(args.embeddings, rows)
-        return emb, file_checksum(args.embeddings)
-    from visearch.embedding import embed_items, load_embedder
-
-    fingerprint = {
-        "catalog": file_checksum(args.catalog),
-        "images": rows_digest(rows),
-        "model": file_checksum(args.model),
-    }
-
-    def work(out: Path) -> dict[str, Any]:
-        model = load_embedder(args.model, device=args.device or "cpu")
-        items = ((i, r.path, r.bbox) for i, r in enumerate(rows))
-        ids, feats = [], []
-        for b_ids, b_feats in embed_items(
-            model,
-            items,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            device=args.device,
-            progress=True,
-        ):
-            ids.append(b_ids)
-            feats.append(b_feats)
-        emb = np.concatenate(feats)[np.argsort(np.concatenate(ids))]
-        np.savez(out / "embeddings.npz", embeddings=emb, images=np.array([r.image for r in rows]))
-        return {"images": len(rows), "dim": int(emb.shape[1])}
-
-    result = run_stage(EMBED_STAGE, args.out, fingerprint, work, force=args.force)
-    _report(result, "embed")
-    path = result.out_dir / "embeddings.npz"
-    return _load_embeddings(path, rows), file_checksum(path)
-
-
-def _cleaning_inputs(
-    args: argparse.Namespace,
-) -> tuple[list[CatalogRow], np.ndarray, dict[str, Any]] | None:
-    """The catalog rows left after ``--exclude``, their embeddings, and the fingerprint."""
-    rows = _read_catalog(args)
-    if rows is None:
-        return None
-    try:
-        emb, emb_sum = _embeddings(args, rows)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None
-    removed: set[str] = set()
-    for path in args.exclude:
-        removed |= read_removed(path)
-    keep = np.array([r.image not in removed for r in rows], dtype=bool)
-    kept_rows = apply_cleaning(rows, removed)
-    fingerprint = {
-        "catalog": file_checksum(args.catalog),
-        "embeddings": emb_sum,
-        "exclude": [file_checksum(p) for p in args.exclude],
-    }
-    return kept_rows, emb[keep], fingerprint
-
-
-# ---- clean ------------------------------------------------------------------------------------
-
-
-def clean_stage(
-    rows: Sequence[CatalogRow],
-    embeddings: np.ndarray,
-    work_dir: Path,
-    *,
-    inputs: dict[str, Any],
-    eps: float = EPS,
-    return_thresh: float | None = RETURN_THRESH,
-    return_rule: str = "centroid",
-    min_size: int = MIN_SIZE,
-    decisions: Path | None = None,
-    force: bool = False,
-) -> StageResult:
-    """The ``clean`` stage (SKU denoising) over ``rows`` and their ``embeddings``
-    (``float32 [len(rows), D]``): ``<work_dir>/clean/removed.jsonl`` and ``report.json``
-    (with the removals per SKU). ``inputs`` identifies rows and embeddings (checksums) for
-    the fingerprint. A removal rejected in ``decisions`` is kept (listed as such)."""
-    reviewed, reviewed_sum = _decisions(decisions)
-    kept_by_review = {s[0] for s in reviewed_pairs(reviewed, "denoise", "reject")}
-    fingerprint = {
-        "decisions": reviewed_sum,
-        **inputs,
-        "rows": _labels_digest(rows),
-        "eps": eps,
-        "return_thresh": return_thresh,
-        "return_rule": return_rule,
-        "min_size": min_size,
-    }
-
-    def work(out: Path) -> dict[str, Any]:
-        result = denoise_skus(
-            embeddings,
-            [r.sku for r in rows],
-            eps=eps,
-            return_thresh=return_thresh,
-            return_rule=return_rule,
-            min_size=min_size,
-            progress=True,
-        )
-        per_sku: dict[str, list[dict[str, Any]]] = {}
-        kept: list[str] = []
-        with open(out / "removed.jsonl", "w", encoding="utf-8") as f:
-            for rem in result.removed:
-                rec = {
-                    "image": rows[rem.index].image,
-                    "sku": rem.sku,
-                    "reason": rem.reason,
-                    "distance": rem.distance,
-                }
-                if rec["image"] in kept_by_review:
-                    kept.append(rec["image"])
-                    continue
-                f.write(json.dumps(rec) + "\n")
-                per_sku.setdefault(rem.sku, []).append(
-                    {k: rec[k] for k in ("image", "reason", "distance")}
-                )
-        report = result.to_dict()
-        for rec in report["removed_detail"]:
-            rec["image"] = rows[rec.pop("index")].image
-        report["per_sku"] = dict(sorted(per_sku.items()))
-        report["kept_by_review"] = kept
-        _write_json(out / "report.json", report)
-        return {**result.summary(), "removed": len(result.removed) - len(kept),
-                "kept_by_review": len(kept)}
-
-    return run_stage("clean", work_dir, fingerprint, work, force=force)
-
-
 def run_clean(args: argparse.Namespace) -> int:
-    inputs = _cleaning_inputs(args)
-    if inputs is None:
-        return 1
-    rows, emb, fingerprint = inputs
-    result = clean_stage(
-        rows,
-        emb,
-        args.out,
-        inputs=fingerprint,
+    params = CleanParams(
         eps=args.eps,
         return_thresh=args.return_thresh if args.return_thresh >= 0 else None,
         return_rule=args.return_rule,
         min_size=args.min_size,
-        decisions=args.decisions,
-        force=args.force,
     )
-    _report(result, "clean")
+    try:
+        result = clean_catalog(args.catalog, args.out, _source(args), params,
+                               exclude=args.exclude, lenient=args.lenient,
+                               decisions=args.decisions, force=args.force)
+    except (ValueError, FileNotFoundError) as exc:  # ManifestError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(result.report("clean"))
     return 0
 
 
-# ---- merge ------------------------------------------------------------------------------------
-
-
-def merge_stage(
-    rows: Sequence[CatalogRow],
-    embeddings: np.ndarray,
-    work_dir: Path,
-    *,
-    inputs: dict[str, Any],
-    thresholds: Sequence[float] = THRESHOLDS,
-    folds: int = FOLDS,
-    soft: bool = True,
-    by_category: bool = True,
-    rule: str = "calibrated",
-    false_merge_rate: float = FALSE_MERGE_RATE,
-    review_rate: float = REVIEW_RATE,
-    min_confusion: float = MIN_CONFUSION,
-    color_tol: float | None = None,
-    workers: int = 1,
-    decisions: Path | None = None,
-    force: bool = False,
-) -> StageResult:
-    """The ``merge`` stage over ``rows`` and their ``embeddings``: ``<work_dir>/merge/
-    sku_map.json`` (every SKU -> style id) and ``report.json``.
-
-    ``rule``: "calibrated" (``calibrated_merge``: ``false_merge_rate``, ``review_rate``,
-    ``min_confusion``; ``color_tol``: the colour check on the images' colour signatures,
-    computed here with ``workers`` processes, None for none; ``decisions`` applied) or
-    "confusion" (``merge_skus``: ``thresholds``,
-    ``soft``; reviewed decisions do not apply to it)."""
-    if rule not in ("calibrated", "confusion"):
-        raise ValueError(f"merge rule must be 'calibrated' or 'confusion', got {rule!r}")
-    reviewed, reviewed_sum = _decisions(decisions)
-    fingerprint = {
-        **inputs,
-        "rows": _labels_digest(rows),
-        "rule": rule,
-        "folds": folds,
-        "by_category": by_category,
-        **({"thresholds": list(thresholds), "soft": soft} if rule == "confusion" else
-           {"false_merge_rate": false_merge_rate, "review_rate": review_rate,
-            "min_confusion": min_confusion, "decisions": reviewed_sum,
-            "color_tol": color_tol, "images": rows_digest(rows) if color_tol else None}),
-    }
-
-    def work(out: Path) -> dict[str, Any]:
-        skus = [r.sku for r in rows]
-        cats = [r.category for r in rows] if by_category else None
-        if rule == "confusion":
-            result = merge_skus(embeddings, skus, categories=cats, thresholds=thresholds,
-                                folds=folds, soft=soft, progress=True)
-        else:
-            colors = None
-            if color_tol is not None:
-                colors = hash_images([r.path for r in rows], workers=workers,
-                                     progress=True).color
-            result = calibrated_merge(
-                embeddings, skus, categories=cats, false_merge_rate=false_merge_rate,
-                review_rate=review_rate, min_confusion=min_confusion, folds=folds,
-                accepted=reviewed_pairs(reviewed, "merge", "accept"),
-                rejected=reviewed_pairs(reviewed, "merge", "reject"),
-                colors=colors,
-                color_tol=color_tol if color_tol is not None else COLOR_TOL,
-            )
-        _write_json(out / "sku_map.json", result.sku_map)
-        _write_json(out / "report.json", result.to_dict())
-        return result.summary()
-
-    return run_stage("merge", work_dir, fingerprint, work, force=force)
-
-
 def run_merge(args: argparse.Namespace) -> int:
-    inputs = _cleaning_inputs(args)
-    if inputs is None:
-        return 1
-    rows, emb, fingerprint = inputs
-    result = merge_stage(
-        rows,
-        emb,
-        args.out,
-        inputs=fingerprint,
-        thresholds=args.thresholds,
+    params = MergeParams(
+        rule=args.rule,
+        thresholds=tuple(args.thresholds),
         folds=args.folds,
         soft=not args.hard,
         by_category=not args.across_categories,
-        rule=args.rule,
         false_merge_rate=args.false_merge_rate,
         review_rate=args.review_rate,
         min_confusion=args.min_confusion,
         color_tol=args.color_tol if args.color_tol >= 0 else None,
         workers=args.workers,
-        decisions=args.decisions,
-        force=args.force,
     )
-    _report(result, "merge")
+    try:
+        result = merge_catalog(args.catalog, args.out, _source(args), params,
+                               exclude=args.exclude, lenient=args.lenient,
+                               decisions=args.decisions, force=args.force)
+    except (ValueError, FileNotFoundError) as exc:  # ManifestError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(result.report("merge"))
     return 0

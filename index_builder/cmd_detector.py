@@ -1,7 +1,9 @@
 """``visearch-index train-detector``, ``label-detection`` and ``crop``.
 
 Backbone names are resolved here (the CLI edge) through ``DETECTOR_BACKBONES``; the library
-receives plain arguments.
+receives plain arguments. The typed functions :func:`train_detector_on_coco`,
+:func:`label_detection` and :func:`crop_catalog` are what ``rebuild`` calls; the
+subcommands are thin wrappers over them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from visearch.detection.model import (
 )
 from visearch.detection.pseudo_label import UnlabelledImage, merge_coco, read_reviewed, run_rounds
 from visearch.detection.train import evaluate_detector, train_detector
+from visearch.device import choose_device
 from visearch.imageio import image_files
 
 logger = logging.getLogger(__name__)
@@ -47,23 +52,326 @@ def default_backbone_weights(backbone: str) -> Path | None:
     return None
 
 
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class DetectorTrainParams:
+    """The detector's model and training schedule (defaults: the subcommands' flags).
+
+    ``backbone`` is looked up in ``DETECTOR_BACKBONES``; ``backbone_weights`` is a resolved
+    local ImageNet state_dict (None: from scratch; :func:`default_backbone_weights` gives
+    the shipped one)."""
+
+    backbone: str = "mobilenet_v2_fpn"
+    backbone_weights: Path | None = None
+    min_size: int = 128  # short side after resize, px
+    max_size: int = 128  # long side cap after resize, px
+    fpn_channels: int | None = None  # None: the backbone's
+    epochs: int = 12
+    batch_size: int = 8
+    lr: float = 3e-3  # AdamW peak learning rate
+    seed: int = 0
+    workers: int = 0  # image-decoding processes
+    device: str | None = None  # None: cuda when available, else cpu
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    progress: bool = True
 
 
-def _images_root(args: argparse.Namespace, coco_path: str) -> Path:
+@dataclass(frozen=True)
+class DetectorTraining:
+    """A finished :func:`train_detector_on_coco`: its files, wall time and history."""
+
+    detector_path: Path
+    checkpoint: Path
+    seconds: float
+    history: list[dict[str, float]]
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary ``train-detector`` prints."""
+        return {
+            "detector": str(self.detector_path),
+            "checkpoint": str(self.checkpoint),
+            "seconds": round(self.seconds, 1),
+            "last_epoch": self.history[-1] if self.history else None,
+        }
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """A finished :func:`label_detection`: one stats row per round, and its files."""
+
+    stats: list[dict[str, Any]]
+    out: Path
+    rounds: int
+
+    def table(self) -> str:
+        """The per-round table and the output files, as ``label-detection`` prints them."""
+        return (f"{_rounds_table(self.stats)}\n"
+                f"labels: {self.out / 'train.json'}  review queue: "
+                f"{self.out / 'review_queue.jsonl'}  "
+                f"detector: {self.out / f'round_{self.rounds}' / 'model' / 'detector.pt'}")
+
+
+@dataclass(frozen=True)
+class CropResult:
+    """What :func:`crop_catalog` wrote: the rows, the manifest, how each row got its box."""
+
+    rows: int
+    out: str
+    sources: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON summary ``crop`` prints."""
+        return {"rows": self.rows, "out": self.out, **self.sources}
+
+
+def _images_root(images_root: str | os.PathLike[str] | None,
+                 coco_path: str | os.PathLike[str]) -> Path:
     # The synthetic world's layout: DIR/detection/train.json names images relative to DIR.
-    return Path(args.images_root) if args.images_root else Path(coco_path).resolve().parent.parent
+    return Path(images_root) if images_root else Path(coco_path).resolve().parent.parent
 
 
-def _backbone_weights(args: argparse.Namespace) -> Path | None:
-    if args.backbone_weights == "none":
-        return None
-    if args.backbone_weights:
-        return Path(args.backbone_weights)
-    return default_backbone_weights(args.backbone)
+def _build(params: DetectorTrainParams, categories: list[str]) -> ProductDetector:
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    torch.manual_seed(params.seed)
+    return build_detector(
+        params.backbone,
+        categories,
+        min_size=params.min_size,
+        max_size=params.max_size,
+        backbone_weights=params.backbone_weights,
+        fpn_channels=params.fpn_channels,
+    )
+
+
+def _epoch_line(r: dict[str, float]) -> str:
+    line = f"epoch {int(r['epoch']) + 1}: loss {r['loss']:.4f} ({r['seconds']:.1f} s)"
+    if "map" in r:
+        line += f", val mAP {r['map']:.4f}, mAP@.5 {r['map50']:.4f}"
+    return line
+
+
+def _train_kwargs(params: DetectorTrainParams) -> dict[str, Any]:
+    return {
+        "epochs": params.epochs,
+        "batch_size": params.batch_size,
+        "lr": params.lr,
+        "seed": params.seed,
+        "workers": params.workers,
+        "device": choose_device(params.device),
+        "progress": params.progress,
+    }
+
+
+def train_detector_on_coco(
+    train: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    params: DetectorTrainParams,
+    *,
+    val: str | os.PathLike[str] | None = None,
+    images_root: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+) -> DetectorTraining:
+    """Train the RetinaNet product detector on COCO annotations.
+
+    Writes ``<out>/checkpoint.pt`` each epoch, ``detector.pt`` and ``history.json``;
+    prints a header and one line per epoch (val mAP with pycocotools when ``val`` is given).
+
+    Args:
+        train: COCO annotations (train.json); its categories are the classes.
+        out: output folder.
+        params: model and schedule.
+        val: COCO annotations with the same categories, scored each epoch.
+        images_root: the folder COCO ``file_name``s are relative to (default: the parent
+            of the folder holding ``train``, the synthetic world's layout).
+        resume: continue from ``<out>/checkpoint.pt``.
+
+    Raises:
+        ValueError: ``val``'s categories differ from ``train``'s.
+    """
+    coco = read_coco(train)
+    root = _images_root(images_root, train)
+    categories, _ = coco_categories(coco)
+    val_coco = read_coco(val) if val else None
+    if val_coco is not None and coco_categories(val_coco)[0] != categories:
+        raise ValueError(f"--val categories {coco_categories(val_coco)[0]} differ from "
+                         "--train's")
+    val_root = Path(images_root) if images_root else _images_root(None, val or "")
+    model = _build(params, categories)
+    weights = params.backbone_weights
+    samples = coco_samples(coco, root)
+    print(
+        f"training {params.backbone} "
+        f"({'from ' + str(weights) if weights else 'from scratch'}) "
+        f"at {params.min_size}-{params.max_size} px on {len(samples)} images, "
+        f"{len(coco['annotations'])} boxes, {len(categories)} categories"
+    )
+    t0 = time.perf_counter()
+    result = train_detector(
+        model,
+        samples,
+        out,
+        val_coco=val_coco,
+        val_samples=coco_samples(val_coco, val_root) if val_coco is not None else None,
+        resume=resume,
+        extra_config={"train_file": str(train), "val_file": str(val or "")},
+        callback=lambda r: print(_epoch_line(r), flush=True),
+        **_train_kwargs(params),
+    )
+    seconds = time.perf_counter() - t0
+    Path(out, "history.json").write_text(json.dumps(result.history, indent=1))
+    return DetectorTraining(result.detector_path, result.checkpoint, seconds,
+                            list(result.history))
+
+
+def _unlabelled_images(src: Path, root: Path, lenient: bool) -> list[UnlabelledImage]:
+    """Images of a folder (recursive, sorted) or of a catalog/queries manifest."""
+    if src.is_dir():
+        paths = image_files(src, what="--unlabelled")
+    elif src.suffix == ".jsonl":
+        paths = [row.path for row in read_manifest(src, strict=not lenient).rows]
+    else:
+        raise ValueError(f"--unlabelled must be a folder of images or a .jsonl manifest: {src}")
+    root = root.resolve()
+    out = []
+    for p in dict.fromkeys(paths):  # a manifest may list an image twice
+        p = p.resolve()
+        key = os.path.relpath(p, root) if p.is_relative_to(root) else str(p)
+        out.append(UnlabelledImage(key, p))
+    return out
+
+
+def label_detection(
+    labelled: str | os.PathLike[str],
+    unlabelled: Path,
+    out: Path,
+    params: DetectorTrainParams,
+    *,
+    rounds: int = 2,
+    keep_thresh: float = 0.5,
+    review_thresh: float = 0.3,
+    val: str | os.PathLike[str] | None = None,
+    images_root: str | os.PathLike[str] | None = None,
+    reviewed: Sequence[str | os.PathLike[str]] = (),
+    resume: bool = False,
+    lenient: bool = False,
+) -> Labelling:
+    """Semi-supervised box labelling (``visearch.detection.pseudo_label.run_rounds``):
+    train on ``labelled`` COCO, pseudo-label the ``unlabelled`` images (a folder, or a
+    catalog/queries .jsonl) for ``rounds`` rounds, retraining on the boxes at or above
+    ``keep_thresh``; images with boxes from ``review_thresh`` up go to the review queue.
+
+    Writes ``<out>/train.json``, ``review_queue.jsonl``, ``rounds.json`` and each round's
+    detector (``round_<r>/model/detector.pt``); prints each round's training.
+
+    Args:
+        reviewed: corrected review queues whose reviewed rows are added as labels.
+        val: COCO annotations scored after each round (mAP).
+        images_root: the folder ``labelled``'s file names are relative to (default: the
+            parent of the folder holding it).
+
+    Raises:
+        ValueError: ``unlabelled`` is neither a folder nor a .jsonl manifest.
+    """
+    coco = read_coco(labelled)
+    root = _images_root(images_root, labelled)
+    categories, _ = coco_categories(coco)
+    extra = []
+    for path in reviewed:
+        extra.extend(read_reviewed(path, categories))
+    if extra:
+        print(f"adding {len(extra)} reviewed image(s) to the labelled set")
+        coco = merge_coco(coco, extra)
+    known = {im["file_name"] for im in coco["images"]}
+    images = [u for u in _unlabelled_images(Path(unlabelled), root, lenient)
+              if u.key not in known]
+    val_coco = read_coco(val) if val else None
+    val_samples = coco_samples(val_coco, root) if val_coco is not None else None
+    out = Path(out)
+    weights = params.backbone_weights
+    print(
+        f"labelling {len(images)} image(s) from {len(coco['images'])} labelled "
+        f"({len(coco['annotations'])} boxes), {rounds} round(s), "
+        f"keep >= {keep_thresh}, review >= {review_thresh}"
+    )
+
+    def train(r: int, round_coco: dict[str, Any]) -> ProductDetector:
+        print(f"round {r}: training on {len(round_coco['images'])} images, "
+              f"{len(round_coco['annotations'])} boxes", flush=True)
+        model = _build(params, categories)
+        result = train_detector(
+            model,
+            coco_samples(round_coco, root),
+            out / f"round_{r}" / "model",
+            resume=resume,
+            extra_config={"round": r, "backbone_weights": str(weights or "")},
+            callback=lambda row: print("  " + _epoch_line(row), flush=True),
+            **_train_kwargs(params),
+        )
+        return result.model
+
+    def evaluate(model: Any) -> dict[str, float]:
+        assert val_coco is not None and val_samples is not None
+        return evaluate_detector(model, val_coco, val_samples, batch_size=params.batch_size)
+
+    stats = run_rounds(
+        coco,
+        images,
+        out,
+        rounds=rounds,
+        train=train,
+        evaluate=evaluate if val_coco is not None else None,
+        keep_thresh=keep_thresh,
+        review_thresh=review_thresh,
+        batch_size=params.batch_size,
+        progress=params.progress,
+    )
+    return Labelling(stats, out, rounds)
+
+
+def _rounds_table(stats: list[dict[str, Any]]) -> str:
+    cols = ["round", "train_images", "train_boxes", "map", "map50", "kept_boxes",
+            "queued_images"]
+    lines = [" | ".join(cols)]
+    for s in stats:
+        lines.append(" | ".join(
+            f"{s[c]:.4f}" if isinstance(s.get(c), float) else str(s.get(c, "-")) for c in cols
+        ))
+    return "\n".join(lines)
+
+
+def crop_catalog(
+    catalog: Path,
+    detector: Path,
+    out: str | os.PathLike[str],
+    *,
+    score_thresh: float = 0.1,
+    batch_size: int = 16,
+    device: str | None = None,
+    lenient: bool = False,
+    progress: bool = True,
+) -> CropResult:
+    """Fill in the main-product bbox of catalog rows that have none, with the detector:
+    rows with a bbox keep it; the others get the detector's main object, or the whole
+    image when nothing scores ``score_thresh``. Writes the manifest ``out``."""
+    manifest = read_manifest(catalog, strict=not lenient)
+    model = load_detector(detector, device=choose_device(device))
+    boxes = main_object_boxes(
+        model,
+        manifest.rows,
+        score_thresh=score_thresh,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    rows = [dataclasses.replace(r, bbox=b.box) for r, b in zip(manifest.rows, boxes, strict=True)]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, rows)
+    counts: dict[str, int] = {}
+    for b in boxes:
+        counts[b.source] = counts.get(b.source, 0) + 1
+    return CropResult(len(rows), str(out), counts)
+
+
+# -- CLI ------------------------------------------------------------------------------------
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -89,185 +397,44 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _build(args: argparse.Namespace, categories: list[str]) -> ProductDetector:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    return build_detector(
-        args.backbone,
-        categories,
-        min_size=args.min_size,
-        max_size=args.max_size,
-        backbone_weights=_backbone_weights(args),
-        fpn_channels=args.fpn_channels,
+def _params(args: argparse.Namespace) -> DetectorTrainParams:
+    if args.backbone_weights == "none":
+        weights = None
+    elif args.backbone_weights:
+        weights = Path(args.backbone_weights)
+    else:
+        weights = default_backbone_weights(args.backbone)
+    return DetectorTrainParams(
+        backbone=args.backbone, backbone_weights=weights, min_size=args.min_size,
+        max_size=args.max_size, fpn_channels=args.fpn_channels, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
+        device=args.device, threads=args.threads, progress=not args.quiet,
     )
-
-
-def _epoch_line(r: dict[str, float]) -> str:
-    line = f"epoch {int(r['epoch']) + 1}: loss {r['loss']:.4f} ({r['seconds']:.1f} s)"
-    if "map" in r:
-        line += f", val mAP {r['map']:.4f}, mAP@.5 {r['map50']:.4f}"
-    return line
-
-
-def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "workers": args.workers,
-        "device": _device(args.device),
-        "progress": not args.quiet,
-    }
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    train = read_coco(args.train)
-    root = _images_root(args, args.train)
-    categories, _ = coco_categories(train)
-    val = read_coco(args.val) if args.val else None
-    if val is not None and coco_categories(val)[0] != categories:
-        raise SystemExit(f"--val categories {coco_categories(val)[0]} differ from --train's")
-    val_root = Path(args.images_root) if args.images_root else _images_root(args, args.val or "")
-    model = _build(args, categories)
-    weights = _backbone_weights(args)
-    samples = coco_samples(train, root)
-    print(
-        f"training {args.backbone} ({'from ' + str(weights) if weights else 'from scratch'}) "
-        f"at {args.min_size}-{args.max_size} px on {len(samples)} images, "
-        f"{len(train['annotations'])} boxes, {len(categories)} categories"
-    )
-    t0 = time.perf_counter()
-    result = train_detector(
-        model,
-        samples,
-        args.out,
-        val_coco=val,
-        val_samples=coco_samples(val, val_root) if val is not None else None,
-        resume=args.resume,
-        extra_config={"train_file": str(args.train), "val_file": str(args.val or "")},
-        callback=lambda r: print(_epoch_line(r), flush=True),
-        **_train_kwargs(args),
-    )
-    summary = {
-        "detector": str(result.detector_path),
-        "checkpoint": str(result.checkpoint),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "last_epoch": result.history[-1] if result.history else None,
-    }
-    Path(args.out, "history.json").write_text(json.dumps(result.history, indent=1))
-    print(json.dumps(summary, indent=1))
+    result = train_detector_on_coco(args.train, args.out, _params(args), val=args.val,
+                                    images_root=args.images_root, resume=args.resume)
+    print(json.dumps(result.summary(), indent=1))
     return 0
-
-
-def _unlabelled_images(src: Path, root: Path, lenient: bool) -> list[UnlabelledImage]:
-    """Images of a folder (recursive, sorted) or of a catalog/queries manifest."""
-    if src.is_dir():
-        paths = image_files(src, what="--unlabelled")
-    elif src.suffix == ".jsonl":
-        paths = [row.path for row in read_manifest(src, strict=not lenient).rows]
-    else:
-        raise SystemExit(f"--unlabelled must be a folder of images or a .jsonl manifest: {src}")
-    root = root.resolve()
-    out = []
-    for p in dict.fromkeys(paths):  # a manifest may list an image twice
-        p = p.resolve()
-        key = os.path.relpath(p, root) if p.is_relative_to(root) else str(p)
-        out.append(UnlabelledImage(key, p))
-    return out
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    labelled = read_coco(args.labelled)
-    root = _images_root(args, args.labelled)
-    categories, _ = coco_categories(labelled)
-    reviewed = []
-    for path in args.reviewed or []:
-        reviewed.extend(read_reviewed(path, categories))
-    if reviewed:
-        print(f"adding {len(reviewed)} reviewed image(s) to the labelled set")
-        labelled = merge_coco(labelled, reviewed)
-    known = {im["file_name"] for im in labelled["images"]}
-    unlabelled = [
-        u for u in _unlabelled_images(Path(args.unlabelled), root, args.lenient)
-        if u.key not in known
-    ]
-    val = read_coco(args.val) if args.val else None
-    val_samples = coco_samples(val, root) if val is not None else None
-    out = Path(args.out)
-    weights = _backbone_weights(args)
-    print(
-        f"labelling {len(unlabelled)} image(s) from {len(labelled['images'])} labelled "
-        f"({len(labelled['annotations'])} boxes), {args.rounds} round(s), "
-        f"keep >= {args.keep_thresh}, review >= {args.review_thresh}"
+    result = label_detection(
+        args.labelled, Path(args.unlabelled), Path(args.out), _params(args),
+        rounds=args.rounds, keep_thresh=args.keep_thresh, review_thresh=args.review_thresh,
+        val=args.val, images_root=args.images_root, reviewed=args.reviewed or (),
+        resume=args.resume, lenient=args.lenient,
     )
-
-    def train(r: int, coco: dict[str, Any]) -> ProductDetector:
-        print(f"round {r}: training on {len(coco['images'])} images, "
-              f"{len(coco['annotations'])} boxes", flush=True)
-        model = _build(args, categories)
-        result = train_detector(
-            model,
-            coco_samples(coco, root),
-            out / f"round_{r}" / "model",
-            resume=args.resume,
-            extra_config={"round": r, "backbone_weights": str(weights or "")},
-            callback=lambda row: print("  " + _epoch_line(row), flush=True),
-            **_train_kwargs(args),
-        )
-        return result.model
-
-    def evaluate(model: Any) -> dict[str, float]:
-        assert val is not None and val_samples is not None
-        return evaluate_detector(model, val, val_samples, batch_size=args.batch_size)
-
-    stats = run_rounds(
-        labelled,
-        unlabelled,
-        out,
-        rounds=args.rounds,
-        train=train,
-        evaluate=evaluate if val is not None else None,
-        keep_thresh=args.keep_thresh,
-        review_thresh=args.review_thresh,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
-    print(_rounds_table(stats))
-    print(f"labels: {out / 'train.json'}  review queue: {out / 'review_queue.jsonl'}  "
-          f"detector: {out / f'round_{args.rounds}' / 'model' / 'detector.pt'}")
+    print(result.table())
     return 0
 
 
-def _rounds_table(stats: list[dict[str, Any]]) -> str:
-    cols = ["round", "train_images", "train_boxes", "map", "map50", "kept_boxes",
-            "queued_images"]
-    lines = [" | ".join(cols)]
-    for s in stats:
-        lines.append(" | ".join(
-            f"{s[c]:.4f}" if isinstance(s.get(c), float) else str(s.get(c, "-")) for c in cols
-        ))
-    return "\n".join(lines)
-
-
 def cmd_crop(args: argparse.Namespace) -> int:
-    manifest = read_manifest(args.catalog, strict=not args.lenient)
-    detector = load_detector(args.detector, device=_device(args.device))
-    boxes = main_object_boxes(
-        detector,
-        manifest.rows,
-        score_thresh=args.score_thresh,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
-    rows = [dataclasses.replace(r, bbox=b.box) for r, b in zip(manifest.rows, boxes, strict=True)]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_manifest(args.out, rows)
-    counts: dict[str, int] = {}
-    for b in boxes:
-        counts[b.source] = counts.get(b.source, 0) + 1
-    print(json.dumps({"rows": len(rows), "out": str(args.out), **counts}))
+    result = crop_catalog(args.catalog, args.detector, args.out,
+                          score_thresh=args.score_thresh, batch_size=args.batch_size,
+                          device=args.device, lenient=args.lenient, progress=not args.quiet)
+    print(json.dumps(result.to_dict()))
     return 0
 
 

@@ -11,13 +11,16 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from visearch.catalog import read_manifest
+from visearch.device import choose_device
 from visearch.embedding import BACKBONES, POOLINGS, build_embedder, embed_items, load_embedder
 from visearch.embedding.losses import (
     ArcFaceLoss,
@@ -103,57 +106,126 @@ def build_loss(
     return WeightedLoss(terms)
 
 
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class EmbedderTrainParams:
+    """``train-embedder``'s model, loss and schedule (its defaults are the subcommand's).
+
+    Names (``backbone``, ``pooling``, ``loss``, ``augment``) are looked up in their
+    registries here, at the edge; ``pretrained`` is a resolved local weights file (None:
+    from scratch; see :func:`default_pretrained`)."""
+
+    backbone: str = "mobilenet_v2"
+    dim: int = 256
+    pooling: str = "gem"
+    attention: bool = False
+    pretrained: Path | None = None
+    image_size: int = 224  # square input side, pixels
+    loss: str = "arcface"
+    margin: float | None = None  # None: the loss's default
+    scale: float | None = None
+    triplet_weight: float = 0.0
+    category_weight: float = 0.0
+    attribute_weight: float = 0.0
+    #: attribute names for the attribute heads (used when ``attribute_weight`` > 0)
+    attributes: tuple[str, ...] = ("color", "pattern", "material")
+    erasing: float = 0.5
+    augment: str = "strong"
+    epochs: int = 10
+    p: int = 32  # SKUs per batch
+    k: int = 4  # images per SKU in a batch
+    steps_per_epoch: int | None = None  # None: #SKUs // p
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.1
+    frozen_blocks: int = 0
+    freeze_bn: bool = True
+    seed: int = 0
+    workers: int = 0  # DataLoader decode processes
+    device: str | None = None  # None: cuda when available
+    progress: bool = True
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    catalog = read_manifest(args.catalog, strict=not args.lenient)
-    attr_names = [a for a in args.attributes.split(",") if a] if args.attribute_weight else []
-    vocab = LabelVocab.from_rows(catalog.rows, attr_names)
-    train = vocab.image_set(catalog.rows)
+@dataclass(frozen=True)
+class EmbedderTraining:
+    """A finished :func:`train_embedder_on_catalog`: the model file, the wall time, and the
+    per-epoch history (also in ``<out>/history.json``)."""
+
+    model_path: Path
+    seconds: float
+    history: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary ``train-embedder`` prints."""
+        return {
+            "model": str(self.model_path),
+            "seconds": round(self.seconds, 1),
+            "last_epoch": {k: v for k, v in self.history[-1].items() if k != "parts"}
+            if self.history
+            else None,
+        }
+
+
+def train_embedder_on_catalog(
+    catalog: Path,
+    out: Path,
+    params: EmbedderTrainParams,
+    *,
+    val_queries: Path | None = None,
+    resume: bool = False,
+    lenient: bool = False,
+) -> EmbedderTraining:
+    """Train the margin-loss embedder on a catalog's images (cropped to their boxes).
+
+    Writes ``<out>/labels.json`` (the label vocabulary), ``checkpoint.pt`` after every
+    epoch, ``embedder.pt`` and ``history.json``; prints a header and one line per epoch
+    (Recall@1/5 on ``val_queries`` against the catalog, when given).
+
+    Args:
+        catalog: training catalog.jsonl; its SKUs are the classes.
+        out: output folder (created).
+        params: model, loss and schedule.
+        val_queries: queries.jsonl scored after each epoch.
+        resume: continue from ``<out>/checkpoint.pt``.
+        lenient: skip bad manifest rows instead of failing.
+    """
+    manifest = read_manifest(catalog, strict=not lenient)
+    attr_names = list(params.attributes) if params.attribute_weight else []
+    vocab = LabelVocab.from_rows(manifest.rows, attr_names)
+    train = vocab.image_set(manifest.rows)
     val = None
-    if args.val_queries:
-        queries = read_manifest(args.val_queries, strict=not args.lenient)
+    if val_queries:
+        queries = read_manifest(val_queries, strict=not lenient)
         val = (train, vocab.image_set(queries.rows))
-    if args.pretrained == "none":
-        pretrained = None
-    elif args.pretrained:
-        pretrained = Path(args.pretrained)
-    else:
-        pretrained = default_pretrained(args.backbone)
+    pretrained = params.pretrained
     # The projection, neck and classifier weights are drawn here, before train_embedder
-    # seeds its own RNGs: seed first, or two runs with one --seed start apart.
-    torch.manual_seed(args.seed)
+    # seeds its own RNGs: seed first, or two runs with one seed start apart.
+    torch.manual_seed(params.seed)
     model = build_embedder(
-        args.backbone,
-        dim=args.dim,
-        pooling=args.pooling,
-        attention=args.attention,
+        params.backbone,
+        dim=params.dim,
+        pooling=params.pooling,
+        attention=params.attention,
         pretrained=pretrained,
-        input_size=args.image_size,
+        input_size=params.image_size,
     )
     loss = build_loss(
-        args.loss,
-        args.dim,
+        params.loss,
+        params.dim,
         vocab,
-        margin=args.margin,
-        scale=args.scale,
-        triplet_weight=args.triplet_weight,
-        category_weight=args.category_weight,
-        attribute_weight=args.attribute_weight,
+        margin=params.margin,
+        scale=params.scale,
+        triplet_weight=params.triplet_weight,
+        category_weight=params.category_weight,
+        attribute_weight=params.attribute_weight,
     )
     cfg = model.config
     transform = train_transform(
-        args.image_size,
+        params.image_size,
         mean=cfg["mean"],
         std=cfg["std"],
-        erasing=args.erasing,
-        augment=args.augment,
+        erasing=params.erasing,
+        augment=params.augment,
     )
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "labels.json").write_text(
         json.dumps(
@@ -161,7 +233,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     )
     print(
-        f"training {args.backbone} ({'pretrained ' + str(pretrained) if pretrained else 'scratch'})"
+        f"training {params.backbone} "
+        f"({'pretrained ' + str(pretrained) if pretrained else 'scratch'})"
         f" on {len(train)} images of {len(vocab.skus)} SKUs; loss {list(loss.losses)}"
     )
     t0 = time.perf_counter()
@@ -171,31 +244,50 @@ def cmd_train(args: argparse.Namespace) -> int:
         train,
         out_dir=out,
         val=val,
-        epochs=args.epochs,
-        p=args.p,
-        k=args.k,
-        steps_per_epoch=args.steps_per_epoch,
-        lr=args.lr,
-        backbone_lr_mult=args.backbone_lr_mult,
-        frozen_blocks=args.frozen_blocks,
-        freeze_bn=args.freeze_bn,
+        epochs=params.epochs,
+        p=params.p,
+        k=params.k,
+        steps_per_epoch=params.steps_per_epoch,
+        lr=params.lr,
+        backbone_lr_mult=params.backbone_lr_mult,
+        frozen_blocks=params.frozen_blocks,
+        freeze_bn=params.freeze_bn,
         transform=transform,
-        seed=args.seed,
-        resume=args.resume,
-        device=_device(args.device),
-        num_workers=args.workers,
-        progress=not args.quiet,
+        seed=params.seed,
+        resume=resume,
+        device=choose_device(params.device),
+        num_workers=params.workers,
+        progress=params.progress,
         callback=lambda r: print(_epoch_line(r), flush=True),
     )
-    summary = {
-        "model": str(result.model_path),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "last_epoch": {k: v for k, v in result.history[-1].items() if k != "parts"}
-        if result.history
-        else None,
-    }
+    seconds = time.perf_counter() - t0
     (out / "history.json").write_text(json.dumps(result.history, indent=1))
-    print(json.dumps(summary, indent=1))
+    return EmbedderTraining(Path(result.model_path), seconds, list(result.history))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.pretrained == "none":
+        pretrained = None
+    elif args.pretrained:
+        pretrained = Path(args.pretrained)
+    else:
+        pretrained = default_pretrained(args.backbone)
+    params = EmbedderTrainParams(
+        backbone=args.backbone, dim=args.dim, pooling=args.pooling, attention=args.attention,
+        pretrained=pretrained, image_size=args.image_size, loss=args.loss,
+        margin=args.margin, scale=args.scale, triplet_weight=args.triplet_weight,
+        category_weight=args.category_weight, attribute_weight=args.attribute_weight,
+        attributes=tuple(a for a in args.attributes.split(",") if a), erasing=args.erasing,
+        augment=args.augment, epochs=args.epochs, p=args.p, k=args.k,
+        steps_per_epoch=args.steps_per_epoch, lr=args.lr,
+        backbone_lr_mult=args.backbone_lr_mult, frozen_blocks=args.frozen_blocks,
+        freeze_bn=args.freeze_bn, seed=args.seed, workers=args.workers, device=args.device,
+        progress=not args.quiet,
+    )
+    result = train_embedder_on_catalog(args.catalog, args.out, params,
+                                       val_queries=args.val_queries, resume=args.resume,
+                                       lenient=args.lenient)
+    print(json.dumps(result.summary(), indent=1))
     return 0
 
 
@@ -208,7 +300,7 @@ def _epoch_line(r: dict) -> str:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     catalog = read_manifest(args.catalog, strict=not args.lenient)
-    model = load_embedder(args.model, device=_device(args.device))
+    model = load_embedder(args.model, device=choose_device(args.device))
     items = ((r.line, r.path, r.bbox if not args.no_crop else None) for r in catalog.rows)
     feats = np.zeros((len(catalog.rows), model.dim), dtype=np.float32)
     ids = np.zeros(len(catalog.rows), dtype=np.int64)

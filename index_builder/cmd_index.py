@@ -3,6 +3,7 @@ remove, gc.
 
 Each command is a thin edge over ``visearch.index``: it reads the catalog, embeds with
 ``visearch.embedding.embed_items`` (tqdm bar), calls the library and prints what happened.
+``build`` is the typed function :func:`build_index`, which ``rebuild`` calls too.
 Library errors (bad rows, corrupt files, dimension mismatches) become one ``error:`` line
 on stderr and exit status 1.
 """
@@ -16,15 +17,17 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from index_builder.stage import file_checksum
 from visearch.catalog import CatalogRow, read_manifest
+from visearch.device import choose_device
 from visearch.errors import IndexFormatError, VisearchError
+from visearch.fileio import file_digest
 from visearch.index import IndexRoot, IndexVersion, build_version, update_version
 
 logger = logging.getLogger(__name__)
@@ -44,10 +47,25 @@ def _cli_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
     return wrapper
 
 
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How ``build`` and ``add`` embed catalog rows (defaults: the subcommands' flags)."""
+
+    batch_size: int = 64  # images per embedder batch
+    workers: int = 0  # DataLoader decode processes
+    device: str | None = None  # None: cuda when available
+    crop: bool = True  # crop each image to its bbox
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class BuildParams:
+    """The index a ``build`` makes (``visearch.index.build_version``)."""
+
+    factory: str | None = None  # a faiss index_factory string; None: chosen by size
+    k1: int = 20  # neighbours per item in the graph
+    graph_nprobe: int | None = None  # None: the index's search default
+    graph_ef_search: int | None = None
 
 
 def _item(row: CatalogRow) -> dict[str, Any]:
@@ -70,22 +88,22 @@ def _read_catalog(path: Path, lenient: bool) -> list[CatalogRow]:
     return catalog.rows
 
 
-def _load_model(path: Path, args: argparse.Namespace) -> torch.nn.Module:
+def _load_model(path: Path, device: str | None) -> torch.nn.Module:
     from visearch.embedding import load_embedder
 
-    return load_embedder(path, device=_device(args.device))
+    return load_embedder(path, device=choose_device(device))
 
 
-def _embed(rows: Sequence[CatalogRow], model: torch.nn.Module, args: argparse.Namespace
+def _embed(rows: Sequence[CatalogRow], model: torch.nn.Module, opts: EmbedOptions
            ) -> np.ndarray:
     """Embed catalog rows (cropped to their bbox): float32 [N, d] in row order."""
     from visearch.embedding import embed_items
 
     t0 = time.perf_counter()
     xb = np.zeros((len(rows), int(model.config["dim"])), dtype=np.float32)
-    items = ((i, r.path, None if args.no_crop else r.bbox) for i, r in enumerate(rows))
-    for ids, feats in embed_items(model, items, batch_size=args.batch_size,
-                                  num_workers=args.workers, progress=not args.quiet):
+    items = ((i, r.path, r.bbox if opts.crop else None) for i, r in enumerate(rows))
+    for ids, feats in embed_items(model, items, batch_size=opts.batch_size,
+                                  num_workers=opts.workers, progress=opts.progress):
         xb[ids] = feats
     seconds = time.perf_counter() - t0
     logger.info("embedded %d images in %.1f s (%.1f img/s)", len(rows), seconds,
@@ -101,21 +119,60 @@ def _summary(version: IndexVersion, root: IndexRoot) -> str:
             f"{m['factories'].get('*')}, timings {m.get('timings')}")
 
 
-@_cli_errors
-def cmd_build(args: argparse.Namespace) -> int:
-    rows = _read_catalog(args.catalog, args.lenient)
-    xb = _embed(rows, _load_model(args.model, args), args)
+def build_index(
+    root: Path,
+    catalog: Path,
+    model: Path,
+    params: BuildParams,
+    *,
+    embed: EmbedOptions = EmbedOptions(),
+    detector: Path | None = None,
+    detector_source: str | None = None,
+    lenient: bool = False,
+    activate: bool = True,
+) -> IndexVersion:
+    """Embed ``catalog`` with the embedder ``model``, build, verify and publish an index
+    version under ``root`` (shipping ``detector`` and recording ``detector_source``, where
+    its training boxes came from, in words); returns the new version.
+
+    Raises:
+        VisearchError, ValueError, OSError: bad catalog rows (unless ``lenient``), no usable
+            rows, unreadable model or a failed build; the active version is kept.
+    """
+    rows = _read_catalog(catalog, lenient)
+    xb = _embed(rows, _load_model(model, embed.device), embed)
     t0 = time.perf_counter()
     version = build_version(
-        args.root, xb, np.arange(len(rows), dtype=np.int64), [_item(r) for r in rows],
-        args.model, detector_path=args.detector, factory=args.factory, k1=args.k1,
-        graph_nprobe=args.graph_nprobe, graph_ef_search=args.graph_ef_search,
-        config={"crop": not args.no_crop, "detector_source": args.detector_source},
-        inputs={"catalog": file_checksum(args.catalog), "catalog_path": str(args.catalog)},
-        activate=not args.no_activate, progress=not args.quiet,
+        root, xb, np.arange(len(rows), dtype=np.int64), [_item(r) for r in rows],
+        model, detector_path=detector, factory=params.factory, k1=params.k1,
+        graph_nprobe=params.graph_nprobe, graph_ef_search=params.graph_ef_search,
+        config={"crop": embed.crop, "detector_source": detector_source},
+        inputs={"catalog": file_digest(catalog), "catalog_path": str(catalog)},
+        activate=activate, progress=embed.progress,
     )
     logger.info("built %s in %.1f s", version.version, time.perf_counter() - t0)
-    print(_summary(version, IndexRoot(args.root)))
+    return version
+
+
+def build_summary(version: IndexVersion, root: Path) -> str:
+    """The line ``build`` prints about a new version."""
+    return _summary(version, IndexRoot(root))
+
+
+def _embed_opts(args: argparse.Namespace) -> EmbedOptions:
+    return EmbedOptions(batch_size=args.batch_size, workers=args.workers, device=args.device,
+                        crop=not args.no_crop, progress=not args.quiet)
+
+
+@_cli_errors
+def cmd_build(args: argparse.Namespace) -> int:
+    params = BuildParams(factory=args.factory, k1=args.k1, graph_nprobe=args.graph_nprobe,
+                         graph_ef_search=args.graph_ef_search)
+    version = build_index(args.root, args.catalog, args.model, params,
+                          embed=_embed_opts(args), detector=args.detector,
+                          detector_source=args.detector_source, lenient=args.lenient,
+                          activate=not args.no_activate)
+    print(build_summary(version, args.root))
     return 0
 
 
@@ -191,20 +248,20 @@ def cmd_add(args: argparse.Namespace) -> int:
     if args.model is not None:
         model_path = args.model
     rows = _read_catalog(args.catalog, args.lenient)
-    model = _load_model(model_path, args)
+    opts = _embed_opts(args)
+    model = _load_model(model_path, opts.device)
     dim = int(model.config["dim"])
     if dim != base.dim:
         raise IndexFormatError(
             f"model {model_path} makes {dim}-d embeddings but {base.version} holds {base.dim}-d"
             " vectors: add with the version's own model, or `build` a new index"
         )
-    if args.model is not None and file_checksum(args.model) != base.manifest["model"][
-            "sha256"]:
+    if args.model is not None and file_digest(args.model) != base.manifest["model"]["sha256"]:
         raise ValueError(
             f"{args.model} is not the model {base.version} was built with; embeddings of "
             "different models are not comparable: omit --model or `build` a new index"
         )
-    xb = _embed(rows, model, args)
+    xb = _embed(rows, model, opts)
     version = update_version(root, base, add_xb=xb, add_items=[_item(r) for r in rows],
                              activate=not args.no_activate, progress=not args.quiet)
     print(f"added {len(rows)} items to {base.version}: " + _summary(version, root))

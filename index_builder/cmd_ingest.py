@@ -1,9 +1,14 @@
-"""``visearch-index ingest``: validate a catalog and store its images in the LMDB store."""
+"""``visearch-index ingest``: validate a catalog and store its images in the LMDB store.
+
+:func:`ingest_catalog` is the typed stage ``rebuild`` calls; the subcommand is a thin
+wrapper over it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -11,6 +16,47 @@ from tqdm import tqdm
 from visearch.catalog import read_manifest
 from visearch.errors import ManifestError
 from visearch.store import ImageStore
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingest did, and what the store holds after it."""
+
+    added_items: int
+    present_items: int
+    added_images: int
+    #: catalog rows rejected by the manifest reader (lenient) or by decoding
+    rejected: int
+    total_items: int
+    total_images: int
+
+    def line(self) -> str:
+        """The one-line summary ``ingest`` prints."""
+        return (f"ingest: {self.added_items} item(s) added, {self.present_items} already "
+                f"present, {self.added_images} new image(s), {self.rejected} rejected; store "
+                f"holds {self.total_items} item(s), {self.total_images} image(s)")
+
+
+def ingest_catalog(catalog: Path, store: Path, *, lenient: bool = False) -> IngestResult:
+    """Validate every row of ``catalog`` and store each image once (by MD5) in the LMDB
+    store at ``store`` (created); idempotent, a re-run adds only what is missing. Shows a
+    tqdm bar.
+
+    Raises:
+        ManifestError: a bad row (strict, i.e. not ``lenient``) or an unreadable catalog.
+    """
+    manifest = read_manifest(catalog, strict=not lenient)
+    with ImageStore(store) as st, tqdm(
+        total=len(manifest.rows), desc="ingest", unit="img"
+    ) as bar:
+        report = st.ingest(manifest.rows, strict=not lenient, progress=bar.update)
+        total_items, total_images = len(st), st.num_images
+    return IngestResult(
+        added_items=report.added_items, present_items=report.present_items,
+        added_images=report.added_images,
+        rejected=len(manifest.rejects) + len(report.failed),
+        total_items=total_items, total_images=total_images,
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,22 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_ingest(args: argparse.Namespace) -> int:
     try:
-        manifest = read_manifest(args.catalog, strict=not args.lenient)
+        result = ingest_catalog(args.catalog, args.store, lenient=args.lenient)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    with ImageStore(args.store) as store, tqdm(
-        total=len(manifest.rows), desc="ingest", unit="img"
-    ) as bar:
-        try:
-            report = store.ingest(manifest.rows, strict=not args.lenient, progress=bar.update)
-        except ManifestError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        total_items, total_images = len(store), store.num_images
-    print(
-        f"ingest: {report.added_items} item(s) added, {report.present_items} already present, "
-        f"{report.added_images} new image(s), {len(manifest.rejects) + len(report.failed)} "
-        f"rejected; store holds {total_items} item(s), {total_images} image(s)"
-    )
+    print(result.line())
     return 0

@@ -6,120 +6,243 @@ bbox) -> first-pass embedder -> SKU denoise -> SKU merge -> train the embedder o
 cleaned SKUs (shop images plus the scenes' user-photo-like crops) -> embed the gallery,
 build the index and neighbour graph, activate.
 
-Each step is one of ``visearch-index``'s own subcommands, run in-process inside
-``run_stage`` with a fingerprint of its inputs (file checksums and the digests of the stages
-it reads) and parameters: a re-run skips every stage whose inputs did not change, and a
-changed parameter reruns that stage and everything downstream. Trainings keep a scratch
-directory with checkpoints, so an interrupted training resumes where it stopped. The
-catalog is never rewritten: cleaning produces new manifests under ``<work>/catalogs/``.
+Each step calls the typed function behind one of ``visearch-index``'s own subcommands
+(``ingest_catalog``, ``dedup_catalog``, ``cut_out_catalog``, ``synthesize_catalog_scenes``,
+``train_detector_on_coco`` or ``label_detection``, ``crop_catalog``,
+``train_embedder_on_catalog``, ``clean_catalog``, ``merge_catalog``, ``write_review``,
+``build_index``) with arguments made from the typed, validated ``RebuildConfig`` in one
+place (the ``*_params`` functions below), inside ``run_stage`` with a fingerprint of its
+inputs (file checksums and the digests of the stages it reads) and parameters: a re-run
+skips every stage whose inputs did not change, and a changed parameter reruns that stage
+and everything downstream. Trainings keep a scratch directory with checkpoints, so an
+interrupted training resumes where it stopped. The catalog is never rewritten: cleaning
+produces new manifests under ``<work>/catalogs/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from index_builder.cmd_clean import read_removed, read_sku_map
-from index_builder.config import DETECTOR_SOURCES, RebuildConfig, load_config
-from index_builder.stage import DONE_FILE, StageResult, file_checksum, run_stage
-from visearch.catalog import CatalogRow, read_manifest, write_manifest
+from index_builder.cmd_clean import (
+    CleanParams,
+    DedupParams,
+    EmbeddingSource,
+    MergeParams,
+    clean_catalog,
+    dedup_catalog,
+    merge_catalog,
+    read_removed,
+    read_sku_map,
+    report_line,
+)
+from index_builder.cmd_detector import (
+    DetectorTrainParams,
+    crop_catalog,
+    default_backbone_weights,
+    label_detection,
+    train_detector_on_coco,
+)
+from index_builder.cmd_embedder import (
+    EmbedderTrainParams,
+    default_pretrained,
+    train_embedder_on_catalog,
+)
+from index_builder.cmd_index import BuildParams, build_index, build_summary
+from index_builder.cmd_ingest import ingest_catalog
+from index_builder.cmd_review import ReviewSummary, decisions_path, write_review
+from index_builder.config import DETECTOR_SOURCES, RebuildConfig, load_config, validate
+from index_builder.stage import (
+    StageResult,
+    fingerprint_digest,
+    recorded_digest,
+    run_stage,
+    stat_digest,
+)
+from visearch.catalog import CatalogRow, Manifest, read_manifest, write_manifest
 from visearch.cleaning import apply_cleaning
-from visearch.errors import ManifestError
+from visearch.cleaning.dedup import COLOR_TOL, RADIUS
+from visearch.errors import ManifestError, VisearchError
+from visearch.fileio import atomic_write_text, file_digest
 from visearch.imageio import image_files
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+Box = tuple[float, float, float, float]
+VERSION_FILE = "version.json"
+
 
 class StageFailed(RuntimeError):
-    """A subcommand run by the pipeline returned a non-zero exit code."""
+    """A stage of the pipeline failed the way its subcommand reports a failed run."""
 
 
-def _digest(stage_dir: Path) -> str:
-    """The fingerprint digest a completed stage recorded in its ``done.json``."""
-    return json.loads((stage_dir / DONE_FILE).read_text())["fingerprint_digest"]
+@dataclass(frozen=True)
+class RebuildInputs:
+    """The files a rebuild reads and writes (``RebuildConfig`` holds its parameters)."""
+
+    catalog: Path  # catalog.jsonl
+    root: Path  # the index root the new version is published under
+    work: Path  # the stages' outputs (resumable)
+    queries: Path | None = None  # queries.jsonl: validation Recall@1 while training
+    detection: Path | None = None  # a folder with COCO train.json (and val.json)
+    backgrounds: Path | None = None  # photos to paste cut-outs on (else procedural)
+    unlabelled_photos: Path | None = None  # adds pseudo-labelling rounds to the detector
 
 
-def _images_digest(rows: Sequence[Any]) -> str:
-    """A cheap digest of the catalog's image files (path, size, mtime), not their bytes."""
-    return _images_digest_paths(row.path for row in rows)
+@dataclass(frozen=True)
+class RebuildResult:
+    """A finished rebuild: the index version it published, its detector's provenance in
+    words (None: no detector), and the seconds each stage took, in order."""
+
+    version: str
+    detector_source: str | None
+    timings: dict[str, float]
 
 
-def _images_digest_paths(paths: Iterable[Path]) -> str:
+# -- config -> stage arguments ------------------------------------------------------------
+# The one place where config values become the stages' typed arguments. A value is what the
+# stage's subcommand flag would give (argparse's int/float conversion), and an argument
+# the config does not set keeps the subcommand's default.
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def dedup_params(cfg: RebuildConfig) -> DedupParams:
+    d = cfg.dedup
+    color_tol = COLOR_TOL if d.color_tol is None else float(d.color_tol)
+    return DedupParams(radius=RADIUS if d.radius is None else d.radius,
+                       color_tol=color_tol if color_tol >= 0 else None, workers=d.workers)
+
+
+def detector_params(cfg: RebuildConfig, *, epochs: int) -> DetectorTrainParams:
+    d = cfg.detector
+    return DetectorTrainParams(
+        backbone=d.backbone, backbone_weights=default_backbone_weights(d.backbone),
+        min_size=d.min_size, max_size=d.max_size, epochs=epochs, batch_size=d.batch_size,
+        lr=float(d.lr), seed=cfg.seed,
+    )
+
+
+def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None
+                    ) -> EmbedderTrainParams:
+    e = cfg.embedder
+    if e.pretrained and Path(e.pretrained).is_file():
+        pretrained = Path(e.pretrained)
+    else:  # the backbone's shipped weights when present, else from scratch
+        pretrained = default_pretrained(e.backbone)
+    return EmbedderTrainParams(
+        backbone=e.backbone, dim=e.dim, pooling=e.pooling, attention=e.attention,
+        pretrained=pretrained, image_size=e.image_size, loss=e.loss, margin=_float(e.margin),
+        scale=_float(e.scale), triplet_weight=float(e.triplet_weight),
+        erasing=float(e.erasing),
+        augment=e.augment if e.augment is not None else EmbedderTrainParams.augment,
+        epochs=epochs, p=e.p, k=e.k, steps_per_epoch=steps, lr=float(e.lr),
+        backbone_lr_mult=float(e.backbone_lr_mult), frozen_blocks=e.frozen_blocks,
+        freeze_bn=e.freeze_bn, seed=cfg.seed, progress=False,
+    )
+
+
+def clean_params(cfg: RebuildConfig) -> CleanParams:
+    c = cfg.clean
+    return CleanParams(eps=float(c.eps),
+                       return_thresh=float(c.return_thresh) if c.return_thresh >= 0 else None)
+
+
+def merge_params(cfg: RebuildConfig) -> MergeParams:
+    m = cfg.merge
+    return MergeParams(rule=m.rule, thresholds=tuple(float(t) for t in m.thresholds),
+                       false_merge_rate=float(m.false_merge_rate),
+                       review_rate=float(m.review_rate), min_confusion=float(m.min_confusion))
+
+
+def build_params(cfg: RebuildConfig) -> BuildParams:
+    i = cfg.index
+    return BuildParams(factory=i.factory or None, k1=i.k1, graph_nprobe=i.graph_nprobe,
+                       graph_ef_search=i.graph_ef_search)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _paths_digest(paths: Iterable[Path]) -> str:
     """A cheap digest of files (path, size, mtime), not their bytes."""
-    h = hashlib.sha256()
-    for path in paths:
-        try:
-            st = path.stat()
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{path}\0missing\n".encode())
-    return h.hexdigest()
+    return stat_digest((str(p), p) for p in paths)
+
+
+@contextlib.contextmanager
+def _fails_as(name: str, *errors: type[BaseException]) -> Iterator[None]:
+    """The errors a stage's subcommand reports as a failed run (one line, exit status 1)
+    fail the rebuild the same way, as ``StageFailed``, not with a traceback."""
+    try:
+        yield
+    except errors as exc:
+        raise StageFailed(f"{name}: {exc}") from exc
+
+
+def query_domain_rows(scenes_dir: Path, train_rows: Sequence[CatalogRow], removed: set[str],
+                      sku_map: Mapping[str, str]) -> list[CatalogRow]:
+    """The scenes' crops of each main object as training rows: the SKU's training label
+    (merged style id), its attributes and title; crops of removed images are left out."""
+    crops = scenes_dir / "crops.jsonl"
+    if not crops.is_file():
+        return []
+    by_sku = {r.sku: r for r in train_rows}
+    out: list[CatalogRow] = []
+    for line, text in enumerate(crops.read_text(encoding="utf-8").splitlines(), start=1):
+        obj = json.loads(text)
+        if obj.get("attributes", {}).get("cutout") in removed:
+            continue
+        ref = by_sku.get(sku_map.get(obj["sku"], obj["sku"]))
+        if ref is None:
+            continue
+        out.append(dataclasses.replace(
+            ref, line=len(train_rows) + line, image=obj["image"],
+            path=(scenes_dir / obj["image"]).resolve(), bbox=None))
+    return out
 
 
 class Pipeline:
-    """Runs the stages of one rebuild; ``run()`` returns the new index version's name."""
+    """The stages of one rebuild, in order; ``run()`` returns the new index version's name.
 
-    def __init__(
-        self,
-        *,
-        catalog: Path,
-        root: Path,
-        work: Path,
-        config: RebuildConfig,
-        queries: Path | None,
-        detection: Path | None,
-        activate: bool = True,
-        backgrounds: Path | None = None,
-        unlabelled_photos: Path | None = None,
-    ) -> None:
-        self.catalog = catalog
-        self.root = root
-        self.work = work
+    Between stages it carries the catalog images removed so far (``removed``) and
+    ``upstream``: the fingerprint digests of the completed stages, which the fingerprints of
+    the stages downstream include.
+    """
+
+    def __init__(self, inputs: RebuildInputs, config: RebuildConfig, *,
+                 activate: bool = True) -> None:
+        self.inputs = inputs
         self.cfg = config
-        self.queries = queries
-        self.detection = detection
+        self.work = inputs.work
         self.activate = activate
-        self.backgrounds = backgrounds
-        self.unlabelled_photos = unlabelled_photos
         self.timings: dict[str, float] = {}
         #: where the detector came from, in words (None: no detector); set by run()
         self.detector_source: str | None = None
         self.scenes_summary: dict[str, Any] = {}
         self.cutouts_summary: dict[str, Any] = {}
-        self._parser: argparse.ArgumentParser | None = None
+        self.review_summary: ReviewSummary | None = None
+        self.removed: set[str] = set()
+        self.upstream: dict[str, Any] = {}
 
-    # -- running subcommands ------------------------------------------------------------
+    # -- running stages -------------------------------------------------------------------
 
-    def _cli(self, argv: list[str]) -> None:
-        """Run one ``visearch-index`` subcommand in this process; raise on failure."""
-        if self._parser is None:
-            from index_builder.cli import build_parser
-
-            self._parser = build_parser()
-        args = self._parser.parse_args([str(a) for a in argv])
-        logger.info("running: visearch-index %s", " ".join(str(a) for a in argv))
-        code = int(args.func(args) or 0)
-        if code != 0:
-            raise StageFailed(f"'visearch-index {argv[0]}' failed with exit code {code}")
-
-    def _timed(self, name: str, argv: list[Any]) -> None:
-        """A subcommand that is a resumable stage by itself (dedup, clean, merge)."""
-        t0 = time.perf_counter()
-        print(f"\n--- stage {name}", flush=True)
-        self._cli(argv)
-        self.timings[name] = time.perf_counter() - t0
-        print(f"--- stage {name}: {self.timings[name]:.1f} s", flush=True)
-
-    def _stage(self, name: str, fingerprint: dict[str, Any], fn: Any) -> StageResult:
+    def _stage(self, name: str, fingerprint: dict[str, Any],
+               fn: Callable[[Path], Mapping[str, Any] | None]) -> StageResult:
+        """A resumable stage (``run_stage``) under the work directory, timed and announced."""
         t0 = time.perf_counter()
         print(f"\n--- stage {name}", flush=True)
         result = run_stage(name, self.work, fingerprint, fn)
@@ -131,15 +254,25 @@ class Pipeline:
         )
         return result
 
+    def _timed(self, name: str, fn: Callable[[], T]) -> T:
+        """A stage function that is a resumable stage by itself (dedup, clean, merge)."""
+        t0 = time.perf_counter()
+        print(f"\n--- stage {name}", flush=True)
+        out = fn()
+        self.timings[name] = time.perf_counter() - t0
+        print(f"--- stage {name}: {self.timings[name]:.1f} s", flush=True)
+        return out
+
     def _training_stage(
-        self, name: str, fingerprint: dict[str, Any], argv: list[str], outputs: Sequence[str],
-        *, gather: dict[str, str] | None = None,
+        self, name: str, fingerprint: dict[str, Any], train: Callable[[Path, bool], None],
+        outputs: Sequence[str], *, gather: dict[str, str] | None = None,
     ) -> StageResult:
-        """A training subcommand with a persistent scratch dir (checkpoints survive a crash:
-        the next run of the same fingerprint resumes), whose ``outputs`` are published;
-        ``gather`` maps an output name to the scratch-relative file it is copied from."""
+        """A training, ``train(scratch_dir, resume)``, with a persistent scratch dir
+        (checkpoints survive a crash: the next run of the same fingerprint resumes), whose
+        ``outputs`` are published; ``gather`` maps an output name to the scratch-relative
+        file it is copied from."""
         scratch = self.work / f"{name}.scratch"
-        key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+        key = fingerprint_digest(fingerprint)
         marker = scratch / "fingerprint.txt"
         if scratch.exists() and (not marker.is_file() or marker.read_text() != key):
             shutil.rmtree(scratch)
@@ -147,8 +280,7 @@ class Pipeline:
         marker.write_text(key)
 
         def work(out: Path) -> dict[str, Any]:
-            resume = ["--resume"] if any(scratch.rglob("checkpoint.pt")) else []
-            self._cli([*argv, "--out", scratch, *resume])
+            train(scratch, any(scratch.rglob("checkpoint.pt")))
             for item, src in (gather or {}).items():
                 if (scratch / src).is_file():
                     shutil.copy2(scratch / src, scratch / item)
@@ -161,19 +293,76 @@ class Pipeline:
         shutil.rmtree(scratch, ignore_errors=True)
         return result
 
-    # -- the stages ------------------------------------------------------------------------
+    # -- the pipeline ----------------------------------------------------------------------
+
+    def run(self) -> str:
+        cfg = self.cfg
+        manifest = read_manifest(self.inputs.catalog, strict=not cfg.lenient)
+        self._ingest(manifest)
+        # Review decisions (visearch-index review) are applied by every cleaning stage.
+        decisions = decisions_path(self.work)
+        reviewed = decisions if decisions.is_file() else None
+        if cfg.dedup.enabled:
+            self._dedup(reviewed)
+
+        # The detector's training boxes: given COCO annotations, else copy-paste scenes made
+        # from the catalog's own cut-outs (a real catalog has no COCO scenes).
+        use_coco = self._use_coco()
+        scenes_dir: Path | None = None
+        cutout_boxes: dict[str, Box] = {}
+        if (cfg.detector.enabled and not use_coco) or cfg.scenes.query_domain:
+            scenes_dir, cutout_boxes = self._scene_stages(manifest)
+        detector_path = self._detector(use_coco, scenes_dir) if cfg.detector.enabled else None
+
+        catalog, rows = self._boxed_catalog(manifest.rows, cutout_boxes, detector_path)
+        (self.work / "catalogs").mkdir(parents=True, exist_ok=True)
+        sku_map = self._clean_and_merge(catalog, rows, reviewed)
+        if cfg.dedup.enabled or cfg.clean.enabled or cfg.merge.enabled:
+            self.review_summary = write_review(list(rows), self.inputs.catalog, self.work)
+        train_catalog, gallery_catalog = self._training_catalogs(rows, sku_map, scenes_dir)
+
+        emb = self._embedder("embedder", train_catalog, epochs=cfg.embedder.epochs,
+                             steps=cfg.embedder.steps_per_epoch, val=True)
+        return self._build(gallery_catalog, emb.out_dir / "embedder.pt", detector_path)
+
+    def _ingest(self, manifest: Manifest) -> None:
+        """Stage ``ingest``; sets ``upstream`` to the catalog's identity and its digest."""
+        catalog, lenient = self.inputs.catalog, self.cfg.lenient
+        base = {
+            "catalog": file_digest(catalog),
+            "images": _paths_digest(row.path for row in manifest.rows),
+            "lenient": lenient,
+        }
+
+        def work(out: Path) -> None:
+            print(ingest_catalog(catalog, out / "store", lenient=lenient).line())
+
+        ingest = self._stage("ingest", base, work)
+        self.upstream = {**base, "ingest": recorded_digest(ingest.out_dir)}
+
+    def _dedup(self, decisions: Path | None) -> None:
+        params = dedup_params(self.cfg)
+
+        def run() -> StageResult:
+            result = dedup_catalog(self.inputs.catalog, self.work, params,
+                                   lenient=self.cfg.lenient, decisions=decisions)
+            print(report_line(result, "dedup"))
+            return result
+
+        result = self._timed("dedup", run)
+        self.removed |= read_removed(result.out_dir / "removed.json")
+        self.upstream["dedup"] = recorded_digest(result.out_dir)
 
     def _use_coco(self) -> bool:
         """Whether the detector trains on given COCO annotations (else on catalog scenes)."""
         source = self.cfg.detector.source
-        if source == "coco" and self.detection is None:
+        detection = self.inputs.detection
+        if source == "coco" and detection is None:
             raise ValueError("detector.source is 'coco' but no detection annotations were "
                              "given or found (--detection DIR with train.json)")
-        return self.detection is not None and source in ("auto", "coco")
+        return detection is not None and source in ("auto", "coco")
 
-    def _scene_stages(
-        self, manifest: Any, removed: set[str], upstream: dict[str, Any]
-    ) -> tuple[Path, dict[str, tuple[float, float, float, float]]]:
+    def _scene_stages(self, manifest: Manifest) -> tuple[Path, dict[str, Box]]:
         """The ``cutouts`` and ``scenes`` stages; returns the scenes folder and the cut-out
         box of each usable catalog image."""
         from index_builder.cmd_scenes import (
@@ -183,23 +372,23 @@ class Pipeline:
             synthesize_catalog_scenes,
         )
 
-        sc = self.cfg.scenes
+        sc, removed = self.cfg.scenes, set(self.removed)
         cut = self._stage(
-            "cutouts", {**upstream, "min_quality": sc.min_quality},
+            "cutouts", {**self.upstream, "min_quality": sc.min_quality},
             lambda out: cut_out_catalog(manifest.rows, out, rejects=manifest.rejects,
                                         exclude=removed, min_quality=sc.min_quality,
-                                        progress=True),
+                                        progress=True).to_dict(),
         )
         self.cutouts_summary = cut.summary
         print(f"cut-outs: {cut.summary.get('objects')} usable of {cut.summary.get('rows')} "
               f"catalog rows {cut.summary.get('statuses')} "
               f"(per-row report: {cut.out_dir / 'report.jsonl'})", flush=True)
-        backgrounds = background_files(self.backgrounds)
-        fp = {"cutouts": _digest(cut.out_dir),
-              "config": {k: v for k, v in sc.__dict__.items()
+        backgrounds = background_files(self.inputs.backgrounds)
+        fp = {"cutouts": recorded_digest(cut.out_dir),
+              "config": {k: v for k, v in dataclasses.asdict(sc).items()
                          if k not in ("query_domain", "detector_epochs", "min_quality")},
               "seed": self.cfg.seed,
-              "backgrounds": _images_digest_paths(backgrounds)}
+              "backgrounds": _paths_digest(backgrounds)}
         scenes = self._stage(
             "scenes", fp,
             lambda out: synthesize_catalog_scenes(
@@ -207,11 +396,37 @@ class Pipeline:
                 image_size=sc.image_size, seed=self.cfg.seed, backgrounds=backgrounds,
                 max_distractors=sc.max_distractors, crops_per_scene=sc.crops_per_scene,
                 crop_jitter=sc.crop_jitter, val_fraction=sc.val_fraction,
-                workers=self.cfg.workers, progress=True),
+                workers=self.cfg.workers, progress=True).to_dict(),
         )
         self.scenes_summary = scenes.summary
-        upstream["scenes"] = _digest(scenes.out_dir)
+        self.upstream["scenes"] = recorded_digest(scenes.out_dir)
         return scenes.out_dir, read_cutout_boxes(cut.out_dir)
+
+    def _detector(self, use_coco: bool, scenes_dir: Path | None) -> Path:
+        """Stage ``detector`` on the COCO annotations or the scenes; sets
+        ``detector_source`` and returns the weights file."""
+        cfg = self.cfg
+        if use_coco:
+            detection = self.inputs.detection
+            assert detection is not None  # _use_coco
+            detector_path, kind = self._detector_stage(
+                detection / "train.json", detection / "val.json", detection.parent,
+                cfg.detector.epochs)
+            source = f"COCO annotations in {detection}"
+        else:
+            assert scenes_dir is not None  # run() makes scenes when there is no COCO
+            epochs = cfg.scenes.detector_epochs or cfg.detector.epochs
+            detector_path, kind = self._detector_stage(
+                scenes_dir / "train.json", scenes_dir / "val.json", scenes_dir, epochs)
+            s = self.scenes_summary
+            source = (f"{s.get('train_images', '?')} copy-paste scenes made from "
+                      f"{s.get('objects', '?')} catalog cut-outs on "
+                      f"{s.get('background_source', '?')} backgrounds")
+        if self.inputs.unlabelled_photos is not None:
+            source += f", + pseudo-labels on {self.inputs.unlabelled_photos}"
+        self.detector_source = f"{kind}, trained on {source}"
+        print(f"detector: {self.detector_source}", flush=True)
+        return detector_path
 
     def _detector_stage(self, train_json: Path, val_json: Path, images_root: Path,
                         epochs: int) -> tuple[Path, str]:
@@ -219,28 +434,34 @@ class Pipeline:
         returns its weights file and its classes in words."""
         d = self.cfg.detector
         train_json, val_json, labels = self._relabel(train_json, val_json)
-        has_val = val_json.is_file()
-        model = ["--backbone", d.backbone, "--min-size", d.min_size, "--max-size",
-                 d.max_size, "--epochs", epochs, "--batch-size", d.batch_size, "--lr", d.lr,
-                 "--seed", self.cfg.seed, "--images-root", images_root]
-        gather = None
-        if self.unlabelled_photos is None:
-            argv = ["train-detector", "--train", train_json, *model]
-        else:
-            argv = ["label-detection", "--labelled", train_json, "--unlabelled",
-                    self.unlabelled_photos, "--rounds", d.rounds, *model]
-            gather = {"detector.pt": f"round_{d.rounds}/model/detector.pt"}
-        if has_val:
-            argv += ["--val", val_json]
-        fp = {"train": file_checksum(train_json),
-              "val": file_checksum(val_json) if has_val else None,
-              "images": _images_digest_paths(sorted(images_root.glob("*/*.jpg"))),
-              "unlabelled": (_images_digest_paths(image_files(self.unlabelled_photos))
-                             if self.unlabelled_photos is not None else None),
+        val = val_json if val_json.is_file() else None
+        params = detector_params(self.cfg, epochs=epochs)
+        unlabelled = self.inputs.unlabelled_photos
+
+        def train(scratch: Path, resume: bool) -> None:
+            if unlabelled is None:
+                result = train_detector_on_coco(train_json, scratch, params, val=val,
+                                                images_root=images_root, resume=resume)
+                print(json.dumps(result.summary(), indent=1))
+            else:
+                rounds = label_detection(train_json, unlabelled, scratch, params,
+                                         rounds=d.rounds, val=val, images_root=images_root,
+                                         resume=resume)
+                print(rounds.table())
+
+        # label-detection leaves the last round's detector under its own folder
+        gather = (None if unlabelled is None
+                  else {"detector.pt": f"round_{d.rounds}/model/detector.pt"})
+        fp = {"train": file_digest(train_json),
+              "val": file_digest(val) if val is not None else None,
+              "images": _paths_digest(sorted(images_root.glob("*/*.jpg"))),
+              "unlabelled": (_paths_digest(image_files(unlabelled))
+                             if unlabelled is not None else None),
               # the main-object floor is used after training (crop), not by it
-              "config": {k: v for k, v in d.__dict__.items() if k != "score_thresh"},
+              "config": {k: v for k, v in dataclasses.asdict(d).items()
+                         if k != "score_thresh"},
               "epochs": epochs, "seed": self.cfg.seed}
-        det = self._training_stage("detector", fp, argv,
+        det = self._training_stage("detector", fp, train,
                                    ["detector.pt", "history.json", "rounds.json"],
                                    gather=gather)
         return det.out_dir / "detector.pt", labels
@@ -267,7 +488,7 @@ class Pipeline:
                           (val_json, read_coco(val_json) if val_json.is_file() else None)):
             dst = out / f"{src.stem}_{labels}.json"
             if coco is not None:
-                dst.write_text(json.dumps(relabel(coco)))
+                atomic_write_text(dst, json.dumps(relabel(coco)))
             else:
                 dst.unlink(missing_ok=True)
             paths.append(dst)
@@ -275,96 +496,13 @@ class Pipeline:
                  else "class-agnostic")
         return paths[0], paths[1], words
 
-    def _query_domain_rows(self, scenes_dir: Path, train_rows: Sequence[CatalogRow],
-                           removed: set[str], sku_map: dict[str, str]) -> list[CatalogRow]:
-        """The scenes' crops of each main object as training rows: the SKU's training label
-        (merged style id), its attributes and title; crops of removed images are left out."""
-        crops = scenes_dir / "crops.jsonl"
-        if not crops.is_file():
-            return []
-        by_sku = {r.sku: r for r in train_rows}
-        out: list[CatalogRow] = []
-        for line, text in enumerate(crops.read_text(encoding="utf-8").splitlines(), start=1):
-            obj = json.loads(text)
-            if obj.get("attributes", {}).get("cutout") in removed:
-                continue
-            ref = by_sku.get(sku_map.get(obj["sku"], obj["sku"]))
-            if ref is None:
-                continue
-            out.append(dataclasses.replace(
-                ref, line=len(train_rows) + line, image=obj["image"],
-                path=(scenes_dir / obj["image"]).resolve(), bbox=None))
-        return out
-
-
-    def run(self) -> str:
+    def _boxed_catalog(self, rows: list[CatalogRow], cutout_boxes: dict[str, Box],
+                       detector_path: Path | None) -> tuple[Path, list[CatalogRow]]:
+        """The catalog whose rows all have a bbox where one can be found, and its rows:
+        a row without one gets its cut-out's box, else the detector's main object (stage
+        ``crop``). The catalog file itself when every row has a box."""
         cfg = self.cfg
-        lenient = ["--lenient"] if cfg.lenient else []
-        manifest = read_manifest(self.catalog, strict=not cfg.lenient)
-        rows = manifest.rows
-        base = {
-            "catalog": file_checksum(self.catalog),
-            "images": _images_digest(rows),
-            "lenient": cfg.lenient,
-        }
-
-        ingest = self._stage(
-            "ingest", base,
-            lambda out: self._cli(["ingest", "--catalog", self.catalog, "--store",
-                                   out / "store", *lenient]),
-        )
-        removed: set[str] = set()
-        upstream = {**base, "ingest": _digest(ingest.out_dir)}
-
-        # Review decisions (visearch-index review) are applied by every cleaning stage.
-        from index_builder.cmd_review import decisions_path
-
-        reviewed = (["--decisions", decisions_path(self.work)]
-                    if decisions_path(self.work).is_file() else [])
-        if cfg.dedup.enabled:
-            radius = ["--radius", cfg.dedup.radius] if cfg.dedup.radius is not None else []
-            if cfg.dedup.color_tol is not None:
-                radius += ["--color-tol", cfg.dedup.color_tol]
-            self._timed("dedup", ["dedup", "--catalog", self.catalog, "--out", self.work,
-                                  "--workers", cfg.dedup.workers, *radius, *reviewed,
-                                  *lenient])
-            removed |= read_removed(self.work / "dedup" / "removed.json")
-            upstream["dedup"] = _digest(self.work / "dedup")
-
-        # The detector's training boxes: given COCO annotations, else copy-paste scenes made
-        # from the catalog's own cut-outs (a real catalog has no COCO scenes).
-        use_coco = self._use_coco()
-        scenes_dir: Path | None = None
-        cutout_boxes: dict[str, tuple[float, float, float, float]] = {}
-        if (cfg.detector.enabled and not use_coco) or cfg.scenes.query_domain:
-            scenes_dir, cutout_boxes = self._scene_stages(manifest, removed, upstream)
-
-        detector_path: Path | None = None
-        if cfg.detector.enabled:
-            if use_coco:
-                assert self.detection is not None
-                detector_path, kind = self._detector_stage(
-                    self.detection / "train.json", self.detection / "val.json",
-                    self.detection.parent, cfg.detector.epochs)
-                source = f"COCO annotations in {self.detection}"
-            else:
-                assert scenes_dir is not None
-                epochs = cfg.scenes.detector_epochs or cfg.detector.epochs
-                detector_path, kind = self._detector_stage(
-                    scenes_dir / "train.json", scenes_dir / "val.json", scenes_dir, epochs)
-                s = self.scenes_summary
-                source = (f"{s.get('train_images', '?')} copy-paste scenes made from "
-                          f"{s.get('objects', '?')} catalog cut-outs on "
-                          f"{s.get('background_source', '?')} backgrounds")
-            if self.unlabelled_photos is not None:
-                source += f", + pseudo-labels on {self.unlabelled_photos}"
-            self.detector_source = f"{kind}, trained on {source}"
-            print(f"detector: {self.detector_source}", flush=True)
-        else:
-            self.detector_source = None
-
-        # Catalog images without a bbox get the cut-out's box, else the detector's main object.
-        catalog = self.catalog
+        catalog = self.inputs.catalog
         if any(r.bbox is None for r in rows) and cutout_boxes:
             rows = [dataclasses.replace(r, bbox=cutout_boxes[r.image])
                     if r.bbox is None and r.image in cutout_boxes else r for r in rows]
@@ -372,158 +510,174 @@ class Pipeline:
             catalog.parent.mkdir(parents=True, exist_ok=True)
             write_manifest(catalog, rows)
         if any(r.bbox is None for r in rows) and detector_path is not None:
-            crop = self._stage(
-                "crop", {**upstream, "catalog": file_checksum(catalog),
-                         "detector": file_checksum(detector_path),
+            boxed = catalog
+
+            def crop(out: Path) -> None:
+                result = crop_catalog(boxed, detector_path, out / "catalog.jsonl",
+                                      score_thresh=float(cfg.detector.score_thresh),
+                                      lenient=cfg.lenient)
+                print(json.dumps(result.to_dict()))
+
+            done = self._stage(
+                "crop", {**self.upstream, "catalog": file_digest(catalog),
+                         "detector": file_digest(detector_path),
                          "thresh": cfg.detector.score_thresh},
-                lambda out: self._cli(["crop", "--catalog", catalog, "--detector",
-                                       detector_path, "--out", out / "catalog.jsonl",
-                                       "--score-thresh", cfg.detector.score_thresh,
-                                       *lenient]),
+                crop,
             )
-            catalog = crop.out_dir / "catalog.jsonl"
+            catalog = done.out_dir / "catalog.jsonl"
             rows = read_manifest(catalog, strict=not cfg.lenient).rows
-            upstream["crop"] = _digest(crop.out_dir)
+            self.upstream["crop"] = recorded_digest(done.out_dir)
+        return catalog, rows
 
-        catalogs = self.work / "catalogs"
-        catalogs.mkdir(parents=True, exist_ok=True)
+    def _clean_and_merge(self, catalog: Path, rows: list[CatalogRow],
+                         decisions: Path | None) -> dict[str, str]:
+        """Stages ``embedder_first_pass``, ``clean`` (adds to ``removed``) and ``merge``,
+        as enabled; returns merge's SKU -> style id map ({} without merge)."""
+        cfg = self.cfg
+        if not (cfg.clean.enabled or cfg.merge.enabled):
+            return {}
+        first_pass = self.work / "catalogs" / "dedup.jsonl"
+        write_manifest(first_pass, apply_cleaning(rows, self.removed))
+        emb = self._embedder("embedder_first_pass", first_pass,
+                             epochs=cfg.embedder.cleaning_epochs,
+                             steps=cfg.embedder.cleaning_steps_per_epoch, val=False)
+        source = EmbeddingSource(model=emb.out_dir / "embedder.pt")
+        exclude: list[Path] = []
+        if cfg.dedup.enabled:
+            exclude.append(self.work / "dedup" / "removed.json")
         sku_map: dict[str, str] = {}
-        if cfg.clean.enabled or cfg.merge.enabled:
-            first_pass = catalogs / "dedup.jsonl"
-            write_manifest(first_pass, apply_cleaning(rows, removed))
-            emb = self._embedder_stage("embedder_first_pass", first_pass, upstream,
-                                       epochs=cfg.embedder.cleaning_epochs,
-                                       steps=cfg.embedder.cleaning_steps_per_epoch, val=False)
-            model = emb.out_dir / "embedder.pt"
-            excludes: list[Any] = []
-            if cfg.dedup.enabled:
-                excludes += ["--exclude", self.work / "dedup" / "removed.json"]
-            if cfg.clean.enabled:
-                self._timed("clean", [
-                    "clean", "--catalog", catalog, "--model", model, "--out", self.work,
-                    "--eps", cfg.clean.eps, "--return-thresh", cfg.clean.return_thresh,
-                    *excludes, *reviewed, *lenient,
-                ])
-                removed |= read_removed(self.work / "clean" / "removed.jsonl")
-                excludes += ["--exclude", self.work / "clean" / "removed.jsonl"]
-            if cfg.merge.enabled:
-                m = cfg.merge
-                thresholds = ",".join(str(t) for t in m.thresholds)
-                self._timed("merge", [
-                    "merge", "--catalog", catalog, "--model", model, "--out", self.work,
-                    "--rule", m.rule, "--thresholds", thresholds,
-                    "--false-merge-rate", m.false_merge_rate, "--review-rate", m.review_rate,
-                    "--min-confusion", m.min_confusion, *excludes, *reviewed, *lenient,
-                ])
-                sku_map = read_sku_map(self.work / "merge" / "sku_map.json")
-            for stage in ("clean", "merge"):
-                if getattr(cfg, stage).enabled:
-                    upstream[stage] = _digest(self.work / stage)
-        self.review_summary: dict[str, Any] = {}
-        if cfg.dedup.enabled or cfg.clean.enabled or cfg.merge.enabled:
-            from index_builder.cmd_review import write_review
+        if cfg.clean.enabled:
+            params = clean_params(cfg)
+            excluded = list(exclude)
 
-            self.review_summary = write_review(list(rows), self.catalog, self.work)
+            def clean() -> None:
+                with _fails_as("clean", ValueError, FileNotFoundError):
+                    result = clean_catalog(catalog, self.work, source, params,
+                                           exclude=excluded, lenient=cfg.lenient,
+                                           decisions=decisions)
+                print(result.report("clean"))
 
-        # Training labels are the merged style ids; the gallery keeps the catalog's SKUs.
+            self._timed("clean", clean)
+            self.removed |= read_removed(self.work / "clean" / "removed.jsonl")
+            exclude.append(self.work / "clean" / "removed.jsonl")
+        if cfg.merge.enabled:
+            params_m = merge_params(cfg)
+
+            def merge() -> None:
+                with _fails_as("merge", ValueError, FileNotFoundError):
+                    result = merge_catalog(catalog, self.work, source, params_m,
+                                           exclude=exclude, lenient=cfg.lenient,
+                                           decisions=decisions)
+                print(result.report("merge"))
+
+            self._timed("merge", merge)
+            sku_map = read_sku_map(self.work / "merge" / "sku_map.json")
+        for stage in ("clean", "merge"):
+            if getattr(cfg, stage).enabled:
+                self.upstream[stage] = recorded_digest(self.work / stage)
+        return sku_map
+
+    def _training_catalogs(self, rows: list[CatalogRow], sku_map: dict[str, str],
+                           scenes_dir: Path | None) -> tuple[Path, Path]:
+        """``<work>/catalogs/train.jsonl`` (labels: the merged style ids; plus the scenes'
+        crops for query-domain training) and ``gallery.jsonl`` (the catalog's SKUs), both
+        without the removed images; prints what cleaning did."""
+        cfg = self.cfg
+        catalogs = self.work / "catalogs"
         train_catalog = catalogs / "train.jsonl"
         gallery_catalog = catalogs / "gallery.jsonl"
-        train_rows = apply_cleaning(rows, removed, sku_map)
+        train_rows = apply_cleaning(rows, self.removed, sku_map)
         extra: list[CatalogRow] = []
         if cfg.scenes.query_domain and scenes_dir is not None:
-            extra = self._query_domain_rows(scenes_dir, train_rows, removed, sku_map)
+            extra = query_domain_rows(scenes_dir, train_rows, self.removed, sku_map)
         write_manifest(train_catalog, train_rows + extra)
-        write_manifest(gallery_catalog, apply_cleaning(rows, removed))
+        write_manifest(gallery_catalog, apply_cleaning(rows, self.removed))
+        removed = self.removed
         styles = f", {len(set(sku_map.values()))} style ids from {len(sku_map)} SKUs"
         print(f"\ncleaning: {len(rows)} catalog rows -> {len(rows) - len(removed)} kept "
               f"({len(removed)} removed){styles if sku_map else ''}")
-        if self.review_summary:
+        if self.review_summary is not None:
             rs = self.review_summary
-            print(f"review: {rs['merge']} merges, {rs['duplicate']} cross-SKU duplicates, "
-                  f"{rs['denoise']} denoise removals ({rs['pending']} pending, "
-                  f"{rs['decided']} decided) -> {rs['page']}", flush=True)
+            print(f"review: {rs.merge} merges, {rs.duplicate} cross-SKU duplicates, "
+                  f"{rs.denoise} denoise removals ({rs.pending} pending, "
+                  f"{rs.decided} decided) -> {rs.page}", flush=True)
         if extra:
             print(f"query-domain training: {len(extra)} user-photo-like crops from the "
                   f"scenes beside {len(train_rows)} shop images", flush=True)
+        return train_catalog, gallery_catalog
 
-        emb = self._embedder_stage("embedder", train_catalog, upstream,
-                                   epochs=cfg.embedder.epochs,
-                                   steps=cfg.embedder.steps_per_epoch, val=True)
-        model = emb.out_dir / "embedder.pt"
+    def _embedder(self, name: str, catalog: Path, *, epochs: int, steps: int | None,
+                  val: bool) -> StageResult:
+        """A training of the embedder on ``catalog`` (stage ``name``)."""
+        cfg = self.cfg
+        queries = self.inputs.queries if val else None
+        params = embedder_params(cfg, epochs=epochs, steps=steps)
 
+        def train(scratch: Path, resume: bool) -> None:
+            result = train_embedder_on_catalog(catalog, scratch, params, val_queries=queries,
+                                               resume=resume)
+            print(json.dumps(result.summary(), indent=1))
+
+        fp = {"catalog": file_digest(catalog), "config": dataclasses.asdict(cfg.embedder),
+              "epochs": epochs, "steps": steps,
+              "queries": file_digest(queries) if queries else None,
+              "seed": cfg.seed, "upstream": dict(self.upstream)}
+        return self._training_stage(name, fp, train,
+                                    ["embedder.pt", "history.json", "labels.json"])
+
+    def _build(self, gallery_catalog: Path, model: Path, detector_path: Path | None) -> str:
+        """Stage ``build``: embed the gallery, build and publish the version (activated
+        unless told not to; a skipped build re-activates the version it made)."""
+        from visearch.index import IndexRoot
+
+        cfg, root = self.cfg, self.inputs.root
+        detector_source = (self.detector_source or "") if detector_path is not None else None
         build_fp = {
-            "gallery": file_checksum(gallery_catalog),
-            "embedder": file_checksum(model),
-            "detector": file_checksum(detector_path) if detector_path else None,
+            "gallery": file_digest(gallery_catalog),
+            "embedder": file_digest(model),
+            "detector": file_digest(detector_path) if detector_path else None,
             "detector_source": self.detector_source,
-            "index": cfg.index.__dict__,
-            "root": str(self.root.resolve()),
+            "index": dataclasses.asdict(cfg.index),
+            "root": str(root.resolve()),
         }
-        version_file = "version.json"
 
         def build(out: Path) -> dict[str, Any]:
-            from visearch.index import IndexRoot
-
-            before = set(IndexRoot(self.root).versions()) if self.root.exists() else set()
-            argv = ["build", "--root", self.root, "--catalog", gallery_catalog, "--model",
-                    model, "--k1", cfg.index.k1, *lenient]
-            if detector_path is not None:
-                argv += ["--detector", detector_path, "--detector-source",
-                         self.detector_source or ""]
-            if cfg.index.factory:
-                argv += ["--factory", cfg.index.factory]
-            if cfg.index.graph_nprobe is not None:
-                argv += ["--graph-nprobe", cfg.index.graph_nprobe]
-            if cfg.index.graph_ef_search is not None:
-                argv += ["--graph-ef-search", cfg.index.graph_ef_search]
-            if not self.activate:
-                argv += ["--no-activate"]
-            self._cli(argv)
-            new = sorted(set(IndexRoot(self.root).versions()) - before)
+            before = set(IndexRoot(root).versions()) if root.exists() else set()
+            with _fails_as("build", VisearchError, ValueError, OSError, KeyError):
+                version = build_index(root, gallery_catalog, model, build_params(cfg),
+                                      detector=detector_path,
+                                      detector_source=detector_source,
+                                      lenient=cfg.lenient, activate=self.activate)
+                print(build_summary(version, root))
+            new = sorted(set(IndexRoot(root).versions()) - before)
             if len(new) != 1:
                 raise StageFailed(f"build should add one index version, added {new}")
-            (out / version_file).write_text(json.dumps({"version": new[0]}))
+            (out / VERSION_FILE).write_text(json.dumps({"version": new[0]}))
             return {"version": new[0]}
 
         result = self._stage("build", build_fp, build)
-        version = json.loads((result.out_dir / version_file).read_text())["version"]
+        version = json.loads((result.out_dir / VERSION_FILE).read_text())["version"]
         if result.skipped and self.activate:
-            from visearch.index import IndexRoot
-
-            index_root = IndexRoot(self.root)
+            index_root = IndexRoot(root)
             if version in index_root.versions() and index_root.current() != version:
                 index_root.activate(version)
         return version
 
-    def _embedder_stage(
-        self, name: str, catalog: Path, upstream: dict[str, Any], *, epochs: int,
-        steps: int | None, val: bool,
-    ) -> StageResult:
-        e = self.cfg.embedder
-        argv = ["train-embedder", "--catalog", catalog, "--backbone", e.backbone, "--dim",
-                e.dim, "--pooling", e.pooling, "--loss", e.loss, "--triplet-weight",
-                e.triplet_weight, "--epochs", epochs, "--p", e.p, "--k", e.k, "--image-size",
-                e.image_size, "--lr", e.lr, "--seed", self.cfg.seed, "--quiet"]
-        if e.attention:
-            argv.append("--attention")
-        for flag, value in (("--margin", e.margin), ("--scale", e.scale),
-                            ("--backbone-lr-mult", e.backbone_lr_mult),
-                            ("--frozen-blocks", e.frozen_blocks), ("--augment", e.augment),
-                            ("--erasing", e.erasing),
-                            ("--steps-per-epoch", steps)):
-            if value is not None:
-                argv += [flag, value]
-        argv.append("--freeze-bn" if e.freeze_bn else "--no-freeze-bn")
-        if e.pretrained and Path(e.pretrained).is_file():
-            argv += ["--pretrained", e.pretrained]
-        if val and self.queries is not None:
-            argv += ["--val-queries", self.queries]
-        fp = {"catalog": file_checksum(catalog), "config": e.__dict__, "epochs": epochs,
-              "steps": steps,
-              "queries": file_checksum(self.queries) if val and self.queries else None,
-              "seed": self.cfg.seed, "upstream": upstream}
-        return self._training_stage(name, fp, argv,
-                                    ["embedder.pt", "history.json", "labels.json"])
+
+def rebuild(inputs: RebuildInputs, config: RebuildConfig, *,
+            activate: bool = True) -> RebuildResult:
+    """Run the whole pipeline (see the module docstring) and publish a new index version.
+
+    ``config`` is checked first (as ``load_config`` checks a file) and recorded as
+    ``<work>/config.json``. Raises ``ManifestError``, ``StageFailed`` or ``ValueError`` on
+    bad input; a failed rebuild never touches the active version.
+    """
+    validate(config)
+    inputs.work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(inputs.work / "config.json", json.dumps(config.to_dict(), indent=2))
+    pipeline = Pipeline(inputs, config, activate=activate)
+    version = pipeline.run()
+    return RebuildResult(version, pipeline.detector_source, dict(pipeline.timings))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -562,45 +716,45 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for stage in ("dedup", "detector", "clean", "merge"):
+        if getattr(args, f"no_{stage}"):
+            overrides[stage] = {"enabled": False}
+    if args.lenient:
+        overrides["lenient"] = True
+    if args.detector_source:
+        overrides.setdefault("detector", {})["source"] = args.detector_source
     try:
-        cfg = load_config(args.config, profile=args.profile)
+        cfg = load_config(args.config, profile=args.profile, overrides=overrides)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for stage in ("dedup", "detector", "clean", "merge"):
-        if getattr(args, f"no_{stage}"):
-            getattr(cfg, stage).enabled = False
-    cfg.lenient = cfg.lenient or args.lenient
-    if args.detector_source:
-        cfg.detector.source = args.detector_source
     detection = args.detection
     if detection is None and (args.catalog.parent / "detection" / "train.json").is_file():
         detection = args.catalog.parent / "detection"
     if cfg.detector.source == "catalog":
         detection = None
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    pipeline = Pipeline(catalog=args.catalog, root=args.root, work=args.work, config=cfg,
-                        queries=args.queries, detection=detection,
-                        activate=not args.no_activate, backgrounds=args.backgrounds,
-                        unlabelled_photos=args.unlabelled_photos)
+    inputs = RebuildInputs(catalog=args.catalog, root=args.root, work=args.work,
+                           queries=args.queries, detection=detection,
+                           backgrounds=args.backgrounds,
+                           unlabelled_photos=args.unlabelled_photos)
     t0 = time.perf_counter()
     try:
-        version = pipeline.run()
+        result = rebuild(inputs, cfg, activate=not args.no_activate)
     except (ManifestError, StageFailed, ValueError) as exc:
         print(f"error: rebuild failed: {exc}", file=sys.stderr)
         return 1
     total = time.perf_counter() - t0
     print("\nrebuild: stage timings")
-    for name, seconds in pipeline.timings.items():
+    for name, seconds in result.timings.items():
         print(f"  {name:<22} {seconds:8.1f} s")
     print(f"  {'total':<22} {total:8.1f} s")
-    if pipeline.detector_source:
-        print(f"rebuild: detector {pipeline.detector_source}")
+    if result.detector_source:
+        print(f"rebuild: detector {result.detector_source}")
     else:
         print("rebuild: WARNING: NO DETECTOR. Search will embed whole user photos, which "
               "matches the background instead of the product (turned off by --no-detector "
               "or detector.enabled = false)", file=sys.stderr)
-    print(f"rebuild: index version {version} at {args.root}"
+    print(f"rebuild: index version {result.version} at {args.root}"
           + ("" if args.no_activate else " (active)"))
     return 0

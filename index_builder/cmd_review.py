@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,18 @@ from visearch.errors import ManifestError
 REVIEW_DIR = "review"
 DECISIONS_FILE = "decisions.jsonl"
 PAGE_FILE = "index.html"
+
+
+@dataclass(frozen=True)
+class ReviewSummary:
+    """The review page written: proposals of each kind, how many are pending and decided."""
+
+    merge: int
+    duplicate: int
+    denoise: int
+    pending: int
+    decided: int
+    page: Path
 
 
 def decisions_path(work: Path) -> Path:
@@ -92,9 +105,10 @@ def review_items(rows: list[CatalogRow], work: Path) -> list[ReviewItem]:
 def write_review(
     rows: list[CatalogRow], catalog: Path, work: Path, *, out: Path | None = None,
     decisions: Path | None = None,
-) -> dict[str, Any]:
+) -> ReviewSummary:
     """Write the review page of the stages under ``work`` over the ``catalog`` file's
-    ``rows``; returns its counts and path."""
+    ``rows`` (default ``<work>/review/index.html``, with the decisions of ``decisions``,
+    default ``<work>/review/decisions.jsonl``); returns its counts and path."""
     out = out or work / REVIEW_DIR / PAGE_FILE
     decided = read_decisions(decisions or decisions_path(work))
     items = review_items(rows, work)
@@ -109,9 +123,14 @@ def write_review(
 
     command = f"visearch-index review --catalog {catalog} --work {work}"
     out.write_text(render_page(items, decided, image_url, command=command), encoding="utf-8")
-    counts = {k: sum(i.kind == k for i in items) for k in ("merge", "duplicate", "denoise")}
-    return {**counts, "pending": sum(i.id not in decided for i in items),
-            "decided": sum(i.id in decided for i in items), "page": str(out)}
+    return ReviewSummary(
+        merge=sum(i.kind == "merge" for i in items),
+        duplicate=sum(i.kind == "duplicate" for i in items),
+        denoise=sum(i.kind == "denoise" for i in items),
+        pending=sum(i.id not in decided for i in items),
+        decided=sum(i.id in decided for i in items),
+        page=out,
+    )
 
 
 def run_review(args: argparse.Namespace) -> int:
@@ -132,7 +151,7 @@ def run_review(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"review: {summary['merge']} merges, {summary['duplicate']} cross-SKU duplicates, "
-          f"{summary['denoise']} denoise removals; {summary['pending']} pending, "
-          f"{summary['decided']} decided -> {summary['page']}")
+    print(f"review: {summary.merge} merges, {summary.duplicate} cross-SKU duplicates, "
+          f"{summary.denoise} denoise removals; {summary.pending} pending, "
+          f"{summary.decided} decided -> {summary.page}")
     return 0

@@ -24,6 +24,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,36 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.jsonl"
 OBJECTS_FILE = "objects.jsonl"
+
+
+@dataclass(frozen=True)
+class CutoutSummary:
+    """What :func:`cut_out_catalog` did: catalog rows reported, usable cut-outs, and the
+    count of each status (``ok``, ``rejected``, ``excluded``, ``low_quality``, ...)."""
+
+    rows: int
+    objects: int
+    statuses: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON summary (``cutout`` prints it; ``rebuild`` stores it in done.json)."""
+        return {"rows": self.rows, "objects": self.objects, "statuses": dict(self.statuses)}
+
+
+@dataclass(frozen=True)
+class ScenesSummary:
+    """What :func:`synthesize_catalog_scenes` made: the library's counts (train/val scenes,
+    annotations, crops, background photos used), the objects pasted, and the backgrounds in
+    words (``"<n> photo"`` or ``"procedural"``)."""
+
+    counts: dict[str, int]
+    objects: int
+    background_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON summary (``synth-scenes`` prints it; ``rebuild`` stores it)."""
+        return {**self.counts, "objects": self.objects,
+                "background_source": self.background_source}
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -56,7 +87,7 @@ def cut_out_catalog(
     exclude: Iterable[str] = (),
     min_quality: float = 0.0,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> CutoutSummary:
     """Cut the product out of every row's image; write the report, objects and PNGs.
 
     Args:
@@ -71,7 +102,7 @@ def cut_out_catalog(
         progress: a tqdm bar.
 
     Returns:
-        A summary: rows, usable objects and the count of each status.
+        The rows reported, usable objects and the count of each status.
     """
     from tqdm.auto import tqdm
 
@@ -116,7 +147,8 @@ def cut_out_catalog(
         logger.warning("cut-outs: %d of %d rows usable; the others: %s (see %s)",
                        len(objects), len(report), dict(sorted(not_ok.items())),
                        out / REPORT_FILE)
-    return {"rows": len(report), "objects": len(objects), "statuses": dict(sorted(counts.items()))}
+    return CutoutSummary(rows=len(report), objects=len(objects),
+                         statuses=dict(sorted(counts.items())))
 
 
 def read_cutout_boxes(cutouts: Path) -> dict[str, tuple[float, float, float, float]]:
@@ -143,11 +175,11 @@ def synthesize_catalog_scenes(
     val_fraction: float = 0.1,
     workers: int = 1,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> ScenesSummary:
     """Scenes and query-domain crops from the usable cut-outs of :func:`cut_out_catalog`.
 
     Returns:
-        A summary: objects, scenes, annotations, crops, background source.
+        The counts of scenes, annotations and crops, objects, and the background source.
     """
     from visearch.scenes import SceneObject, synthesize_scenes
 
@@ -168,8 +200,8 @@ def synthesize_catalog_scenes(
         workers=workers, progress=progress,
     )
     photos = result.counts.get("backgrounds", 0)
-    return {**result.counts, "objects": len(objects),
-            "background_source": f"{photos} photo" if photos else "procedural"}
+    return ScenesSummary(counts=dict(result.counts), objects=len(objects),
+                         background_source=f"{photos} photo" if photos else "procedural")
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -179,7 +211,7 @@ def cmd_cutout(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.catalog, strict=not args.lenient)
     summary = cut_out_catalog(manifest.rows, Path(args.out), rejects=manifest.rejects,
                               min_quality=args.min_quality, progress=not args.quiet)
-    print(json.dumps({"out": str(args.out), **summary}))
+    print(json.dumps({"out": str(args.out), **summary.to_dict()}))
     return 0
 
 
@@ -191,7 +223,7 @@ def cmd_synth_scenes(args: argparse.Namespace) -> int:
         crops_per_scene=args.crops_per_scene, crop_jitter=args.crop_jitter,
         val_fraction=args.val_fraction, workers=args.workers, progress=not args.quiet,
     )
-    print(json.dumps({"out": str(args.out), **summary}))
+    print(json.dumps({"out": str(args.out), **summary.to_dict()}))
     return 0
 
 

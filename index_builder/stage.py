@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,18 @@ logger = logging.getLogger(__name__)
 DONE_FILE = "done.json"
 
 
-def file_checksum(path: str | os.PathLike[str], *, algo: str = "sha256") -> str:
-    """Hex digest of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+def stat_digest(files: Iterable[tuple[str, Path]]) -> str:
+    """A cheap sha256 over ``(name, path)`` pairs: each name with its file's size and mtime
+    (ns), not its bytes, so a changed image changes it without reading any image. A missing
+    file hashes as missing. (``visearch.fileio.file_digest`` is the digest of a file's
+    bytes.)"""
+    h = hashlib.sha256()
+    for name, path in files:
+        try:
+            st = path.stat()
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{name}\0missing\n".encode())
     return h.hexdigest()
 
 
@@ -37,6 +43,12 @@ def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
     """Stable sha256 of a JSON-serialisable mapping (keys sorted)."""
     blob = json.dumps(fingerprint, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def recorded_digest(stage_dir: str | os.PathLike[str]) -> str:
+    """The fingerprint digest a completed stage recorded in its ``done.json``: what a
+    downstream stage puts in its own fingerprint to depend on this one."""
+    return json.loads((Path(stage_dir) / DONE_FILE).read_text())["fingerprint_digest"]
 
 
 @dataclass(frozen=True)

@@ -163,3 +163,46 @@ def test_model_embeddings_are_computed_once_and_shared(world, tmp_path, capsys):
     assert _run("merge", *base) == 0
     assert "embed: up to date, skipped" in capsys.readouterr().out
     assert (tmp_path / "w" / "merge" / "sku_map.json").is_file()
+
+
+def test_the_subcommands_run_the_typed_stage_functions(world, tmp_path, capsys):
+    """``rebuild`` calls dedup_catalog / clean_catalog / merge_catalog; the subcommands are
+    thin wrappers over them: the same arguments find the CLI's stages up to date."""
+    catalog, emb = world
+    out = tmp_path / "work"
+    assert _run("dedup", "--catalog", catalog, "--out", out, "--workers", 1) == 0
+    dedup = cmd_clean.dedup_catalog(catalog, out, cmd_clean.DedupParams(workers=1))
+    assert dedup.skipped and dedup.summary["removed"] == 1
+    assert dedup.out_dir == out / "dedup"
+
+    removed = out / "dedup" / "removed.json"
+    assert _run("clean", "--catalog", catalog, "--out", out, "--embeddings", emb,
+                "--exclude", removed, "--eps", 0.1, "--return-thresh", -1) == 0
+    assert "clean: done in" in capsys.readouterr().out
+    source = cmd_clean.EmbeddingSource(embeddings=emb)
+    params = cmd_clean.CleanParams(eps=0.1, return_thresh=None)
+    typed = cmd_clean.clean_catalog(catalog, tmp_path / "typed", source, params,
+                                    exclude=[removed])
+    assert typed.embed is None and not typed.stage.skipped
+    assert typed.stage.summary["removed"] == 2
+    for name in ("removed.jsonl", "report.json"):
+        assert (typed.stage.out_dir / name).read_text() == (out / "clean" / name).read_text()
+    again = cmd_clean.clean_catalog(catalog, out, source, params, exclude=[removed])
+    assert again.stage.skipped and again.report("clean").startswith("clean: up to date")
+
+    merge = cmd_clean.MergeParams(rule="confusion", thresholds=(0.4, 0.2), folds=3)
+    merged = cmd_clean.merge_catalog(catalog, out, source, merge, exclude=[removed])
+    assert not merged.stage.skipped
+    assert cmd_clean.read_sku_map(out / "merge" / "sku_map.json") == {
+        "A": "A", "B": "B", "C": "A"}
+    assert _run("merge", "--catalog", catalog, "--out", out, "--embeddings", emb,
+                "--exclude", removed, "--rule", "confusion", "--thresholds", "0.4,0.2",
+                "--folds", 3) == 0
+    assert "merge: up to date, skipped" in capsys.readouterr().out
+
+
+def test_an_embedding_source_is_a_model_or_a_file(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of an embedder model and an embeddings"):
+        cmd_clean.EmbeddingSource()
+    with pytest.raises(ValueError, match="exactly one"):
+        cmd_clean.EmbeddingSource(model=tmp_path / "m.pt", embeddings=tmp_path / "e.npz")

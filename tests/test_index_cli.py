@@ -128,3 +128,50 @@ def test_add_with_a_model_of_another_dimension_fails_clearly(setup, capsys):
                "--quiet") == 1
     assert "makes 8-d embeddings but" in capsys.readouterr().err
     assert IndexRoot(root).current() == before and len(IndexRoot(root).versions()) == 1
+
+
+def test_build_is_the_typed_build_index(setup, capsys):
+    """``rebuild`` calls build_index; ``build`` is a thin wrapper: the same arguments give
+    the same index version (items, counts, vectors' model, inputs)."""
+    from index_builder.cmd_index import BuildParams, EmbedOptions, build_index
+    from visearch.fileio import file_digest
+
+    folder, catalog, model = setup
+    cli_root, typed_root = folder / "cli-indexes", folder / "typed-indexes"
+    assert run("build", "--root", cli_root, "--catalog", catalog, "--model", model, "--k1", 4,
+               "--no-crop", "--no-activate", "--quiet") == 0
+    printed = capsys.readouterr().out
+    version = build_index(typed_root, catalog, model, BuildParams(k1=4),
+                          embed=EmbedOptions(crop=False, progress=False), activate=False)
+    cli = IndexRoot(cli_root).open(IndexRoot(cli_root).versions()[0])
+    assert IndexRoot(typed_root).current() is None and f"{cli.version}:" in printed
+    m_cli, m_typed = cli.manifest, version.manifest
+    assert m_typed["counts"] == m_cli["counts"] and m_typed["counts"]["total"] == 24
+    assert m_typed["config"]["crop"] is False and m_typed["config"]["detector_source"] is None
+    assert m_typed["config"]["k1"] == m_cli["config"]["k1"] == 4
+    assert m_typed["model"]["sha256"] == m_cli["model"]["sha256"] == file_digest(model)
+    assert m_typed["inputs"] == m_cli["inputs"] == {"catalog": file_digest(catalog),
+                                                    "catalog_path": str(catalog)}
+    assert dict(version.items.items_iter()) == dict(cli.items.items_iter())
+    cli.close()
+    version.close()
+
+
+def test_ingest_is_idempotent_and_strict_by_default(setup, tmp_path, capsys):
+    from index_builder.cmd_ingest import IngestResult, ingest_catalog
+
+    _, catalog, _ = setup
+    store = tmp_path / "store"
+    assert run("ingest", "--catalog", catalog, "--store", store) == 0
+    assert capsys.readouterr().out.strip() == (
+        "ingest: 24 item(s) added, 0 already present, 24 new image(s), 0 rejected; store "
+        "holds 24 item(s), 24 image(s)")
+    again = ingest_catalog(catalog, store)
+    assert again == IngestResult(added_items=0, present_items=24, added_images=0, rejected=0,
+                                 total_items=24, total_images=24)
+
+    bad = write_catalog(tmp_path / "bad", "catalog.jsonl", 400, 3, bad_line=2)
+    assert run("ingest", "--catalog", bad, "--store", tmp_path / "bad-store") == 1
+    assert "catalog.jsonl:2:" in capsys.readouterr().err
+    lenient = ingest_catalog(bad, tmp_path / "bad-store", lenient=True)
+    assert (lenient.added_items, lenient.rejected, lenient.total_items) == (2, 1, 2)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from index_builder import cmd_rebuild
+from index_builder.cli import build_parser
 from index_builder.cli import main as index_main
+from index_builder.cmd_clean import CleanParams, DedupParams, MergeParams
+from index_builder.cmd_detector import DetectorTrainParams
+from index_builder.cmd_embedder import EmbedderTrainParams
+from index_builder.cmd_index import BuildParams, EmbedOptions
 from index_builder.config import load_config
 from visearch.index import IndexRoot
 
@@ -41,14 +49,98 @@ def test_config_profiles_files_and_unknown_keys(tmp_path: Path) -> None:
         load_config(profile="tpu")
 
 
+# Fields a subcommand takes as a flag of another form (negated, resolved, or split text),
+# and the dedup subcommand's hashing processes (os.cpu_count(); rebuild always sets them).
+_DERIVED = {"color_tol", "return_thresh", "pretrained", "backbone_weights", "attributes",
+            "soft", "by_category", "progress", "crop"}
+
+
+@pytest.mark.parametrize(
+    ("params", "argv", "renamed", "skip"),
+    [
+        (DedupParams(), ["dedup", "--catalog", "c", "--out", "o"], {"hash_kind": "hash"},
+         {"workers"}),
+        (CleanParams(), ["clean", "--catalog", "c", "--out", "o", "--model", "m"], {}, set()),
+        (MergeParams(), ["merge", "--catalog", "c", "--out", "o", "--model", "m"], {}, set()),
+        (DetectorTrainParams(), ["train-detector", "--train", "t", "--out", "o"], {}, set()),
+        (EmbedderTrainParams(), ["train-embedder", "--catalog", "c", "--out", "o"], {}, set()),
+        (BuildParams(), ["build", "--root", "r", "--catalog", "c", "--model", "m"], {}, set()),
+        (EmbedOptions(), ["build", "--root", "r", "--catalog", "c", "--model", "m"], {}, set()),
+    ],
+)
+def test_stage_argument_defaults_are_the_subcommand_defaults(params, argv, renamed,
+                                                             skip) -> None:
+    """rebuild leaves an argument the config does not set at the dataclass default, where it
+    used to leave the subcommand's flag at its default: the two must agree."""
+    flags = vars(build_parser().parse_args(argv))
+    compared = 0
+    for f in dataclasses.fields(params):
+        name = renamed.get(f.name, f.name)
+        if f.name in _DERIVED | skip or name not in flags:
+            continue
+        value = getattr(params, f.name)
+        assert value == (tuple(flags[name]) if isinstance(value, tuple) else flags[name]), name
+        compared += 1
+    assert compared >= 3
+    if "progress" in {f.name for f in dataclasses.fields(params)}:
+        assert params.progress is (not flags["quiet"])
+    if isinstance(params, EmbedOptions):
+        assert params.crop is (not flags["no_crop"])
+    if isinstance(params, MergeParams):
+        assert (params.soft, params.by_category, params.color_tol) == (
+            not flags["hard"], not flags["across_categories"], None)  # --color-tol -1: off
+
+
+def test_stage_arguments_from_the_config_are_what_the_subcommand_flags_gave() -> None:
+    from visearch.cleaning.dedup import COLOR_TOL, RADIUS
+
+    cfg = load_config()
+    assert cmd_rebuild.dedup_params(cfg) == DedupParams(radius=RADIUS, color_tol=COLOR_TOL,
+                                                        workers=2)
+    cfg = load_config(overrides={
+        "seed": 4,
+        "dedup": {"radius": 12, "color_tol": -1},
+        "clean": {"return_thresh": -1, "eps": 1},
+        "merge": {"thresholds": [1, 0.25]},
+        "embedder": {"augment": None, "lr": 1, "margin": None, "pretrained": "no/such.pth",
+                     "backbone": "tiny"},
+        "detector": {"backbone": "tiny_fpn", "lr": 1},
+        "index": {"factory": ""},
+    })
+    assert cmd_rebuild.dedup_params(cfg) == DedupParams(radius=12, color_tol=None, workers=2)
+    clean = cmd_rebuild.clean_params(cfg)
+    assert clean == CleanParams(eps=1.0, return_thresh=None) and type(clean.eps) is float
+    merge = cmd_rebuild.merge_params(cfg)
+    assert merge.thresholds == (1.0, 0.25) and type(merge.thresholds[0]) is float
+    emb = cmd_rebuild.embedder_params(cfg, epochs=2, steps=None)
+    # an unset augmentation is train-embedder's default; a missing weights file falls back
+    # to the backbone's shipped one (none for "tiny"); numbers arrive as floats
+    assert (emb.augment, emb.pretrained, emb.margin, emb.lr, type(emb.lr)) == (
+        "strong", None, None, 1.0, float)
+    assert (emb.epochs, emb.steps_per_epoch, emb.seed, emb.progress) == (2, None, 4, False)
+    det = cmd_rebuild.detector_params(cfg, epochs=3)
+    assert (det.epochs, det.lr, det.seed, det.backbone_weights) == (3, 1.0, 4, None)
+    assert cmd_rebuild.build_params(cfg) == BuildParams(factory=None, k1=21)
+
+
 def _done_mtimes(work: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in work.glob("*/done.json")}
 
 
 def test_rebuild_runs_every_stage_then_skips_and_reruns_downstream(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from visearch.synth import generate_world
+
+    # The stages are called as typed functions: the only argv parsed is rebuild's own.
+    parsed: list[list[str]] = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def counting(self, args=None, namespace=None):
+        parsed.append(list(args or []))
+        return parse_args(self, args, namespace)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", counting)
 
     world = tmp_path / "world"
     generate_world(world, skus=24, seed=3, image_size=64, scenes=24)
@@ -59,6 +151,7 @@ def test_rebuild_runs_every_stage_then_skips_and_reruns_downstream(
             "--work", str(work), "--config", str(config)]
 
     assert index_main(argv) == 0
+    assert [a[0] for a in parsed] == ["rebuild"]
     index_root = IndexRoot(root)
     (first,) = index_root.versions()
     assert index_root.current() == first
