@@ -547,35 +547,31 @@ class Pipeline:
             exclude.append(self.work / "dedup" / "removed.json")
         sku_map: dict[str, str] = {}
         if cfg.clean.enabled:
-            params = clean_params(cfg)
-            excluded = list(exclude)
-
-            def clean() -> None:
-                with _fails_as("clean", ValueError, FileNotFoundError):
-                    result = clean_catalog(catalog, self.work, source, params,
-                                           exclude=excluded, lenient=cfg.lenient,
-                                           decisions=decisions)
-                print(result.report("clean"))
-
-            self._timed("clean", clean)
+            self._cleaning_stage("clean", clean_catalog, clean_params(cfg), catalog, source,
+                                 list(exclude), decisions)
             self.removed |= read_removed(self.work / "clean" / "removed.jsonl")
             exclude.append(self.work / "clean" / "removed.jsonl")
         if cfg.merge.enabled:
-            params_m = merge_params(cfg)
-
-            def merge() -> None:
-                with _fails_as("merge", ValueError, FileNotFoundError):
-                    result = merge_catalog(catalog, self.work, source, params_m,
-                                           exclude=exclude, lenient=cfg.lenient,
-                                           decisions=decisions)
-                print(result.report("merge"))
-
-            self._timed("merge", merge)
+            self._cleaning_stage("merge", merge_catalog, merge_params(cfg), catalog, source,
+                                 exclude, decisions)
             sku_map = read_sku_map(self.work / "merge" / "sku_map.json")
         for stage in ("clean", "merge"):
             if getattr(cfg, stage).enabled:
                 self.upstream[stage] = recorded_digest(self.work / stage)
         return sku_map
+
+    def _cleaning_stage(self, name: str, run: Any, params: Any, catalog: Path,
+                        source: EmbeddingSource, exclude: list[Path],
+                        decisions: Path | None) -> None:
+        """One timed cleaning stage (``clean_catalog`` or ``merge_catalog``), its report
+        printed; a bad input fails the rebuild naming the stage."""
+        def stage() -> None:
+            with _fails_as(name, ValueError, FileNotFoundError):
+                result = run(catalog, self.work, source, params, exclude=exclude,
+                             lenient=self.cfg.lenient, decisions=decisions)
+            print(result.report(name))
+
+        self._timed(name, stage)
 
     def _training_catalogs(self, rows: list[CatalogRow], sku_map: dict[str, str],
                            scenes_dir: Path | None) -> tuple[Path, Path]:
