@@ -2,10 +2,13 @@
 
     visearch-serve --index-root DIR --port 50051 [--host 0.0.0.0] [--workers 8]
                    [--admin-token TOKEN] [--tls-cert C --tls-key K] [--max-message-mb 16]
-                   [--watch] [--no-detector] [--no-rerank] ...
+                   [--watch] [--metrics-port PORT] [--no-detector] [--no-rerank] ...
 
 SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-flight ones get a grace
 period, then the process exits 0.
+
+``--metrics-port`` serves Prometheus metrics (``server/metrics.py`` lists them) over HTTP at
+``/metrics`` on the same host; 0 picks a free port, which is logged.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server._proto import search_pb2_grpc
+from server.metrics import MetricsHTTPServer, ServerMetrics
 from server.servicer import SERVICE_NAME, PipelineHolder, VisualSearchServicer
 from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.index import IndexRoot, IndexVersion
@@ -67,6 +71,7 @@ class ServeConfig:
     batch_window_ms: float = 2.0
     grace_s: float = 5.0
     version: str | None = None
+    metrics_port: int | None = None  # None: no metrics; 0: a free port
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {
@@ -88,21 +93,30 @@ class ServeConfig:
 
 
 class RunningServer:
-    """A started server: its bound port, pipeline holder, health servicer, CURRENT watcher."""
+    """A started server: its bound port, pipeline holder, health servicer, CURRENT watcher,
+    and with ``config.metrics_port`` set, its :attr:`metrics` and their HTTP server (bound
+    by :meth:`start`; its port is then :attr:`metrics_port`)."""
 
     def __init__(self, config: ServeConfig, holder: PipelineHolder | None = None) -> None:
         self.config = config
         self.holder = holder or PipelineHolder(IndexRoot(config.index_root), config.factory,
                                                config.version)
+        self.metrics: ServerMetrics | None = None
+        self.metrics_http: MetricsHTTPServer | None = None
+        if config.metrics_port is not None:
+            self.metrics = ServerMetrics()
+            self.metrics.watch(self.holder)
         limit = int(config.max_message_mb * 1024 * 1024)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers,
                                        thread_name_prefix="visearch-rpc"),
+            interceptors=[self.metrics.interceptor()] if self.metrics else None,
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)],
         )
-        self.servicer = VisualSearchServicer(self.holder, admin_token=config.admin_token)
+        self.servicer = VisualSearchServicer(self.holder, admin_token=config.admin_token,
+                                             metrics=self.metrics)
         search_pb2_grpc.add_VisualSearchServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -122,7 +136,18 @@ class RunningServer:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics port once started (None without metrics)."""
+        return self.metrics_http.port if self.metrics_http is not None else None
+
     def start(self) -> RunningServer:
+        """Serve metrics (when configured), then calls. Raises ``OSError`` when the metrics
+        port cannot be bound (nothing is served then)."""
+        if self.metrics is not None and self.metrics_http is None:
+            assert self.config.metrics_port is not None
+            self.metrics_http = MetricsHTTPServer(self.metrics.registry,
+                                                  self.config.metrics_port, self.config.host)
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -158,6 +183,9 @@ class RunningServer:
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        if self.metrics_http is not None:
+            self.metrics_http.close()
+            self.metrics_http = None
         self.holder.close()
 
     def wait(self) -> None:
@@ -178,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="larger requests get RESOURCE_EXHAUSTED")
     p.add_argument("--watch", action="store_true", help="reload when <root>/CURRENT changes")
     p.add_argument("--watch-interval", type=float, default=1.0, help="seconds")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (0 picks a free one; "
+                        "default: off)")
     p.add_argument("--version", help="serve this version instead of CURRENT")
     p.add_argument("--no-detector", action="store_true", help="embed the whole image")
     p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
@@ -213,6 +244,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         vote_temperature=args.vote_temperature or None, detect_thresh=args.detect_thresh,
         max_top_k=args.max_top_k, max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms, grace_s=args.grace, version=args.version,
+        metrics_port=args.metrics_port,
     )
 
 

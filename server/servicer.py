@@ -3,6 +3,8 @@
 :class:`PipelineHolder` owns the pipeline being served and swaps it atomically on reload:
 every request leases the pipeline it started with, a retired pipeline is closed only when
 its last request has finished, and a version that fails to load leaves the old one serving.
+Load hooks (:meth:`PipelineHolder.add_load_hook`) see every pipeline before it takes requests
+(server metrics attach their batch observers there).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from server._proto import search_pb2, search_pb2_grpc
+from server.metrics import ServerMetrics
 from visearch.index import IndexRoot, IndexVersion
 from visearch.search.pipeline import ChosenObject, Detection, SearchPipeline
 
@@ -27,6 +30,7 @@ ADMIN_TOKEN_KEY = "x-visearch-admin-token"
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["VisualSearch"].full_name
 
 PipelineFactory = Callable[[IndexVersion], SearchPipeline]
+LoadHook = Callable[[SearchPipeline], None]
 
 
 class PipelineHolder:
@@ -45,6 +49,7 @@ class PipelineHolder:
         self._reload_lock = threading.Lock()
         self._leases: dict[int, int] = {}
         self._retired: dict[int, SearchPipeline] = {}
+        self._hooks: list[LoadHook] = []
         self._pipeline = factory(root.open(version))
         self.reloads = 0
         log.info("serving index version %s", self._pipeline.version.version)
@@ -53,6 +58,21 @@ class PipelineHolder:
     def version(self) -> str:
         """The version new requests get."""
         return self._pipeline.version.version
+
+    def add_load_hook(self, hook: LoadHook) -> None:
+        """Run ``hook(pipeline)`` now on the served pipeline, then on every reloaded one
+        before it is swapped in. A hook that raises is logged and never blocks serving."""
+        with self._reload_lock:
+            self._hooks.append(hook)
+            self._run_hook(hook, self._pipeline)
+
+    @staticmethod
+    def _run_hook(hook: LoadHook, pipeline: SearchPipeline) -> None:
+        try:
+            hook(pipeline)
+        except Exception:
+            log.exception("load hook %r failed on index version %s", hook,
+                          pipeline.version.version)
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[SearchPipeline]:
@@ -94,6 +114,8 @@ class PipelineHolder:
             except Exception:
                 log.exception("cannot load index version %s; still serving %s", target, previous)
                 raise
+            for hook in self._hooks:
+                self._run_hook(hook, fresh)
             with self._lock:
                 old, self._pipeline = self._pipeline, fresh
                 idle = id(old) not in self._leases
@@ -154,11 +176,23 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
     Caller mistakes (bad image, top_k, bbox, category) -> INVALID_ARGUMENT; a passed
     deadline -> DEADLINE_EXCEEDED; admin calls without the right token -> PERMISSION_DENIED
     (UNAUTHENTICATED when missing); anything else -> INTERNAL, logged.
+
+    Args:
+        holder: the served pipeline.
+        admin_token: enables ReloadIndex for callers that send it.
+        metrics: records the pipeline's per-stage timings of successful calls (request
+            counts and end-to-end latency come from :meth:`ServerMetrics.interceptor`).
     """
 
-    def __init__(self, holder: PipelineHolder, *, admin_token: str | None = None) -> None:
+    def __init__(self, holder: PipelineHolder, *, admin_token: str | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         self.holder = holder
         self.admin_token = admin_token
+        self.metrics = metrics
+
+    def _observe(self, method: str, timings: dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_stages(method, timings)
 
     @staticmethod
     def _deadline(context: grpc.ServicerContext) -> float | None:
@@ -188,6 +222,7 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
                            bbox=_request_box(request), rerank=rerank,
                            skip_detection=opts.skip_detection,
                            all_categories=opts.all_categories, deadline=deadline)
+            self._observe("Search", res.timings)
             decision = res.category
             return search_pb2.SearchResponse(
                 detections=_detections(res.detections),
@@ -215,6 +250,7 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
 
         def run(p: SearchPipeline) -> search_pb2.DetectResponse:
             res = p.detect(request.image, deadline=deadline)
+            self._observe("Detect", res.timings)
             return search_pb2.DetectResponse(
                 detections=_detections(res.detections), main_object=_main_object(res.main_object),
                 width=res.width, height=res.height, timings=_timings(res.timings))
@@ -228,6 +264,7 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
             vec, chosen, timings = p.embed(request.image, bbox=_request_box(request),
                                            skip_detection=request.skip_detection,
                                            deadline=deadline)
+            self._observe("Embed", timings)
             return search_pb2.EmbedResponse(embedding=vec.tolist(), box=_box(chosen.box),
                                             index_version=p.version.version,
                                             timings=_timings(timings))

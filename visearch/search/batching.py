@@ -36,6 +36,10 @@ class MicroBatcher(Generic[T, R]):
         max_batch_size: the largest batch ``fn`` sees.
         max_wait_ms: how long the first item of a batch waits for company.
         name: the worker thread's name (for logs).
+        on_batch: called on the worker thread with the size of every batch (after cancelled
+            items are dropped), before ``fn`` runs on it, so a caller whose result has
+            arrived knows its batch was observed. For metrics; an exception it raises is
+            logged and ignored. Also settable later through the ``on_batch`` attribute.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch_size: int = 16,
         max_wait_ms: float = 2.0,
         name: str = "batcher",
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -54,6 +59,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.batch_sizes: list[int] = []  # a bounded record of recent batch sizes
+        self.on_batch = on_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
@@ -106,6 +112,15 @@ class MicroBatcher(Generic[T, R]):
             batch.append(entry)
         return batch, False
 
+    def _observe(self, size: int) -> None:
+        observer = self.on_batch
+        if observer is None:
+            return
+        try:
+            observer(size)
+        except Exception:  # an observer must never fail the callers' batch
+            log.exception("batch observer of %s failed", self._thread.name)
+
     def _run(self) -> None:
         stop = False
         while not stop:
@@ -116,6 +131,7 @@ class MicroBatcher(Generic[T, R]):
                 continue
             self.batch_sizes.append(len(live))
             del self.batch_sizes[:-1000]
+            self._observe(len(live))
             try:
                 results = self.fn([item for item, _ in live])
                 if len(results) != len(live):
