@@ -2,7 +2,7 @@
 
 Notation (the paper's): ``N(p, k)`` the top-k list of ``p`` (``p`` itself first),
 ``R(p, k) = {g in N(p, k+1) : p in N(g, k+1)}`` the k-reciprocal set,
-``R*(p)`` = ``R(p, k1)`` plus, for every ``c`` in it, ``R(c, round(k1/2))`` when at least
+``R*(p)`` = ``R(p, k1)`` plus, for every ``c`` in it, ``R(c, round(k1/2))`` when more than
 two thirds of that set already lies in ``R(p, k1)``; ``V_p`` the vector over all items with
 ``V_p[g] = exp(-d(p, g)) / Z_p`` on ``R*(p)`` and 0 elsewhere; local query expansion
 ``V'_p = mean(V_g for g in N(p, k2))``; Jaccard distance
@@ -16,52 +16,78 @@ same [0, 1] scale without knowing every item's farthest neighbour.
 
 Serving (:class:`KReciprocalReranker`). The brute force inserts the query into the gallery
 and recomputes every list and set over N + 1 items (:func:`k_reciprocal_bruteforce`,
-O(N^2) per query). Every quantity the query's row needs depends only on a few hops of top-k
-lists around the query and its candidates: ``V'_g`` needs ``V_j`` for ``j in N(g, k2)``,
-``V_j`` needs the lists of ``N(j, k1 + 1)`` (reciprocity) and of ``N(c, k1/2 + 1)`` for
-``c in R(j, k1)`` (expansion). Offline, the gallery kNN graph stores every item's top list
-and similarities (computed once, ``k1 + 1`` entries with the item itself). Online, the lists
-of the few thousand items within those hops are read from the graph and the query is inserted
-into each at its similarity rank (``q`` enters ``N(g, m)`` iff ``s(g, q)`` beats the
-similarity of ``g``'s m-th graph entry, pushing the m-th entry out), then the sets and
-vectors are computed for those items only.
+O(N^2) per query). Offline, the gallery kNN graph stores every item's top list (``k1 + 1``
+entries with the item itself) and, computed from it in the gallery alone, every item's
+k-reciprocal vector ``V_g`` (unnormalised, sparse: ``R*(g)`` has ~20 members;
+:class:`visearch.index.graph.KReciprocalVectors`); the re-ranker also keeps, per item, which
+entries of its list are in ``R(g, k1)`` and ``R(g, h)`` (``h = round(k1/2)``). Online the
+query can change only what it perturbs:
+
+- ``q`` enters ``N(u, m)`` iff ``s(u, q)`` is not below ``u``'s m-th entry (graph
+  similarity, the item itself first), pushing that entry out; nothing else in u's list moves.
+- So ``R(u, k)`` changes only if q enters u's top ``k + 1`` (q may join, the pushed-out entry
+  leaves), or q entered the top ``k + 1`` of a member ``e`` of ``R(u, k)`` and pushed ``u``
+  out of it (``u`` was ``e``'s k-th entry). Both are read off ``s(q, .)`` of ``u`` and of
+  ``R(u, k)``'s members.
+- ``V_j`` changes only if ``R(j, k1)`` or some ``R(c, h)``, ``c`` in ``R(j, k1)``, changes;
+  otherwise ``R*(j)`` and its weights ``exp(-d(j, x))`` (gallery pairs) are as stored and
+  ``V_j[q] = 0``.
+- The answer reads ``V'_q`` and the candidates' ``V'_c``, means of ``V_j`` over the top-k2
+  lists (q merged in) of q and of the candidates: the set J.
+
+Per query: the similarity of q to every row of U = J, q's top k1, their ``R(., k1)``
+members and those members' ``R(., h)`` members (to all N rows instead when N is small: one
+matrix-vector product is cheaper than collecting U); the rows of J whose ``V_j`` is
+perturbed (typically a third to a half of J, those near q) get ``R(., k1)``, ``R(., h)`` and
+``R*`` recomputed from the stored sets with the two corrections above, their weights read
+from the stored rows (new members: a dot product); the others are read as stored. Then
+``V'`` is built only on the columns of ``V'_q``'s support (outside it ``min(V'_q, V'_c)`` is
+0) and the Jaccard distances follow, all vectorised (a few hundred rows: well under 1 ms).
 
 Why this is exact: in the (N + 1)-item set the only new item is ``q``, so an item's top-m
 list is its gallery top-m list with ``q`` merged in at its similarity, and ``m <= k1 + 1``
-entries of the graph suffice; the final distances of the query's row need only ``V'_q`` and
-the candidates' ``V'_g``, and the three hops above are every list those read. Given exact
-graph lists of length >= k1 + 1 and the query's exact top-k1 (a flat index), the re-ranked
-distances of the candidates equal the brute force's (up to floating-point ties; the tests
-check it on seeded galleries). What is approximated: (a) a graph built with an approximate index
-(IVF, HNSW) gives approximate lists, and every set inherits them; (b) only the candidates
-(e.g. one category's top hits) are re-ranked, items outside the shortlist are not
-considered; (c) items the graph does not hold (added without updating it) have no list and keep
-their original distance (Jaccard distance 1).
+entries of the graph suffice; the two corrections above are every way inserting ``q``
+changes a k-reciprocal set, so a ``V_j`` not flagged is exactly the stored one, and a
+flagged one is recomputed by the paper's rules from exact corrected sets. The final
+distances of the query's row need only ``V'_q`` and the candidates' ``V'_c``. Given exact
+graph lists of length >= k1 + 1, the stored vectors computed from them, and the query's
+exact top-k1 (a flat index), the re-ranked distances of the candidates equal the brute
+force's (up to floating-point ties; the tests check it on seeded galleries, with queries
+that perturb many lists). What is approximated: (a) a graph built with an approximate index
+(IVF, HNSW) gives approximate lists, and every set and stored vector inherits them; (b) only
+the candidates (e.g. one category's top hits) are re-ranked, items outside the shortlist are
+not considered; (c) items the graph does not hold (added without updating it) have no list
+and keep their original distance (Jaccard distance 1).
 
-Cost per query: a few thousand graph rows and sparse vectors, milliseconds, independent of N.
+Cost per query: a few hundred rows, about 1 ms in numpy on one core, independent of N above
+``dense_below`` items. Offline: O(N k1^2 h) set operations and one dot product per stored
+entry (~20 per item, ~175 bytes per item with the CSR pointers); galleries stored before the
+vectors existed get them computed when the re-ranker loads (logged).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
-import scipy.sparse as sp
+
+from visearch.index.graph import (
+    KReciprocalVectors,
+    compute_k_reciprocal_vectors,
+    exp_weights,
+    half_k,
+    reciprocal_masks,
+    self_first_lists,
+)
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 1024
 
 
 def _distance(sim: np.ndarray) -> np.ndarray:
     """Cosine similarity -> squared euclidean distance / 4 on the unit sphere, in [0, 1]."""
     return np.clip((1.0 - sim) * 0.5, 0.0, 1.0)
-
-
-def _half(k1: int) -> int:
-    # The reference uses int(np.around(k1 / 2)), which rounds half to even.
-    return int(np.around(k1 / 2.0))
 
 
 # --------------------------------------------------------------------------------------
@@ -94,7 +120,7 @@ def k_reciprocal_bruteforce(
     np.fill_diagonal(dist, 0.0)
     # Items sort themselves first; a stable sort on (distance, not-self) makes that certain.
     rank = np.lexsort((np.arange(n)[None, :] != np.arange(n)[:, None], dist), axis=1)
-    h = _half(k1)
+    h = half_k(k1)
 
     def reciprocal(i: int, k: int) -> np.ndarray:
         forward = rank[i, : k + 1]
@@ -120,41 +146,38 @@ def k_reciprocal_bruteforce(
 
 
 # --------------------------------------------------------------------------------------
-# serving: gallery lists precomputed (the kNN graph), sets computed online around the query
+# serving: the gallery's vectors precomputed, only those the query perturbs recomputed
 # --------------------------------------------------------------------------------------
 
 
+def _unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a 1-d int array (``np.unique`` hashes: slower below ~10^4)."""
+    a = np.sort(a.ravel())
+    first = np.empty(len(a), bool)
+    first[:1] = True
+    np.not_equal(a[1:], a[:-1], out=first[1:])
+    return a[first]
 
 
-def _reciprocal_mask(lists: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """bool [len(rows), k + 1]: which of ``lists[rows, :k+1]`` are k-reciprocal to the row.
-
-    ``lists`` holds local row numbers, ``-1`` for padding or rows outside the local set
-    (which can never equal a row, so membership tests stay exact).
-    """
-    forward = lists[rows, : k + 1]
-    backward = lists[np.maximum(forward, 0), : k + 1]
-    mask = (backward == rows[:, None, None]).any(axis=2)
-    return mask & (forward >= 0)
+def _distinct(a: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Distinct values of a 1-d array of row numbers, unsorted, in O(len(a)) through a
+    scratch map over the rows (its entries at ``a`` are left set: the caller overwrites
+    and resets them)."""
+    a = a.ravel()
+    at = np.arange(len(a))
+    scratch[a] = at  # the last write of each value wins: keep that one
+    return a[scratch[a] == at]
 
 
-def _expanded_sets(lists: np.ndarray, rows: np.ndarray, k1: int, h: int) -> np.ndarray:
-    """int64 [len(rows), W]: ``R*(row)`` members (local numbers, ``-1`` padding, repeats)."""
-    r1 = np.where(_reciprocal_mask(lists, rows, k1), lists[rows, : k1 + 1], -1)
-    # R(c, h) once for every distinct c met in the R(row, k1) sets.
-    cands = np.unique(r1[r1 >= 0])
-    rch_u = np.where(_reciprocal_mask(lists, cands, h), lists[cands, : h + 1], -1)
-    at = np.searchsorted(cands, np.maximum(r1, 0))
-    rch = np.where((r1 >= 0)[..., None], rch_u[np.minimum(at, len(cands) - 1)], -1)
-    # Membership of each R(c, h) member in R(row, k1), through a [rows, local] bit table.
-    member = np.zeros((len(rows), lists.shape[0]), bool)
-    rr, cc = np.nonzero(r1 >= 0)
-    member[rr, r1[rr, cc]] = True
-    inside = member[np.arange(len(rows))[:, None, None], np.maximum(rch, 0)] & (rch >= 0)
-    size = (rch >= 0).sum(-1)
-    accept = (r1 >= 0) & (inside.sum(-1) > 2.0 / 3.0 * size)
-    expansion = np.where(accept[..., None], rch, -1).reshape(len(rows), -1)
-    return np.concatenate([r1, expansion], axis=1)
+def _insert_q(arr: np.ndarray, at: np.ndarray, value: np.ndarray | int | bool) -> np.ndarray:
+    """``arr`` [r, w] with ``value`` inserted at column ``at[i]`` of row i (the last column
+    falls off; rows with ``at >= w`` unchanged): a top list with the query merged in."""
+    col = np.arange(arr.shape[1])[None, :]
+    shifted = np.concatenate([arr[:, :1], arr[:, :-1]], axis=1)
+    value = np.asarray(value)
+    if value.ndim == 1:
+        value = value[:, None]
+    return np.where(col < at[:, None], arr, np.where(col == at[:, None], value, shifted))
 
 
 class KReciprocalReranker:
@@ -167,6 +190,13 @@ class KReciprocalReranker:
             ``K`` must reach ``k1`` (``k1`` is lowered, with a warning, otherwise).
         xb: float32 [N, d], the L2-normalised gallery vectors in ``ids`` order.
         k1, k2, lambda_value: the paper's parameters (defaults are the paper's).
+        vectors: the gallery's k-reciprocal vectors precomputed offline (the graph's
+            ``kreciprocal``, rows in ``ids`` order); None, or computed for another k1,
+            means they are computed here (O(N), logged).
+        dense_below: galleries of at most this many items compute the query's similarity
+            to every item (one matrix-vector product, cheaper than collecting the few
+            hundred rows it needs); larger ones gather those rows only, so the cost per
+            query does not grow with N.
     """
 
     def __init__(
@@ -178,6 +208,8 @@ class KReciprocalReranker:
         k1: int = 20,
         k2: int = 6,
         lambda_value: float = 0.3,
+        vectors: KReciprocalVectors | None = None,
+        dense_below: int = 4096,
     ) -> None:
         ids = np.asarray(ids, np.int64).reshape(-1)
         neighbours = np.asarray(neighbours, np.int64)
@@ -195,26 +227,73 @@ class KReciprocalReranker:
         self.ids = ids
         self.xb = xb
         self.lambda_value = float(lambda_value)
+        self.dense_below = int(dense_below)
         self._order = np.argsort(ids, kind="stable")
         self._tls = threading.local()
-        self._lists, self._sims = self._self_first_lists(neighbours)
-        width = self._lists.shape[1]
+        lists, sims = self_first_lists(ids, neighbours, xb)
+        width = lists.shape[1]
         if k1 + 1 > width:
             log.warning("neighbour graph keeps %d neighbours; lowering k1 %d -> %d",
                         width - 1, k1, width - 1)
             k1 = width - 1
         self.k1 = k1
         self.k2 = min(k2, k1 + 1)
-        self.h = _half(k1)
-        self._lists = np.ascontiguousarray(self._lists[:, : k1 + 1])
-        self._sims = np.ascontiguousarray(self._sims[:, : k1 + 1])
+        self.h = half_k(k1)
+        self._lists = np.ascontiguousarray(lists[:, : k1 + 1])
+        self._sims = np.ascontiguousarray(sims[:, : k1 + 1])
+        if n == 0 or k1 < 1:
+            self._vectors = None
+            return
+        self._mask1, self._maskh = reciprocal_masks(self._lists, k1)
+        if vectors is not None and (vectors.k1 != k1 or len(vectors) != n):
+            log.info("precomputed k-reciprocal vectors are for k1=%d over %d items, serving "
+                     "needs k1=%d over %d: computing them", vectors.k1, len(vectors), k1, n)
+            vectors = None
+        if vectors is not None and not self._spot_check(vectors):
+            log.warning("precomputed k-reciprocal vectors disagree with the graph and vectors "
+                        "(sample of rows recomputed): computing them all again")
+            vectors = None
+        if vectors is None:
+            t0 = time.perf_counter()
+            vectors = compute_k_reciprocal_vectors(
+                self._lists, xb, k1, masks=(self._mask1, self._maskh))
+            log.info("computed k-reciprocal vectors at load: %d items, k1=%d, %.2f s "
+                     "(rebuild the index to store them with its graph)",
+                     n, k1, time.perf_counter() - t0)
+        self._vectors = vectors
+        self._indptr = np.asarray(vectors.indptr, np.int64)
+        self._indices = np.asarray(vectors.indices)  # int32 [nnz]
+        self._weights = np.asarray(vectors.weights, np.float32)
+        self._rowsum = np.add.reduceat(self._weights.astype(np.float64), self._indptr[:-1])
+        self._all = np.arange(n, dtype=np.int64)
+        self._identity = np.arange(n + 1, dtype=np.int64)
 
-    def _scratch(self) -> np.ndarray:
-        """A per-thread int64 [N + 1] global -> local map, all -1 between uses."""
-        buf = getattr(self._tls, "remap", None)
-        if buf is None:
-            buf = self._tls.remap = np.full(len(self.ids) + 1, -1, np.int64)
-        return buf
+    def _spot_check(self, vectors: KReciprocalVectors, sample: int = 32) -> bool:
+        """Recompute ``sample`` seeded rows: True when they equal the stored ones."""
+        n = len(self.ids)
+        rows = np.unique(np.random.default_rng(0).integers(0, n, size=min(sample, n)))
+        fresh = compute_k_reciprocal_vectors(self._lists, self.xb, self.k1, rows=rows,
+                                             masks=(self._mask1, self._maskh))
+        ip = np.asarray(vectors.indptr)
+        got = [np.asarray(vectors.indices[ip[r] : ip[r + 1]]) for r in rows]
+        want = np.split(fresh.indices, fresh.indptr[1:-1])
+        if not all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)):
+            return False
+        w = np.concatenate([np.asarray(vectors.weights[ip[r] : ip[r + 1]]) for r in rows])
+        return bool(np.allclose(w, fresh.weights, rtol=0, atol=1e-6))
+
+    @property
+    def vectors(self) -> KReciprocalVectors | None:
+        """The gallery's k-reciprocal vectors in use (None for an empty gallery)."""
+        return self._vectors
+
+    def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
+        """Two per-thread int64 [N + 1] global -> local maps, all -1 between uses."""
+        bufs = getattr(self._tls, "maps", None)
+        if bufs is None:
+            n = len(self.ids) + 1
+            bufs = self._tls.maps = (np.full(n, -1, np.int64), np.full(n, -1, np.int64))
+        return bufs
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -227,43 +306,6 @@ class KReciprocalReranker:
         at = np.searchsorted(self.ids, item_ids, sorter=self._order)
         pos = self._order[np.minimum(at, len(self.ids) - 1)]
         return np.where(self.ids[pos] == item_ids, pos, -1)
-
-    def _self_first_lists(self, neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self.ids)
-        rows = np.arange(n)
-        pos = self.positions(neighbours.reshape(-1)).reshape(neighbours.shape)
-        valid = (pos >= 0) & (pos != rows[:, None])
-        sims = np.empty(pos.shape, np.float32)
-        for lo in range(0, n, _CHUNK):
-            sl = slice(lo, lo + _CHUNK)
-            sims[sl] = np.einsum("nd,nkd->nk", self.xb[sl], self.xb[np.maximum(pos[sl], 0)])
-        # Re-sort by exact similarity (the graph may come from an approximate index) and
-        # put the row itself first, where the method expects it.
-        order = np.argsort(np.where(valid, -sims, np.inf), axis=1, kind="stable")
-        pos = np.take_along_axis(np.where(valid, pos, -1), order, axis=1)
-        sims = np.take_along_axis(np.where(valid, sims, -np.inf), order, axis=1)
-        keep = 1 + int((pos >= 0).any(axis=0).sum()) if n else 1  # drop all-padding columns
-        lists = np.concatenate([rows[:, None], pos], axis=1)[:, :keep]
-        sims = np.concatenate([np.full((n, 1), np.inf, np.float32), sims], axis=1)[:, :keep]
-        return lists, sims.astype(np.float32)
-
-    def _augmented(
-        self, rows: np.ndarray, xq: np.ndarray, qlist: np.ndarray, width: int
-    ) -> np.ndarray:
-        """int64 [len(rows), width]: top lists of ``rows`` (global, ``n`` = the query) with
-        the query inserted at its similarity rank; row ``n`` gets the query's own list."""
-        n = len(self.ids)
-        out = np.empty((len(rows), width), np.int64)
-        is_q = rows == n
-        out[is_q] = qlist[None, :width]
-        g = rows[~is_q]
-        s_gq = self.xb[g] @ xq
-        lists, sims = self._lists[g, :width], self._sims[g, :width]
-        at = (sims > s_gq[:, None]).sum(axis=1)  # the query's rank in each list
-        col = np.arange(width)[None, :]
-        shifted = np.concatenate([lists[:, :1], lists[:, :-1]], axis=1)
-        out[~is_q] = np.where(col < at[:, None], lists, np.where(col == at[:, None], n, shifted))
-        return out
 
     def rerank(
         self, xq: np.ndarray, nn_ids: np.ndarray, candidate_ids: np.ndarray
@@ -281,7 +323,7 @@ class KReciprocalReranker:
             similarity float32 [m], each candidate's plain cosine similarity).
         """
         xq = np.asarray(xq, np.float32).reshape(-1)
-        n, k1, k2, h = len(self.ids), self.k1, self.k2, self.h
+        n, k1 = len(self.ids), self.k1
         cpos = self.positions(np.asarray(candidate_ids, np.int64).reshape(-1))
         valid = cpos >= 0
         csim = np.full(len(cpos), -1.0, np.float32)
@@ -289,58 +331,188 @@ class KReciprocalReranker:
         cdist = _distance(csim)
         qpos = self.positions(np.asarray(nn_ids, np.int64).reshape(-1))
         qpos = qpos[qpos >= 0]
-        if len(qpos) == 0 or not valid.any():
+        if len(qpos) == 0 or not valid.any() or self._vectors is None:
             return cdist.astype(np.float32), csim
-        qsim = self.xb[qpos] @ xq
-        qpos = qpos[np.argsort(-qsim, kind="stable")]
-        qlist = np.full(k1 + 1, -1, np.int64)
+        qpos = qpos[np.argsort(-(self.xb[qpos] @ xq), kind="stable")]
+        qlist = np.full(k1 + 1, -1, np.int64)  # N(q, k1 + 1): q itself (row n) first
         qlist[0] = n
         qlist[1 : 1 + min(k1, len(qpos))] = qpos[:k1]
-
-        # The items within reach: candidates and q -> their top-k2 (J) -> J's lists
-        # (reciprocity of R(j, k1)) -> those items' (h+1)-lists (the expansion step).
-        level0 = np.unique(np.append(cpos[valid], n))
-        top0 = self._augmented(level0, xq, qlist, k2)
-        level1 = np.unique(top0[top0 >= 0])
-        lists1 = self._augmented(level1, xq, qlist, k1 + 1)
-        level2 = np.setdiff1d(lists1[lists1 >= 0], level1)
-        lists2 = self._augmented(level2, xq, qlist, k1 + 1)
-        level3 = np.setdiff1d(lists2[:, : h + 1], np.concatenate([level1, level2]))
-        level3 = level3[level3 >= 0]
-        lists3 = np.full((len(level3), k1 + 1), -1, np.int64)
-        lists3[:, : h + 1] = self._augmented(level3, xq, qlist, h + 1)  # only these are read
-        local = np.concatenate([level1, level2, level3])
-        glists = np.concatenate([lists1, lists2, lists3])
-        remap = self._scratch()
-        remap[local] = np.arange(len(local), dtype=np.int64)
-        try:
-            llists = np.where(glists >= 0, remap[np.maximum(glists, 0)], -1)
-        finally:
-            remap[local] = -1
-
-        # R*(j) and V_j for j in J (local rows 0..len(level1)-1); column = local number.
-        rows = np.arange(len(level1))
-        members = _expanded_sets(llists, rows, k1, h)
-        rr, cc = np.nonzero(members >= 0)
-        key = np.unique(rr * len(local) + members[rr, cc])
-        rr, cc = key // len(local), key % len(local)
-        vec = np.concatenate([self.xb, xq[None]])  # row n is the query
-        s = np.einsum("nd,nd->n", vec[local[rr]], vec[local[cc]])
-        w = np.exp(-_distance(s)).astype(np.float64)
-        v = sp.csr_matrix((w, (rr, cc)), shape=(len(level1), len(local)))
-        v = sp.diags(1.0 / np.asarray(v.sum(axis=1)).ravel()) @ v
-
-        # Local query expansion: V'_p = mean of V over N(p, k2), for q and the candidates.
-        at1 = np.searchsorted(level1, top0)  # every top0 entry is in level1
-        ri = np.repeat(np.arange(len(level0)), k2)
-        expand = sp.csr_matrix((np.full(ri.size, 1.0 / k2), (ri, at1.reshape(-1))),
-                               shape=(len(level0), len(level1)))
-        vqe = (expand @ v).tocsr()
-        qrow = vqe[len(level0) - 1]  # level0 is sorted and n is the largest position
-        crow = np.searchsorted(level0, cpos[valid])
-        cvals = vqe[crow][:, qrow.indices].toarray()
-        overlap = np.minimum(cvals, qrow.data[None, :]).sum(axis=1)
         jaccard = np.ones(len(cpos))
-        jaccard[valid] = 1.0 - overlap / (2.0 - overlap)
+        jaccard[valid] = self._jaccard(xq, qlist, cpos[valid], csim[valid])
         final = (1.0 - self.lambda_value) * jaccard + self.lambda_value * cdist
         return final.astype(np.float32), csim
+
+    def _corrected_sets(
+        self, rows: np.ndarray, s: np.ndarray, k: int, mask: np.ndarray, drop: np.ndarray,
+        qrank: np.ndarray, loc: np.ndarray,
+    ) -> np.ndarray:
+        """int64 [len(rows), k+1]: ``R(row, k)`` in the gallery plus the query (``-1`` for
+        non-members), from the gallery's ``R`` (``mask`` bool [N, k+1]) corrected for the
+        query: ``s`` is each row's similarity to q, which enters the row's list at its rank
+        (if within ``k``, pushing the k-th entry out), a member ``e`` leaves when the query
+        pushed the row out of ``e``'s list (``drop[loc[e]] == row``), and the query is a
+        member iff it enters and the row is in the query's own top k
+        (``qrank[loc[row]] <= k``)."""
+        lists = self._lists[rows, : k + 1]
+        at = np.count_nonzero(self._sims[rows, : k + 1] > s[:, None], axis=1)
+        m = mask[rows]
+        e = loc[np.where(m, lists, rows[:, None])]  # every member is in the local set
+        m &= drop[e] != rows[:, None]
+        m = _insert_q(m, at, qrank[loc[rows]] <= k)
+        return np.where(m, _insert_q(lists, at, len(self.ids)), -1)
+
+    def _jaccard(
+        self, xq: np.ndarray, qlist: np.ndarray, cpos: np.ndarray, csim: np.ndarray,
+    ) -> np.ndarray:
+        """float64 [m]: ``d_J(q, c)`` for the candidate rows ``cpos`` (similarities
+        ``csim``), given q's list ``qlist`` (rows, q = N first); see the module docstring
+        for the sets read and why the result is exact."""
+        remap, cmap = self._scratch()
+        try:
+            return self._jaccard_with(xq, qlist, cpos, csim, remap, cmap)
+        except BaseException:
+            remap[:] = -1  # the normal path resets only the entries it set
+            cmap[:] = -1
+            raise
+
+    def _jaccard_with(
+        self, xq: np.ndarray, qlist: np.ndarray, cpos: np.ndarray, csim: np.ndarray,
+        remap: np.ndarray, cmap: np.ndarray,
+    ) -> np.ndarray:
+        """``_jaccard`` with the two scratch maps (left all -1 on return)."""
+        n, k1, k2, h = len(self.ids), self.k1, self.k2, self.h
+        lists, sims, mask1, maskh = self._lists, self._sims, self._mask1, self._maskh
+        # J: the rows whose V' the answer reads (q's and the candidates' top-k2, q merged).
+        at_c = np.count_nonzero(sims[cpos, :k2] > csim[:, None], axis=1)
+        top0 = _insert_q(lists[cpos, :k2], at_c, n)
+        qtop = qlist[:k2]
+        J = _unique(np.concatenate([top0.ravel(), qtop]))
+        J = J[J >= 0]
+        jg = J[:-1]  # row n (q) is in qtop and sorts last
+        qg = qlist[1:][qlist[1:] >= 0]
+        # U, numbered by loc (q = len(U)): every row whose similarity to q can change a set
+        # that V_j (j in J) or V_q reads: B = J and q's top k1, R(b, k1) for b in B, R(c, h)
+        # for c in those. A small gallery takes all rows: one matrix-vector product costs
+        # less than finding U.
+        dense = n <= self.dense_below
+        if dense:
+            U, loc, lu = self._all, self._identity, slice(None)
+            s_u = self.xb @ xq
+        else:
+            b = np.concatenate([jg, qg])
+            r1b = _distinct(lists[b][mask1[b]], remap)  # rows are in their own R: B too
+            U = _distinct(np.concatenate([r1b, lists[r1b, : h + 1][maskh[r1b]]]), remap)
+            loc, lu = remap, U
+            loc[U] = np.arange(len(U))
+            loc[n] = len(U)
+            s_u = self.xb[U] @ xq
+        nu = len(U)
+        # q enters u's top k+1 iff it is not below u's k-th entry (lists sort descending,
+        # ties go to q as in the brute force, padding is -inf).
+        enters1 = ~(sims[lu, k1] > s_u)
+        entersh = ~(sims[lu, h] > s_u)
+        # drop_k[u]: the row q pushes out of u's top k+1 when it enters, if that row was
+        # k-reciprocal to u (only then does its set change); -1 otherwise.
+        drop1 = np.where(enters1 & mask1[lu, k1], lists[lu, k1], -1)
+        droph = np.where(entersh & maskh[lu, h], lists[lu, h], -1)
+        touched1 = enters1.copy()
+        t = loc[drop1[drop1 >= 0]]  # rows outside U lose a member too: none is read below
+        touched1[t[t >= 0]] = True
+        touchedh = entersh.copy()
+        t = loc[droph[droph >= 0]]
+        touchedh[t[t >= 0]] = True
+        qrank = np.full(nu + 1, k1 + 1)  # rank in q's list (1..k1) of each local row
+        qrank[loc[qg]] = np.arange(1, len(qg) + 1)
+        # V_j is the stored one unless R(j, k1) or some R(c, h), c in R(j, k1), changed.
+        m1 = mask1[jg]
+        pert = touched1[loc[jg]] | (touchedh[loc[np.where(m1, lists[jg], jg[:, None])]]
+                                    & m1).any(1)
+        p = jg[pert]
+        pq = np.append(p, n)
+        # R'(p, k1) for the perturbed rows and q (last row), then R'(c, h) for their members.
+        qin = np.zeros(k1 + 1, bool)
+        qin[0] = True
+        qin[1 : 1 + len(qg)] = enters1[loc[qg]]
+        r1 = np.concatenate([
+            self._corrected_sets(p, s_u[loc[p]], k1, mask1, drop1, qrank, loc),
+            np.where(qin, qlist, -1)[None],
+        ])
+        cs = _distinct(r1[r1 >= 0], cmap)  # numbered by cmap while R'(c, h) is looked up
+        cmap[cs] = np.arange(len(cs))
+        on_g = cs < n
+        csg = cs[on_g]
+        rh = np.full((len(cs), h + 1), -1, np.int64)
+        rh[on_g] = self._corrected_sets(csg, s_u[loc[csg]], h, maskh, droph, qrank, loc)
+        if len(csg) < len(cs):  # q's own R'(q, h)
+            qh = np.full(h + 1, -1, np.int64)
+            qh[0] = n
+            qh[1:] = np.where(qin[1 : h + 1] & entersh[loc[np.maximum(qlist[1 : h + 1], 0)]],
+                              qlist[1 : h + 1], -1)
+            rh[~on_g] = qh
+        rch = np.where((r1 >= 0)[..., None], rh[cmap[np.maximum(r1, 0)]], -1)
+        # R*(p): R'(p, k1) plus each R'(c, h) of which more than 2/3 lies in R'(p, k1);
+        # membership and de-duplication through a [rows, mem] bit table, mem every member of
+        # an R'(c, h) (c itself included, so R'(p, k1) too: every cs entry is renumbered).
+        mem = _distinct(rh[rh >= 0], cmap)
+        cmap[mem] = np.arange(len(mem))
+        rows = np.arange(len(r1))
+        table = np.zeros((len(r1), len(mem)), bool)
+        rr, cc = np.nonzero(r1 >= 0)
+        table[rr, cmap[r1[rr, cc]]] = True
+        valid = rch >= 0
+        inside = table[rows[:, None, None], cmap[np.maximum(rch, 0)]] & valid
+        accept = (r1 >= 0) & (np.count_nonzero(inside, axis=-1)
+                              > 2.0 / 3.0 * np.count_nonzero(valid, axis=-1))
+        rhs = rch[accept].ravel()  # [a * (h+1)]
+        ar = np.repeat(np.nonzero(accept)[0], h + 1)
+        keep = rhs >= 0
+        table[ar[keep], cmap[rhs[keep]]] = True
+        pr, pc = np.nonzero(table)
+        # Every J row's stored entries; the perturbed rows' fill a weight table (exp(-d)
+        # by row and mem column; stored members that left have no column) beside q's, read
+        # at the new members.
+        st, ln = self._indptr[jg], self._indptr[jg + 1] - self._indptr[jg]
+        rid = np.repeat(np.arange(len(jg)), ln)
+        pos = np.arange(len(rid)) + np.repeat(st - (np.cumsum(ln) - ln), ln)
+        on_p = pert[rid]
+        wtab = np.zeros((len(pq), len(mem)), np.float32)
+        col = cmap[self._indices[pos[on_p]]]
+        ok = col >= 0
+        wtab[(np.cumsum(pert)[rid[on_p]] - 1)[ok], col[ok]] = self._weights[pos[on_p]][ok]
+        on_g = mem < n
+        wtab[-1, on_g] = exp_weights(s_u[loc[mem[on_g]]])
+        if not on_g.all():
+            qc = np.flatnonzero(~on_g)[0]
+            wtab[:-1, qc] = exp_weights(s_u[loc[p]])
+            wtab[-1, qc] = 1.0
+        w = wtab[pr, pc]
+        x = mem[pc]
+        miss = np.flatnonzero(w == 0)  # exp(-d) >= 1/e: 0 marks a newly accepted member
+        if len(miss):
+            w[miss] = exp_weights(np.einsum("nd,nd->n", self.xb[pq[pr[miss]]],
+                                            self.xb[x[miss]]))
+        cmap[mem] = -1
+        vp = w / np.bincount(pr, w, minlength=len(pq))[pr]
+        # Every V_j, j in J, as entries (J index, column, value): stored or recomputed.
+        off = ~on_p
+        e_row = np.concatenate([rid[off], np.searchsorted(J, pq)[pr]])
+        e_col = np.concatenate([self._indices[pos[off]], x])
+        e_val = np.concatenate([self._weights[pos[off]] / self._rowsum[jg[rid[off]]], vp])
+        # V'_q's support C: only those columns can contribute to sum min(V'_q, V'_c).
+        qrow = np.zeros(len(J) + 1, bool)
+        qj = np.searchsorted(J, qtop[qtop >= 0])
+        qrow[qj] = True
+        C = _unique(e_col[qrow[e_row]])
+        cmap[C] = np.arange(len(C))
+        keep = cmap[e_col] >= 0
+        vloc = np.zeros((len(J) + 1, len(C)))  # last row: zeros for -1 padding
+        vloc[e_row[keep], cmap[e_col[keep]]] = e_val[keep]
+        cmap[C] = -1
+        if not dense:
+            remap[U] = -1
+            remap[n] = -1
+        vq = vloc[qj].sum(axis=0) / k2
+        ci0 = np.where(top0 >= 0, np.searchsorted(J, np.maximum(top0, 0)), len(J))
+        vc = vloc[ci0].sum(axis=1) / k2
+        overlap = np.minimum(vc, vq[None, :]).sum(axis=1)
+        return 1.0 - overlap / (2.0 - overlap)
