@@ -189,6 +189,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=8, help="(--index-root)")
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="(--index-root)")
     p.add_argument("--no-detector", action="store_true", help="(--index-root)")
+    p.add_argument("--runtime", choices=("onnx", "torch"), default="onnx",
+                   help="the server's model runtime (--index-root)")
+    p.add_argument("--device", help="the server's device: cpu / cuda (--index-root)")
     p.add_argument("--baseline-requests", type=int, default=50,
                    help="in-process pipeline calls for the no-gRPC baseline (--index-root)")
     p.add_argument("--json", type=Path, help="write the report here")
@@ -202,6 +205,9 @@ def _spawn_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
            "--batch-window-ms", str(args.batch_window_ms), "--log-level", "WARNING"]
     if args.no_detector:
         cmd.append("--no-detector")
+    cmd += ["--runtime", getattr(args, "runtime", "onnx")]
+    if getattr(args, "device", None):
+        cmd += ["--device", args.device]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -222,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
         from visearch.search.pipeline import SearchPipeline
 
         pipeline = SearchPipeline.from_version(IndexRoot(args.index_root).open(),
-                                               use_detector=not args.no_detector)
+                                               use_detector=not args.no_detector,
+                                               runtime=args.runtime, device=args.device)
         try:
             baseline = _baseline(pipeline, photos, args.baseline_requests, args.top_k,
                                  rerank is None)

@@ -55,6 +55,10 @@ class ServeConfig:
     watch_interval_s: float = 1.0
     use_detector: bool = True
     device: str | None = None
+    #: "onnx" runs the models on ONNX Runtime when the version holds their ONNX files (each
+    #: model without one runs on torch, with a warning); "torch" always uses torch
+    runtime: str = "onnx"
+    intra_op_threads: int | None = None  # ONNX Runtime threads per model (None: its default)
     rerank: bool = True
     k1: int = 20
     k2: int = 6
@@ -89,7 +93,9 @@ class ServeConfig:
 
     def factory(self, version: IndexVersion) -> SearchPipeline:
         return SearchPipeline.from_version(version, use_detector=self.use_detector,
-                                           device=self.device, **self.pipeline_kwargs())
+                                           device=self.device, runtime=self.runtime,
+                                           intra_op_threads=self.intra_op_threads,
+                                           **self.pipeline_kwargs())
 
 
 class RunningServer:
@@ -212,6 +218,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="serve this version instead of CURRENT")
     p.add_argument("--no-detector", action="store_true", help="embed the whole image")
     p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--runtime", choices=("onnx", "torch"), default="onnx",
+                   help="model runtime: ONNX Runtime (the version's ONNX files; torch for a "
+                        "model without one) or torch")
+    p.add_argument("--intra-op-threads", type=int, default=None,
+                   help="ONNX Runtime threads per model (default: ONNX Runtime's choice)")
     p.add_argument("--no-rerank", action="store_true", help="disable k-reciprocal re-ranking")
     p.add_argument("--k1", type=int, default=20)
     p.add_argument("--k2", type=int, default=6)
@@ -238,7 +249,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         admin_token=args.admin_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_message_mb=args.max_message_mb, watch=args.watch,
         watch_interval_s=args.watch_interval, use_detector=not args.no_detector,
-        device=args.device, rerank=not args.no_rerank, k1=args.k1, k2=args.k2,
+        device=args.device, runtime=args.runtime, intra_op_threads=args.intra_op_threads,
+        rerank=not args.no_rerank, k1=args.k1, k2=args.k2,
         lambda_value=args.lambda_value, shortlist=args.shortlist, vote_k=args.vote_k,
         detector_weight=args.detector_weight, neighbour_weight=args.neighbour_weight,
         vote_temperature=args.vote_temperature or None, detect_thresh=args.detect_thresh,

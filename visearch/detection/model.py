@@ -203,12 +203,17 @@ class ProductDetector(nn.Module):
         *,
         score_thresh: float | None = None,
         batch_size: int = 8,
+        head_maps: HeadMapsFn | None = None,
     ) -> list[Detections]:
         """Detect products in RGB ``uint8 [H, W, 3]`` images (any sizes).
 
         Boxes come back in each image's original pixels (RetinaNet's transform resizes to
         ``min_size``/``max_size`` and maps boxes back). ``score_thresh`` drops weaker boxes;
         boxes under ``MIN_SCORE`` are never returned.
+
+        ``head_maps`` replaces the tensor part (what :class:`HeadMaps` computes), e.g. by an
+        ONNX Runtime session; torchvision's transform, anchors, box decoding and NMS still run
+        here, so both paths decode identically. None runs the whole RetinaNet in torch.
         """
         was_training = self.training
         self.eval()
@@ -217,7 +222,11 @@ class ProductDetector(nn.Module):
         try:
             for start in range(0, len(images), batch_size):
                 chunk = [_to_tensor(im, device) for im in images[start : start + batch_size]]
-                for res in self.retinanet(chunk):
+                if head_maps is None:
+                    results = self.retinanet(chunk)
+                else:
+                    results = decode_head_maps(self.retinanet, chunk, head_maps)
+                for res in results:
                     scores = res["scores"].float().cpu().numpy()
                     keep = scores >= score_thresh if score_thresh is not None else slice(None)
                     order = np.argsort(-scores[keep], kind="stable")
@@ -232,6 +241,72 @@ class ProductDetector(nn.Module):
         finally:
             self.train(was_training)
         return out
+
+
+HeadMapsFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+class HeadMaps(nn.Module):
+    """The tensor part of a RetinaNet: backbone + FPN + head convolutions, without the
+    transform, anchors, box decoding or NMS (the part exported to ONNX).
+
+    Input ``float [B, 3, H, W]``: images as ``retinanet.transform`` leaves them (resized,
+    normalised, zero-padded to multiples of 32). Output: ``2 * L`` maps for the L = 5 pyramid
+    levels P3..P7, first the classification logits ``float [B, A * K, H_l, W_l]`` of each
+    level, then the box regressions ``float [B, A * 4, H_l, W_l]`` (A anchors per location,
+    K classes). Raw maps rather than torchvision's flattened head outputs, because anchor
+    generation needs each level's H_l x W_l.
+    """
+
+    def __init__(self, retinanet: RetinaNet) -> None:
+        super().__init__()
+        self.backbone = retinanet.backbone
+        self.cls_head = retinanet.head.classification_head
+        self.reg_head = retinanet.head.regression_head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = list(self.backbone(x).values())
+        cls = [self.cls_head.cls_logits(self.cls_head.conv(f)) for f in feats]
+        reg = [self.reg_head.bbox_reg(self.reg_head.conv(f)) for f in feats]
+        return (*cls, *reg)
+
+
+def _flatten(maps: Sequence[torch.Tensor], per_anchor: int) -> torch.Tensor:
+    # torchvision's head layout: (N, A * K, H, W) -> (N, H * W * A, K), levels concatenated.
+    flat = []
+    for m in maps:
+        n, _, h, w = m.shape
+        m = m.view(n, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2)
+        flat.append(m.reshape(n, -1, per_anchor))
+    return torch.cat(flat, dim=1)
+
+
+def decode_head_maps(
+    retinanet: RetinaNet, images: list[torch.Tensor], head_maps: HeadMapsFn
+) -> list[dict[str, torch.Tensor]]:
+    """RetinaNet's eval forward with the tensor part computed by ``head_maps``.
+
+    ``images``: ``float [3, H, W]`` in 0..1, any sizes. Returns torchvision's per-image
+    ``{"boxes" float [N, 4] (original pixels), "scores" float [N], "labels" int64 [N]}``,
+    computed by torchvision's own transform, anchor generator, ``postprocess_detections``
+    (score floor, top-k, per-class NMS) and ``transform.postprocess``.
+    """
+    original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    image_list, _ = retinanet.transform(images)
+    device = image_list.tensors.device
+    maps = [torch.as_tensor(m, device=device) for m in head_maps(image_list.tensors)]
+    levels = len(maps) // 2
+    cls_maps, reg_maps = maps[:levels], maps[levels:]
+    num_classes = retinanet.head.classification_head.num_classes
+    head_outputs = {"cls_logits": _flatten(cls_maps, num_classes),
+                    "bbox_regression": _flatten(reg_maps, 4)}
+    # The anchor generator reads only each map's H_l x W_l, dtype and device.
+    anchors = retinanet.anchor_generator(image_list, cls_maps)
+    per_level = [int(m.shape[1] // num_classes * m.shape[2] * m.shape[3]) for m in cls_maps]
+    split = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+    split_anchors = [list(a.split(per_level)) for a in anchors]
+    dets = retinanet.postprocess_detections(split, split_anchors, image_list.image_sizes)
+    return retinanet.transform.postprocess(dets, image_list.image_sizes, original_sizes)
 
 
 def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -82,9 +82,18 @@ def embed_arrays(
     with _eval_on(model, device) as dev:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            batch = torch.stack([transform(_check_array(im)) for im in chunk])
+            batch = crops_to_batch(transform, chunk)
             out[start : start + len(chunk)] = _forward(model, batch, dev)
     return out
+
+
+def crops_to_batch(
+    transform: Callable[[np.ndarray], torch.Tensor], images: Sequence[np.ndarray]
+) -> torch.Tensor:
+    """RGB crops ``uint8 [H, W, 3]`` (any sizes) -> the model's input ``float32 [B, 3, S, S]``
+    (resized and normalised by ``transform``, e.g. :func:`model_transform`). Shared by the torch
+    and the ONNX Runtime paths so both see the same pixels."""
+    return torch.stack([transform(_check_array(im)) for im in images])
 
 
 def _check_array(image: np.ndarray) -> np.ndarray:

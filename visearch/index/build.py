@@ -3,6 +3,13 @@
 
 Both write into an ``IndexRoot.staging()`` directory, which is verified and renamed into
 place only when complete; the active version is never touched until ``activate``.
+
+A built version also holds its models exported to ONNX (``embedder.onnx``, ``detector.onnx``,
+checked for parity with torch at export: ``visearch.runtime.onnx.export_version_models``),
+listed with their checksums and parity figures under the manifest's ``onnx`` key. A model
+whose export or parity check fails is left out with a warning and the reason recorded in
+``onnx.errors``; the build goes on and that model serves on torch. ``update_version`` copies
+the base version's ONNX files (its models are the base's).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from visearch.index.root import (
     ITEMS_FILE,
     MANIFEST,
     MANIFEST_FORMAT,
+    ONNX_MODELS,
     IndexRoot,
     IndexVersion,
 )
@@ -60,8 +68,14 @@ def _write_version(
     manifest: dict[str, Any],
     activate: bool,
     timings: dict[str, float],
+    export_onnx: bool = False,
+    onnx_int8: bool = False,
+    onnx_from: IndexVersion | None = None,
 ) -> IndexVersion:
-    """Stage every file of a version, write its manifest, verify, publish, maybe activate."""
+    """Stage every file of a version, write its manifest, verify, publish, maybe activate.
+
+    ONNX files are copied from ``onnx_from`` when given, else exported when ``export_onnx``.
+    """
     cur = root.current()
     staging = root.staging()
     try:
@@ -83,6 +97,18 @@ def _write_version(
                             "sha256": fileio.file_digest(tmp / DETECTOR_FILE),
                             "source": str(detector_path)}
             timings["write"] = _timed("wrote index files", t0)
+            onnx = None
+            if onnx_from is not None:
+                onnx = _carry_onnx(onnx_from, tmp)
+            elif export_onnx:
+                from visearch.runtime.onnx import export_version_models
+
+                t0 = time.perf_counter()
+                onnx = export_version_models(
+                    tmp, tmp / EMBEDDER_FILE, tmp / DETECTOR_FILE if detector else None,
+                    int8=onnx_int8,
+                )
+                timings["onnx"] = _timed("exported models to ONNX", t0)
             files = {}
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 rel = path.relative_to(tmp).as_posix()
@@ -91,6 +117,7 @@ def _write_version(
                 format_version=MANIFEST_FORMAT,
                 model=model,
                 detector=detector,
+                onnx=onnx,
                 embedding_dim=index.dim,
                 metric="inner_product",
                 counts={"total": index.ntotal, "per_category": index.counts()},
@@ -116,6 +143,21 @@ def _write_version(
     return version
 
 
+def _carry_onnx(base: IndexVersion, tmp: Path) -> dict[str, Any] | None:
+    """Copy ``base``'s ONNX files into ``tmp``; its manifest ``onnx`` entry (None if none).
+    A base file that does not match its checksum fails the new version's verification."""
+    entry = base.manifest.get("onnx")
+    if not entry:
+        return None
+    entry = json.loads(json.dumps(entry))
+    for model in ONNX_MODELS:
+        info = entry.get(model)
+        if info:
+            _copy(base.path / info["file"], tmp / info["file"])
+    entry["source"] = base.version
+    return entry
+
+
 def build_version(
     root: IndexRoot | str | os.PathLike[str],
     xb: np.ndarray,
@@ -132,6 +174,8 @@ def build_version(
     inputs: Mapping[str, str] | None = None,
     activate: bool = True,
     progress: bool = False,
+    onnx: bool = True,
+    onnx_int8: bool = False,
 ) -> IndexVersion:
     """Build a complete index version from gallery vectors and publish it under ``root``.
 
@@ -154,6 +198,10 @@ def build_version(
         inputs: input name -> checksum (catalog, store...) recorded in the manifest.
         activate: switch ``CURRENT`` to the new version.
         progress: tqdm bars for the long stages.
+        onnx: export the models to ONNX into the version, with a parity check (a failed
+            export is logged and recorded, and does not fail the build).
+        onnx_int8: export the embedder int8-quantised (dynamic quantisation; off by default:
+            keep it only where Recall@10 drops by at most 0.005).
 
     Returns:
         The published version.
@@ -195,7 +243,7 @@ def build_version(
         root, index=index, graph=graph,
         items=zip(ids64.tolist(), records, strict=True),
         embedder_path=embedder_path, detector_path=det, manifest=manifest,
-        activate=activate, timings=timings,
+        activate=activate, timings=timings, export_onnx=onnx, onnx_int8=onnx_int8,
     )
 
 
@@ -213,7 +261,8 @@ def update_version(
     """Write a new version equal to ``base`` plus added items minus removed ones.
 
     The base version is not modified. The faiss index is updated in place of a rebuild
-    (IVF quantizers are not retrained), the neighbour graph incrementally.
+    (IVF quantizers are not retrained), the neighbour graph incrementally. The models, and
+    their ONNX exports when the base has them, are copied from the base.
 
     Args:
         root: the index root.
@@ -275,5 +324,5 @@ def update_version(
     return _write_version(
         root, index=index, graph=graph, items=all_items,
         embedder_path=base.embedder_path, detector_path=detector, manifest=manifest,
-        activate=activate, timings=timings,
+        activate=activate, timings=timings, onnx_from=base,
     )

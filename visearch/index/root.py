@@ -6,7 +6,8 @@ Layout::
     <root>/CURRENT                 the active version's name (one line), replaced atomically
     <root>/HISTORY                 JSON list of previously active versions (rollback targets)
     <root>/v0007-20261123T051700/  a version: manifest.json, index/, graph/, items.lmdb,
-                                   embedder.pt, [detector.pt]
+                                   embedder.pt, [detector.pt], [embedder.onnx],
+                                   [detector.onnx]
     <root>/.staging-<pid>-<hex>/   a build in progress (removed when its process is gone)
 
 A version directory appears under its name only by ``os.rename`` of a complete staging
@@ -52,6 +53,7 @@ GRAPH_DIR = "graph"
 ITEMS_FILE = "items.lmdb"
 EMBEDDER_FILE = "embedder.pt"
 DETECTOR_FILE = "detector.pt"
+ONNX_MODELS = ("embedder", "detector")  # keys of the manifest's "onnx" entry
 
 _VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}T\d{6}$")
 _STAGING_RE = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
@@ -141,6 +143,28 @@ class IndexVersion:
         det = self.manifest.get("detector")
         return self.path / det["file"] if det else None
 
+    def onnx_path(self, model: str) -> Path | None:
+        """The version's ONNX export of ``model`` (``"embedder"`` or ``"detector"``), or None
+        when the version has none (built without ONNX, or its export failed: see the
+        manifest's ``onnx.errors``).
+
+        The file is checked against the manifest's sha256 first, so a server never loads a
+        corrupt graph. Raises IndexFormatError when it is missing or differs.
+        """
+        if model not in ONNX_MODELS:
+            raise ValueError(f"unknown model {model!r}; choose one of {ONNX_MODELS}")
+        info = (self.manifest.get("onnx") or {}).get(model)
+        if not info:
+            return None
+        path = self.path / info["file"]
+        if not path.is_file():
+            raise IndexFormatError(f"{self.version}: ONNX {model} file {info['file']} is "
+                                   "missing; rebuild the version or serve it on torch")
+        if fileio.file_digest(path) != info["sha256"]:
+            raise IndexFormatError(f"{self.version}: ONNX {model} file {info['file']}: sha256 "
+                                   "differs from the manifest (corrupt)")
+        return path
+
     def close(self) -> None:
         """Release the item map's LMDB handle (the index and graph are plain memory)."""
         with self._load_lock:
@@ -173,6 +197,18 @@ class IndexVersion:
                 )
             elif checksums and fileio.file_digest(path) != info["sha256"]:
                 problems.append(f"{rel}: sha256 differs from the manifest (corrupt)")
+        for model in ONNX_MODELS:
+            # The ONNX entry names its file and checksum too; both lists must agree.
+            info = (m.get("onnx") or {}).get(model)
+            if not info:
+                continue
+            rel = info["file"]
+            if rel not in files:
+                problems.append(f"ONNX {model} file {rel} is not in the manifest's file list")
+                if not (self.path / rel).is_file():
+                    problems.append(f"missing file {rel}")
+            elif files[rel]["sha256"] != info["sha256"]:
+                problems.append(f"{rel}: the ONNX entry's sha256 differs from the file list's")
         report.checks["files"] = len(files)
         if problems:
             report.checks["seconds"] = round(time.perf_counter() - t0, 3)

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from visearch.detection.model import Detections, ProductDetector
     from visearch.embedding import Embedder
     from visearch.index import IndexVersion
+    from visearch.runtime.onnx import OrtDetector, OrtEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,10 @@ class SearchPipeline:
     Args:
         version: the index version (its index, graph and item map are used; closed by
             :meth:`close`).
-        embedder: the model the version's gallery was embedded with.
-        detector: the product detector; None embeds the whole image (or the caller's box).
+        embedder: the model the version's gallery was embedded with (torch, or its ONNX
+            Runtime session, :class:`~visearch.runtime.onnx.OrtEmbedder`).
+        detector: the product detector (torch or :class:`~visearch.runtime.onnx.OrtDetector`);
+            None embeds the whole image (or the caller's box).
         vote_weights: the category vote's mix (default: equal).
         rerank: k-reciprocal parameters; None disables re-ranking altogether.
         vote_k: neighbours over the whole index that vote on the category.
@@ -157,8 +160,8 @@ class SearchPipeline:
     def __init__(
         self,
         version: IndexVersion,
-        embedder: Embedder,
-        detector: ProductDetector | None = None,
+        embedder: Embedder | OrtEmbedder,
+        detector: ProductDetector | OrtDetector | None = None,
         *,
         vote_weights: VoteWeights | None = None,
         rerank: RerankParams | None = None,
@@ -186,6 +189,13 @@ class SearchPipeline:
         self.items = version.items  # opened here: lazy opening from many threads would race
         self.embedder = embedder
         self.detector = detector
+        # Which runtime serves each model ("torch", "onnx"; "none": no detector), for logs
+        # and benchmarks.
+        self.runtimes = {
+            "embed": "torch" if isinstance(embedder, torch.nn.Module) else "onnx",
+            "detect": "none" if detector is None
+            else "torch" if isinstance(detector, torch.nn.Module) else "onnx",
+        }
         self.vote_weights = vote_weights or VoteWeights()
         self.rerank_params = rerank
         self.vote_k = vote_k
@@ -202,6 +212,7 @@ class SearchPipeline:
             self.reranker = KReciprocalReranker(
                 np.asarray(graph.ids), np.asarray(graph.I), xb,
                 k1=rerank.k1, k2=rerank.k2, lambda_value=rerank.lambda_value,
+                vectors=graph.kreciprocal,
             )
         self._embed = MicroBatcher(
             self._embed_batch, max_batch_size=max_batch_size, max_wait_ms=batch_window_ms,
@@ -222,28 +233,84 @@ class SearchPipeline:
         detector_path: str | None = None,
         use_detector: bool = True,
         device: str | torch.device | None = None,
+        runtime: Literal["torch", "onnx"] = "torch",
+        intra_op_threads: int | None = None,
         **kwargs: Any,
     ) -> SearchPipeline:
         """Load the version's embedder (and its detector, or ``detector_path``) on
         ``device`` (default: the first GPU when one is visible, else the CPU) and build.
-        The version is closed again when anything fails (it can then be reopened)."""
+        The version is closed again when anything fails (it can then be reopened).
+
+        ``runtime="onnx"`` runs each model through ONNX Runtime from the version's ONNX
+        files (TensorRT, CUDA or CPU provider, the best available; CPU only for a CPU
+        ``device``), with ``intra_op_threads`` threads per operator (None: ORT's default).
+        A model the version has no ONNX file for (built without, export failed, or a
+        ``detector_path`` other than the version's) runs on torch, with a warning. An ONNX
+        file that is missing or fails its checksum raises IndexFormatError: the version is
+        refused, not served on a fallback.
+        """
         from visearch.detection.model import load_detector
         from visearch.embedding import load_embedder
 
+        if runtime not in ("torch", "onnx"):
+            raise ValueError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
         try:
             device = choose_device(device)
-            embedder = load_embedder(version.embedder_path, device=device)
-            detector = None
+            onnx = runtime == "onnx"
+            embedder: Embedder | OrtEmbedder = load_embedder(
+                version.embedder_path, device="cpu" if onnx else device)
+            detector: ProductDetector | OrtDetector | None = None
             det_path = detector_path or version.detector_path
             if use_detector and det_path is not None:
-                detector = load_detector(det_path, device=device)
+                detector = load_detector(det_path, device="cpu" if onnx else device)
+            if onnx:
+                embedder, detector = cls._onnx_models(
+                    version, embedder, detector, device=device,
+                    own_detector=detector_path is None, intra_op_threads=intra_op_threads)
             return cls(version, embedder, detector, device=device, **kwargs)
         except BaseException:
             version.close()
             raise
 
+    @staticmethod
+    def _onnx_models(
+        version: IndexVersion, embedder: Embedder, detector: ProductDetector | None, *,
+        device: torch.device, own_detector: bool, intra_op_threads: int | None,
+    ) -> tuple[Embedder | OrtEmbedder, ProductDetector | OrtDetector | None]:
+        """Swap the CPU-loaded torch models for ORT sessions where the version has ONNX
+        files; the torch ones that stay move to ``device``."""
+        from visearch.runtime.onnx import OrtDetector, OrtEmbedder, choose_providers
+
+        providers = choose_providers(device)
+        errors = (version.manifest.get("onnx") or {}).get("errors", {})
+        path = version.onnx_path("embedder")
+        emb: Embedder | OrtEmbedder = embedder
+        if path is not None:
+            emb = OrtEmbedder(path, embedder.config, providers=providers,
+                              intra_op_threads=intra_op_threads)
+        else:
+            log.warning("%s has no ONNX embedder (%s); embedding on torch", version.version,
+                        errors.get("embedder", "not exported"))
+            emb = embedder.to(device)
+        det: ProductDetector | OrtDetector | None = detector
+        if detector is not None:
+            path = version.onnx_path("detector") if own_detector else None
+            if path is not None:
+                det = OrtDetector(path, detector, providers=providers,
+                                  intra_op_threads=intra_op_threads)
+            else:
+                why = errors.get("detector", "not exported") if own_detector else (
+                    "the detector is not the version's")
+                log.warning("%s: no ONNX detector (%s); detecting on torch", version.version,
+                            why)
+                det = detector.to(device)
+        log.info("serving %s on ONNX Runtime (%s)", version.version, ", ".join(providers))
+        return emb, det
+
     # ------------------------------------------------------------------ batched models
     def _embed_batch(self, crops: list[np.ndarray]) -> np.ndarray:
+        if not isinstance(self.embedder, torch.nn.Module):  # an ORT session
+            return self.embedder.embed_arrays(crops, batch_size=len(crops))
         return embed_arrays(self.embedder, crops, batch_size=len(crops), device=self.device)
 
     def _detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
