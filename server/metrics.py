@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from server.servicer import PipelineHolder
-    from visearch.search.batching import MicroBatcher
     from visearch.search.pipeline import SearchPipeline
 
 log = logging.getLogger(__name__)
@@ -115,7 +114,7 @@ class ServerMetrics:
 
     def attach_batchers(self, pipeline: SearchPipeline) -> None:
         """Record the batch sizes of the pipeline's embed (and detect) workers."""
-        for model, batcher in _batchers(pipeline).items():
+        for model, batcher in pipeline.batchers.items():
             batcher.on_batch = self.batch_observer(model)
 
     def watch(self, holder: PipelineHolder) -> None:
@@ -131,17 +130,6 @@ class ServerMetrics:
     def interceptor(self) -> grpc.ServerInterceptor:
         """A server interceptor that counts unary calls by status and times them."""
         return _MetricsInterceptor(self)
-
-
-def _batchers(pipeline: SearchPipeline) -> dict[str, MicroBatcher]:
-    """The pipeline's micro-batchers by model name.
-
-    ``SearchPipeline`` keeps them private (its public ``batch_sizes`` only copies recent
-    sizes); reading the attributes here keeps the observer push-based without changing it.
-    """
-    found = {"embed": getattr(pipeline, "_embed", None),
-             "detect": getattr(pipeline, "_detect", None)}
-    return {model: b for model, b in found.items() if b is not None}
 
 
 class _IndexCollector(Collector):

@@ -318,6 +318,15 @@ class SearchPipeline:
         return self.detector.detect(images, batch_size=len(images))
 
     @property
+    def batchers(self) -> dict[str, MicroBatcher]:
+        """The micro-batchers by model name (``"embed"``, and ``"detect"`` with a detector),
+        e.g. to set their ``on_batch`` observers."""
+        out = {"embed": self._embed}
+        if self._detect is not None:
+            out["detect"] = self._detect
+        return out
+
+    @property
     def batch_sizes(self) -> dict[str, list[int]]:
         """Recent micro-batch sizes per model (for benchmarks)."""
         out = {"embed": list(self._embed.batch_sizes)}
