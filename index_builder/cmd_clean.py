@@ -17,6 +17,9 @@ writes what to drop or rename, which ``visearch.cleaning.apply_cleaning`` applie
 stage: accepted cross-SKU duplicates are dropped, rejected denoise removals kept, accepted
 merges merged and rejected ones never.
 
+``--store`` (the LMDB store ``visearch-index ingest`` wrote) makes each stage read the
+catalog's images from the store, as ingested and validated, instead of from their files.
+
 The typed functions :func:`dedup_catalog`, :func:`clean_catalog` and :func:`merge_catalog`
 are what ``rebuild`` calls; the subcommands are thin wrappers over them. Below them,
 :func:`dedup_stage`, :func:`clean_stage` and :func:`merge_stage` run on rows and embeddings
@@ -37,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from index_builder.cmd_ingest import add_store_argument
 from index_builder.stage import StageResult, run_stage, stat_digest
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.cleaning import apply_cleaning, calibrated_merge, denoise_skus, merge_skus
@@ -55,6 +59,7 @@ from visearch.cleaning.merge import FOLDS, THRESHOLDS
 from visearch.cleaning.review import Decision, read_decisions, reviewed_pairs
 from visearch.errors import ManifestError
 from visearch.fileio import file_digest
+from visearch.store import store_lookup
 
 EMBED_STAGE = "clean-embed"
 
@@ -171,8 +176,17 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def rows_digest(rows: Sequence[CatalogRow]) -> str:
     """Digest of every image's name, size and mtime: changes when an image file changes,
-    without reading the images."""
-    return stat_digest((r.image, r.path) for r in rows)
+    without reading the images. A row read from the store counts by its stored image
+    (store and MD5), so its file may move or change without rerunning anything."""
+    files = stat_digest((r.image, r.path) for r in rows if r.stored is None)
+    stored = [r for r in rows if r.stored is not None]
+    if not stored:
+        return files
+    h = hashlib.sha256(files.encode())
+    for r in stored:
+        assert r.stored is not None  # filtered above
+        h.update(f"{r.image}\0{r.stored.name}\n".encode())
+    return h.hexdigest()
 
 
 def _labels_digest(rows: Sequence[CatalogRow]) -> str:
@@ -222,7 +236,7 @@ def dedup_stage(
 
     def work(out: Path) -> dict[str, Any]:
         result = dedup_images(
-            [r.path for r in unique],
+            [r.source for r in unique],
             [r.image for r in unique],
             skus=[r.sku for r in unique],
             radius=radius,
@@ -251,15 +265,17 @@ def dedup_catalog(
     *,
     lenient: bool = False,
     decisions: Path | None = None,
+    store: Path | None = None,
     force: bool = False,
 ) -> StageResult:
     """The ``dedup`` stage over the ``catalog`` file (see :func:`dedup_stage`); its
-    checksum identifies the catalog.
+    checksum identifies the catalog. With ``store`` the images are read from that image
+    store (``ImageStore.lookup``), not from their files.
 
     Raises:
         ManifestError: a bad catalog row (unless ``lenient``).
     """
-    rows = read_manifest(catalog, strict=not lenient).rows
+    rows = read_manifest(catalog, strict=not lenient, images=store_lookup(store)).rows
     return dedup_stage(
         rows,
         work_dir,
@@ -319,7 +335,7 @@ def _embeddings(
 
     def work(out: Path) -> dict[str, Any]:
         model = load_embedder(model_path, device=source.device or "cpu")
-        items = ((i, r.path, r.bbox) for i, r in enumerate(rows))
+        items = ((i, r.source, r.bbox) for i, r in enumerate(rows))
         ids, feats = [], []
         for b_ids, b_feats in embed_items(
             model,
@@ -342,11 +358,12 @@ def _embeddings(
 
 def _cleaning_inputs(
     catalog: Path, work_dir: Path, source: EmbeddingSource, exclude: Sequence[Path],
-    *, lenient: bool, force: bool,
+    *, lenient: bool, store: Path | None, force: bool,
 ) -> tuple[list[CatalogRow], np.ndarray, dict[str, Any], StageResult | None]:
-    """The catalog rows left after ``exclude``, their embeddings, the fingerprint, and the
-    embedding stage (None for given embeddings)."""
-    rows = read_manifest(catalog, strict=not lenient).rows
+    """The catalog rows left after ``exclude`` (images read from ``store`` when given),
+    their embeddings, the fingerprint, and the embedding stage (None for given
+    embeddings)."""
+    rows = read_manifest(catalog, strict=not lenient, images=store_lookup(store)).rows
     emb, emb_sum, embed = _embeddings(catalog, rows, work_dir, source, force)
     removed: set[str] = set()
     for path in exclude:
@@ -441,17 +458,19 @@ def clean_catalog(
     exclude: Sequence[Path] = (),
     lenient: bool = False,
     decisions: Path | None = None,
+    store: Path | None = None,
     force: bool = False,
 ) -> CleaningResult:
     """The ``clean`` stage over the ``catalog`` file less the images listed in ``exclude``
-    (earlier stages' removed files), with the embeddings of ``source``.
+    (earlier stages' removed files), with the embeddings of ``source``; the images are
+    read from ``store`` when given.
 
     Raises:
         ManifestError: a bad catalog row (unless ``lenient``).
         ValueError, FileNotFoundError: embeddings that do not match the catalog, or missing.
     """
     rows, emb, fingerprint, embed = _cleaning_inputs(
-        catalog, work_dir, source, exclude, lenient=lenient, force=force)
+        catalog, work_dir, source, exclude, lenient=lenient, store=store, force=force)
     result = clean_stage(
         rows,
         emb,
@@ -521,7 +540,7 @@ def merge_stage(
         else:
             colors = None
             if color_tol is not None:
-                colors = hash_images([r.path for r in rows], workers=workers,
+                colors = hash_images([r.source for r in rows], workers=workers,
                                      progress=True).color
             result = calibrated_merge(
                 embeddings, skus, categories=cats, false_merge_rate=false_merge_rate,
@@ -547,17 +566,19 @@ def merge_catalog(
     exclude: Sequence[Path] = (),
     lenient: bool = False,
     decisions: Path | None = None,
+    store: Path | None = None,
     force: bool = False,
 ) -> CleaningResult:
     """The ``merge`` stage over the ``catalog`` file less the images listed in ``exclude``,
-    with the embeddings of ``source`` (see :func:`merge_stage`).
+    with the embeddings of ``source`` (see :func:`merge_stage`); the images are read
+    from ``store`` when given.
 
     Raises:
         ManifestError: a bad catalog row (unless ``lenient``).
         ValueError, FileNotFoundError: embeddings that do not match the catalog, or missing.
     """
     rows, emb, fingerprint, embed = _cleaning_inputs(
-        catalog, work_dir, source, exclude, lenient=lenient, force=force)
+        catalog, work_dir, source, exclude, lenient=lenient, store=store, force=force)
     result = merge_stage(
         rows,
         emb,
@@ -687,6 +708,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="review decisions JSONL (visearch-index review) to apply",
     )
+    add_store_argument(p)
 
 
 def _embedding_args(p: argparse.ArgumentParser) -> None:
@@ -736,8 +758,9 @@ def run_dedup(args: argparse.Namespace) -> int:
     )
     try:
         result = dedup_catalog(args.catalog, args.out, params, lenient=args.lenient,
-                               decisions=args.decisions, force=args.force)
-    except ManifestError as exc:
+                               decisions=args.decisions, store=args.store,
+                               force=args.force)
+    except (ManifestError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(report_line(result, "dedup"))
@@ -754,7 +777,8 @@ def run_clean(args: argparse.Namespace) -> int:
     try:
         result = clean_catalog(args.catalog, args.out, _source(args), params,
                                exclude=args.exclude, lenient=args.lenient,
-                               decisions=args.decisions, force=args.force)
+                               decisions=args.decisions, store=args.store,
+                               force=args.force)
     except (ValueError, FileNotFoundError) as exc:  # ManifestError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -778,7 +802,8 @@ def run_merge(args: argparse.Namespace) -> int:
     try:
         result = merge_catalog(args.catalog, args.out, _source(args), params,
                                exclude=args.exclude, lenient=args.lenient,
-                               decisions=args.decisions, force=args.force)
+                               decisions=args.decisions, store=args.store,
+                               force=args.force)
     except (ValueError, FileNotFoundError) as exc:  # ManifestError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from index_builder.cmd_ingest import add_store_argument
 from visearch.catalog import read_manifest, write_manifest
 from visearch.detection.crops import main_object_boxes
 from visearch.detection.data import coco_categories, coco_samples, read_coco
@@ -34,6 +35,7 @@ from visearch.detection.pseudo_label import UnlabelledImage, merge_coco, read_re
 from visearch.detection.train import evaluate_detector, train_detector
 from visearch.device import choose_device
 from visearch.imageio import image_files
+from visearch.store import store_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -348,12 +350,14 @@ def crop_catalog(
     batch_size: int = 16,
     device: str | None = None,
     lenient: bool = False,
+    store: Path | None = None,
     progress: bool = True,
 ) -> CropResult:
     """Fill in the main-product bbox of catalog rows that have none, with the detector:
     rows with a bbox keep it; the others get the detector's main object, or the whole
-    image when nothing scores ``score_thresh``. Writes the manifest ``out``."""
-    manifest = read_manifest(catalog, strict=not lenient)
+    image when nothing scores ``score_thresh``. Writes the manifest ``out``. With
+    ``store`` the rows carry their stored images (``CatalogRow.stored``)."""
+    manifest = read_manifest(catalog, strict=not lenient, images=store_lookup(store))
     model = load_detector(detector, device=choose_device(device))
     boxes = main_object_boxes(
         model,
@@ -433,7 +437,8 @@ def cmd_label(args: argparse.Namespace) -> int:
 def cmd_crop(args: argparse.Namespace) -> int:
     result = crop_catalog(args.catalog, args.detector, args.out,
                           score_thresh=args.score_thresh, batch_size=args.batch_size,
-                          device=args.device, lenient=args.lenient, progress=not args.quiet)
+                          device=args.device, lenient=args.lenient, store=args.store,
+                          progress=not args.quiet)
     print(json.dumps(result.to_dict()))
     return 0
 
@@ -502,4 +507,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--lenient", action="store_true", help="skip bad manifest rows")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_store_argument(p)
     p.set_defaults(func=cmd_crop)

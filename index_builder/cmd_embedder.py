@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from index_builder.cmd_ingest import add_store_argument
 from visearch.catalog import read_manifest
 from visearch.device import choose_device
 from visearch.embedding import BACKBONES, POOLINGS, build_embedder, embed_items, load_embedder
@@ -34,6 +35,7 @@ from visearch.embedding.losses import (
 )
 from visearch.embedding.train import LabelVocab, train_embedder
 from visearch.registry import Registry
+from visearch.store import store_lookup
 from visearch.transforms import AUGMENTS, train_transform
 
 logger = logging.getLogger(__name__)
@@ -172,6 +174,7 @@ def train_embedder_on_catalog(
     val_queries: Path | None = None,
     resume: bool = False,
     lenient: bool = False,
+    store: Path | None = None,
 ) -> EmbedderTraining:
     """Train the margin-loss embedder on a catalog's images (cropped to their boxes).
 
@@ -186,8 +189,10 @@ def train_embedder_on_catalog(
         val_queries: queries.jsonl scored after each epoch.
         resume: continue from ``<out>/checkpoint.pt``.
         lenient: skip bad manifest rows instead of failing.
+        store: read the catalog's images from this image store (as ingested), not from
+            their files; rows it does not hold (the scenes' crops) read their files.
     """
-    manifest = read_manifest(catalog, strict=not lenient)
+    manifest = read_manifest(catalog, strict=not lenient, images=store_lookup(store))
     attr_names = list(params.attributes) if params.attribute_weight else []
     vocab = LabelVocab.from_rows(manifest.rows, attr_names)
     train = vocab.image_set(manifest.rows)
@@ -286,7 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     result = train_embedder_on_catalog(args.catalog, args.out, params,
                                        val_queries=args.val_queries, resume=args.resume,
-                                       lenient=args.lenient)
+                                       lenient=args.lenient, store=args.store)
     print(json.dumps(result.summary(), indent=1))
     return 0
 
@@ -299,9 +304,10 @@ def _epoch_line(r: dict) -> str:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    catalog = read_manifest(args.catalog, strict=not args.lenient)
+    catalog = read_manifest(args.catalog, strict=not args.lenient,
+                            images=store_lookup(args.store))
     model = load_embedder(args.model, device=choose_device(args.device))
-    items = ((r.line, r.path, r.bbox if not args.no_crop else None) for r in catalog.rows)
+    items = ((r.line, r.source, r.bbox if not args.no_crop else None) for r in catalog.rows)
     feats = np.zeros((len(catalog.rows), model.dim), dtype=np.float32)
     ids = np.zeros(len(catalog.rows), dtype=np.int64)
     n = 0
@@ -390,6 +396,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     t.add_argument("--lenient", action="store_true", help="skip bad manifest rows")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_store_argument(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("embed", help="embed a catalog's images with a trained embedder")
@@ -407,4 +414,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-crop", action="store_true", help="ignore bboxes")
     e.add_argument("--lenient", action="store_true", help="skip bad manifest rows")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_store_argument(e)
     e.set_defaults(func=cmd_embed)

@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from index_builder.cmd_ingest import add_store_argument
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.device import choose_device
 from visearch.errors import IndexFormatError, VisearchError
 from visearch.fileio import file_digest
 from visearch.index import IndexRoot, IndexVersion, build_version, update_version
+from visearch.store import store_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +75,11 @@ def _item(row: CatalogRow) -> dict[str, Any]:
             "title": row.title, "attributes": dict(row.attributes), "line": row.line}
 
 
-def _read_catalog(path: Path, lenient: bool) -> list[CatalogRow]:
+def _read_catalog(path: Path, lenient: bool, store: Path | None = None) -> list[CatalogRow]:
+    """The usable rows of the catalog at ``path``, their images read from ``store`` when
+    given (rows it does not hold read their files); bad rows reported on stderr."""
     t0 = time.perf_counter()
-    catalog = read_manifest(path, strict=not lenient)
+    catalog = read_manifest(path, strict=not lenient, images=store_lookup(store))
     if catalog.rejects:
         print(f"skipped {len(catalog.rejects)} bad row(s) of {path} (lines "
               f"{', '.join(str(r.line) for r in catalog.rejects[:20])}"
@@ -101,7 +105,7 @@ def _embed(rows: Sequence[CatalogRow], model: torch.nn.Module, opts: EmbedOption
 
     t0 = time.perf_counter()
     xb = np.zeros((len(rows), int(model.config["dim"])), dtype=np.float32)
-    items = ((i, r.path, r.bbox if opts.crop else None) for i, r in enumerate(rows))
+    items = ((i, r.source, r.bbox if opts.crop else None) for i, r in enumerate(rows))
     for ids, feats in embed_items(model, items, batch_size=opts.batch_size,
                                   num_workers=opts.workers, progress=opts.progress):
         xb[ids] = feats
@@ -129,17 +133,19 @@ def build_index(
     detector: Path | None = None,
     detector_source: str | None = None,
     lenient: bool = False,
+    store: Path | None = None,
     activate: bool = True,
 ) -> IndexVersion:
     """Embed ``catalog`` with the embedder ``model``, build, verify and publish an index
     version under ``root`` (shipping ``detector`` and recording ``detector_source``, where
-    its training boxes came from, in words); returns the new version.
+    its training boxes came from, in words); returns the new version. With ``store`` the
+    gallery images are read from that image store (as ingested), not from their files.
 
     Raises:
         VisearchError, ValueError, OSError: bad catalog rows (unless ``lenient``), no usable
             rows, unreadable model or a failed build; the active version is kept.
     """
-    rows = _read_catalog(catalog, lenient)
+    rows = _read_catalog(catalog, lenient, store)
     xb = _embed(rows, _load_model(model, embed.device), embed)
     t0 = time.perf_counter()
     version = build_version(
@@ -171,7 +177,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     version = build_index(args.root, args.catalog, args.model, params,
                           embed=_embed_opts(args), detector=args.detector,
                           detector_source=args.detector_source, lenient=args.lenient,
-                          activate=not args.no_activate)
+                          store=args.store, activate=not args.no_activate)
     print(build_summary(version, args.root))
     return 0
 
@@ -247,7 +253,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     model_path = base.embedder_path
     if args.model is not None:
         model_path = args.model
-    rows = _read_catalog(args.catalog, args.lenient)
+    rows = _read_catalog(args.catalog, args.lenient, args.store)
     opts = _embed_opts(args)
     model = _load_model(model_path, opts.device)
     dim = int(model.config["dim"])
@@ -314,6 +320,7 @@ def _embed_options(p: argparse.ArgumentParser) -> None:
                    help="skip bad catalog rows (reported) instead of failing on the first")
     p.add_argument("--no-activate", action="store_true", help="publish without activating")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_store_argument(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

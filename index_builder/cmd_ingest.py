@@ -59,6 +59,15 @@ def ingest_catalog(catalog: Path, store: Path, *, lenient: bool = False) -> Inge
     )
 
 
+def add_store_argument(p: argparse.ArgumentParser) -> None:
+    """``--store``: the subcommands after ``ingest`` read the catalog's images from it."""
+    p.add_argument(
+        "--store", type=Path, default=None,
+        help="the LMDB image store 'ingest' wrote: read the catalog's images from it (as "
+        "ingested and validated) instead of from their files",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``ingest``."""
     p = sub.add_parser(

@@ -17,6 +17,12 @@ skips every stage whose inputs did not change, and a changed parameter reruns th
 and everything downstream. Trainings keep a scratch directory with checkpoints, so an
 interrupted training resumes where it stopped. The catalog is never rewritten: cleaning
 produces new manifests under ``<work>/catalogs/``.
+
+After ``ingest`` the LMDB image store (``<work>/ingest/store``) is the one source of the
+catalog's images: every later stage reads its manifest with the store
+(``read_manifest(images=store.lookup)``) and decodes the ingested, validated bytes, so a
+catalog file that moves or changes during the rebuild changes nothing downstream (a re-run
+sees the change and ingests again).
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ from visearch.cleaning.dedup import COLOR_TOL, RADIUS
 from visearch.errors import ManifestError, VisearchError
 from visearch.fileio import atomic_write_text, file_digest
 from visearch.imageio import image_files
+from visearch.store import store_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +216,10 @@ def query_domain_rows(scenes_dir: Path, train_rows: Sequence[CatalogRow], remove
         ref = by_sku.get(sku_map.get(obj["sku"], obj["sku"]))
         if ref is None:
             continue
+        # A crop is a file of the scenes stage, not a stored catalog image.
         out.append(dataclasses.replace(
             ref, line=len(train_rows) + line, image=obj["image"],
-            path=(scenes_dir / obj["image"]).resolve(), bbox=None))
+            path=(scenes_dir / obj["image"]).resolve(), bbox=None, stored=None))
     return out
 
 
@@ -237,6 +245,8 @@ class Pipeline:
         self.review_summary: ReviewSummary | None = None
         self.removed: set[str] = set()
         self.upstream: dict[str, Any] = {}
+        #: the image store ingest wrote: where every later stage reads the images
+        self.store = self.work / "ingest" / "store"
 
     # -- running stages -------------------------------------------------------------------
 
@@ -299,6 +309,9 @@ class Pipeline:
         cfg = self.cfg
         manifest = read_manifest(self.inputs.catalog, strict=not cfg.lenient)
         self._ingest(manifest)
+        # From here on every image is read from the store, as ingested.
+        manifest = read_manifest(self.inputs.catalog, strict=not cfg.lenient,
+                                 images=store_lookup(self.store))
         # Review decisions (visearch-index review) are applied by every cleaning stage.
         decisions = decisions_path(self.work)
         reviewed = decisions if decisions.is_file() else None
@@ -345,7 +358,8 @@ class Pipeline:
 
         def run() -> StageResult:
             result = dedup_catalog(self.inputs.catalog, self.work, params,
-                                   lenient=self.cfg.lenient, decisions=decisions)
+                                   lenient=self.cfg.lenient, decisions=decisions,
+                                   store=self.store)
             print(report_line(result, "dedup"))
             return result
 
@@ -515,7 +529,7 @@ class Pipeline:
             def crop(out: Path) -> None:
                 result = crop_catalog(boxed, detector_path, out / "catalog.jsonl",
                                       score_thresh=float(cfg.detector.score_thresh),
-                                      lenient=cfg.lenient)
+                                      lenient=cfg.lenient, store=self.store)
                 print(json.dumps(result.to_dict()))
 
             done = self._stage(
@@ -525,7 +539,8 @@ class Pipeline:
                 crop,
             )
             catalog = done.out_dir / "catalog.jsonl"
-            rows = read_manifest(catalog, strict=not cfg.lenient).rows
+            rows = read_manifest(catalog, strict=not cfg.lenient,
+                                 images=store_lookup(self.store)).rows
             self.upstream["crop"] = recorded_digest(done.out_dir)
         return catalog, rows
 
@@ -568,7 +583,8 @@ class Pipeline:
         def stage() -> None:
             with _fails_as(name, ValueError, FileNotFoundError):
                 result = run(catalog, self.work, source, params, exclude=exclude,
-                             lenient=self.cfg.lenient, decisions=decisions)
+                             lenient=self.cfg.lenient, decisions=decisions,
+                             store=self.store)
             print(result.report(name))
 
         self._timed(name, stage)
@@ -611,7 +627,7 @@ class Pipeline:
 
         def train(scratch: Path, resume: bool) -> None:
             result = train_embedder_on_catalog(catalog, scratch, params, val_queries=queries,
-                                               resume=resume)
+                                               resume=resume, store=self.store)
             print(json.dumps(result.summary(), indent=1))
 
         fp = {"catalog": file_digest(catalog), "config": dataclasses.asdict(cfg.embedder),
@@ -643,7 +659,8 @@ class Pipeline:
                 version = build_index(root, gallery_catalog, model, build_params(cfg),
                                       detector=detector_path,
                                       detector_source=detector_source,
-                                      lenient=cfg.lenient, activate=self.activate)
+                                      lenient=cfg.lenient, store=self.store,
+                                      activate=self.activate)
                 print(build_summary(version, root))
             new = sorted(set(IndexRoot(root).versions()) - before)
             if len(new) != 1:

@@ -31,8 +31,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from index_builder.cmd_ingest import add_store_argument
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.imageio import image_files
+from visearch.store import store_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,8 @@ def cut_out_catalog(
     """Cut the product out of every row's image; write the report, objects and PNGs.
 
     Args:
-        rows: catalog rows (``bbox`` optional: a row without one gets the mask's box).
+        rows: catalog rows (``bbox`` optional: a row without one gets the mask's box);
+            each image is read from ``row.source`` (the store, for rows read with it).
         out: output folder (created).
         rejects: the manifest reader's rejected rows (``line``, ``reason``): reported with
             status ``"rejected"`` so the report covers every line of the catalog.
@@ -122,7 +125,7 @@ def cut_out_catalog(
             report.append({**entry, "status": "excluded", "reason": "removed by dedup",
                            "quality": 0.0, "box": None})
             continue
-        cut = cut_out_file(row.path, row.bbox)
+        cut = cut_out_file(row.source, row.bbox)
         status, reason = cut.status, cut.reason
         if cut.ok and cut.quality < min_quality:
             status = "low_quality"
@@ -208,7 +211,8 @@ def synthesize_catalog_scenes(
 
 
 def cmd_cutout(args: argparse.Namespace) -> int:
-    manifest = read_manifest(args.catalog, strict=not args.lenient)
+    manifest = read_manifest(args.catalog, strict=not args.lenient,
+                             images=store_lookup(args.store))
     summary = cut_out_catalog(manifest.rows, Path(args.out), rejects=manifest.rejects,
                               min_quality=args.min_quality, progress=not args.quiet)
     print(json.dumps({"out": str(args.out), **summary.to_dict()}))
@@ -242,6 +246,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cut-outs below this quality score are not used")
     p.add_argument("--lenient", action="store_true", help="skip (and report) bad catalog rows")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_store_argument(p)
     p.set_defaults(func=cmd_cutout)
 
     p = sub.add_parser(

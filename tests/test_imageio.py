@@ -142,7 +142,7 @@ def test_unsupported_mode() -> None:
 def test_missing_file_and_wrong_type(tmp_path) -> None:
     with pytest.raises(ImageDecodeError, match="cannot read image file .*nope.jpg"):
         decode_image(tmp_path / "nope.jpg")
-    with pytest.raises(TypeError, match="expected bytes or a path, got int"):
+    with pytest.raises(TypeError, match="expected bytes, a path or a ByteSource .*got int"):
         decode_image(3)  # type: ignore[arg-type]
 
 

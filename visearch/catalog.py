@@ -13,14 +13,14 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from visearch.errors import ImageDecodeError, ManifestError
 from visearch.fileio import atomic_open
-from visearch.imageio import image_size
+from visearch.imageio import ByteSource, ImageSource, image_size
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ OPTIONAL_FIELDS = ("bbox", "attributes", "title")
 KNOWN_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
 
 Box = tuple[float, float, float, float]
+
+#: Where a manifest's images are read from instead of their files: for an image's absolute
+#: path, the stored image and its ``(width, height)``, or None to read the file
+#: (``visearch.store.ImageStore.lookup``).
+ImageLookup = Callable[[Path], "tuple[ByteSource, tuple[int, int]] | None"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class CatalogRow:
         bbox: ``(x1, y1, x2, y2)`` of the product in original image pixels, or None.
         attributes: free-form string attributes (colour, pattern, ...).
         title: product title, possibly empty.
+        stored: where the image's bytes are read from when not from ``path``: the image as
+            ingested into the store (``visearch.store.StoredImage``), or None.
     """
 
     line: int
@@ -54,6 +61,13 @@ class CatalogRow:
     bbox: Box | None = None
     attributes: dict[str, str] = field(default_factory=dict)
     title: str = ""
+    stored: ByteSource | None = field(default=None, compare=False)
+
+    @property
+    def source(self) -> ImageSource:
+        """What every stage reads the image from: the stored image when the row has one
+        (the bytes ingested and validated), else the file at ``path``."""
+        return self.stored if self.stored is not None else self.path
 
     def to_json(self) -> dict[str, Any]:
         """The row as written in a manifest (``image`` relative, optional fields if set)."""
@@ -128,9 +142,12 @@ def _check_attributes(value: Any) -> dict[str, str]:
 
 
 def parse_row(
-    obj: Any, *, line: int, root: Path, check_images: bool = True
+    obj: Any, *, line: int, root: Path, check_images: bool = True,
+    images: ImageLookup | None = None,
 ) -> CatalogRow:
-    """Validate one decoded JSON value as a manifest row.
+    """Validate one decoded JSON value as a manifest row. An image ``images`` knows is
+    taken from it (its size from there, the file is not opened); any other is checked in
+    its file when ``check_images``.
 
     Raises:
         ValueError: with a message naming the problem (the caller adds the line number).
@@ -152,18 +169,23 @@ def parse_row(
     )
     path = Path(image) if os.path.isabs(image) else (root / image)
     path = path.resolve()
-    if check_images:
-        try:
-            width, height = image_size(path)
-        except ImageDecodeError as exc:
-            raise ValueError(str(exc)) from None
+    found = images(path) if images is not None else None
+    stored = found[0] if found is not None else None
+    if found is not None or check_images:
+        if found is not None:
+            width, height = found[1]
+        else:
+            try:
+                width, height = image_size(path)
+            except ImageDecodeError as exc:
+                raise ValueError(str(exc)) from None
         if bbox is not None:
             x1, y1, x2, y2 = bbox
             if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
                 raise ValueError(
                     f"bbox {list(bbox)} lies outside the {width} x {height} image"
                 )
-    return CatalogRow(line, image, path, sku, category, bbox, attributes, title)
+    return CatalogRow(line, image, path, sku, category, bbox, attributes, title, stored)
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -180,6 +202,7 @@ def read_manifest(
     strict: bool = True,
     rejects_path: str | os.PathLike[str] | None = None,
     check_images: bool = True,
+    images: ImageLookup | None = None,
 ) -> Manifest:
     """Read and validate a ``catalog.jsonl`` or ``queries.jsonl`` file.
 
@@ -191,6 +214,9 @@ def read_manifest(
             ``{"line", "reason", "raw"}``; default ``<manifest>.rejects.jsonl``.
         check_images: open each image's header: the file must exist, be an image, and
             contain the bbox.
+        images: read the images it knows from there instead of their files
+            (``ImageStore.lookup``: each row's ``stored``; the bbox is checked against the
+            stored size); the files of those images are never opened.
 
     Returns:
         The accepted rows in file order, and the rejects.
@@ -214,7 +240,8 @@ def read_manifest(
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-            rows.append(parse_row(obj, line=number, root=root, check_images=check_images))
+            rows.append(parse_row(obj, line=number, root=root, check_images=check_images,
+                                 images=images))
         except ValueError as exc:
             if strict:
                 raise ManifestError(str(exc), line=number, path=str(path)) from None

@@ -25,3 +25,10 @@ class ManifestError(VisearchError, ValueError):
 
 class IndexFormatError(VisearchError):
     """A missing, truncated or corrupt index file, or vectors whose dimension does not match."""
+
+
+class DamagedStoreError(VisearchError):
+    """The store does not hold what it recorded: an image whose bytes no longer hash to
+    their MD5 key, or an image an item or source names that is missing. Not a bad catalog
+    image (``ImageDecodeError``): a rebuild must stop, not skip the row. Re-ingest into a
+    new store."""

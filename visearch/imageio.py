@@ -16,6 +16,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,7 +31,20 @@ MAX_PIXELS = 40_000_000
 #: Largest accepted side in pixels, whatever the area (a 100,000 x 10 strip is refused too).
 MAX_INPUT_SIDE = 16_384
 
-ImageSource = bytes | bytearray | memoryview | str | os.PathLike
+
+
+@runtime_checkable
+class ByteSource(Protocol):
+    """Anything that hands over an encoded image's bytes: ``read_bytes()`` and a ``name``
+    for messages (``visearch.store.StoredImage``: an image in the LMDB store)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def read_bytes(self) -> bytes: ...
+
+
+ImageSource = bytes | bytearray | memoryview | str | os.PathLike | ByteSource
 
 
 #: File name endings of the images a folder of photos is searched for.
@@ -53,8 +67,13 @@ def image_files(folder: str | os.PathLike[str], *, what: str = "image folder") -
     return files
 
 
-def _read_source(src: ImageSource) -> tuple[bytes, str]:
-    """The raw bytes of ``src`` and a short name for messages."""
+def read_source(src: ImageSource) -> tuple[bytes, str]:
+    """The encoded bytes of ``src`` and a short name for messages.
+
+    Raises:
+        ImageDecodeError: a file that cannot be read.
+        TypeError: ``src`` is none of bytes, a path or a ``ByteSource``.
+    """
     if isinstance(src, bytes | bytearray | memoryview):
         return bytes(src), "image bytes"
     if isinstance(src, str | os.PathLike):
@@ -63,7 +82,13 @@ def _read_source(src: ImageSource) -> tuple[bytes, str]:
             return path.read_bytes(), str(path)
         except OSError as exc:
             raise ImageDecodeError(f"cannot read image file {path}: {exc.strerror or exc}") from exc
-    raise TypeError(f"expected bytes or a path, got {type(src).__name__}")
+    if isinstance(src, ByteSource):
+        # No OSError translation here: a source's own errors (a damaged store) must not
+        # pass for one bad image.
+        return src.read_bytes(), src.name
+    raise TypeError(
+        f"expected bytes, a path or a ByteSource (read_bytes(), name), got {type(src).__name__}"
+    )
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -110,7 +135,8 @@ def decode_pil(
     image has transparency: RGBA, LA, PA or a palette with a transparent colour).
 
     Args:
-        src: encoded image bytes, or a path to an image file.
+        src: encoded image bytes, a path to an image file, or a ``ByteSource`` (an image
+            in the store).
         max_side: when set, downsize (aspect kept, bilinear) so that the longer side is at
             most this many pixels. Never upsizes.
         max_pixels: refuse images larger than this many pixels (width x height), checked
@@ -124,7 +150,7 @@ def decode_pil(
         ImageDecodeError: empty, unreadable, truncated, not an image, unsupported mode,
             more than ``max_pixels`` pixels or a side above ``MAX_INPUT_SIDE``.
     """
-    data, name = _read_source(src)
+    data, name = read_source(src)
     if not data:
         raise ImageDecodeError(f"{name}: empty image data (0 bytes)")
     try:
@@ -189,7 +215,7 @@ def image_size(src: ImageSource) -> tuple[int, int]:
     Raises:
         ImageDecodeError: unreadable, empty or not an image.
     """
-    data, name = _read_source(src)
+    data, name = read_source(src)
     if not data:
         raise ImageDecodeError(f"{name}: empty image data (0 bytes)")
     try:

@@ -24,11 +24,9 @@ import hashlib
 import io
 import logging
 import math
-import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -38,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from visearch.errors import ImageDecodeError
-from visearch.imageio import decode_pil
+from visearch.imageio import ImageSource, decode_pil, read_source
 from visearch.unionfind import UnionFind
 
 logger = logging.getLogger(__name__)
@@ -224,14 +222,15 @@ def color_distance(a: np.ndarray, b: np.ndarray, *, floor: float = COLOR_FLOOR) 
 
 
 def _hash_one(
-    src: str | os.PathLike[str], hash_size: int, draft: tuple[int, int], kind: str
+    src: ImageSource, hash_size: int, draft: tuple[int, int], kind: str
 ) -> tuple:
-    """(md5, packed hash bytes, width, height, error, colour signature) of one image file."""
+    """(md5, packed hash bytes, width, height, error, colour signature) of one image (a
+    file, or an image in the store: a damaged store raises, it is not a bad image)."""
     nocolor = np.zeros(2 * COLOR_GRID * COLOR_GRID, np.float32)
     try:
-        data = Path(src).read_bytes()
-    except OSError as exc:
-        return "", b"", 0, 0, f"cannot read {src}: {exc.strerror or exc}", nocolor
+        data, _ = read_source(src)
+    except ImageDecodeError as exc:
+        return "", b"", 0, 0, str(exc), nocolor
     md5 = hashlib.md5(data).hexdigest()
     try:
         # The header gives the original size; the draft decode below shrinks it.
@@ -244,13 +243,13 @@ def _hash_one(
     return md5, np.packbits(bits.ravel()).tobytes(), width, height, "", color_signature(img)
 
 
-def _hash_chunk(args: tuple[list[str], int, tuple[int, int], str]) -> list[tuple]:
+def _hash_chunk(args: tuple[list[ImageSource], int, tuple[int, int], str]) -> list[tuple]:
     paths, hash_size, draft, kind = args
     return [_hash_one(p, hash_size, draft, kind) for p in paths]
 
 
 def hash_images(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: Sequence[ImageSource],
     *,
     hash_size: int = HASH_SIZE,
     kind: str = HASH_KIND,
@@ -263,7 +262,8 @@ def hash_images(
     image file in ``paths``.
 
     Args:
-        paths: image files, in catalog order.
+        paths: image files (or stored images, ``visearch.store.StoredImage``), in catalog
+            order.
         hash_size: hash grid side; the code has ``hash_size**2`` bits (a multiple of 8).
         kind: "phash" or "dhash" (``HASH_KINDS``).
         draft: JPEG draft-mode decode target ``(w, h)``.
@@ -283,7 +283,7 @@ def hash_images(
     n = len(paths)
     nbytes = hash_size * hash_size // 8
     chunks = [
-        ([str(p) for p in paths[i : i + chunk_size]], hash_size, tuple(draft), kind)
+        (list(paths[i : i + chunk_size]), hash_size, tuple(draft), kind)
         for i in range(0, n, chunk_size)
     ]
     bar = tqdm(total=n, desc="hashing", unit="img", disable=not progress)
@@ -544,7 +544,7 @@ def find_duplicates(
 
 
 def dedup_images(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: Sequence[ImageSource],
     names: Sequence[str] | None = None,
     *,
     skus: Sequence[str] | None = None,

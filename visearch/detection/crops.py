@@ -50,7 +50,7 @@ def main_object_boxes(
     bar = tqdm(total=len(todo), desc="detect", disable=not progress, leave=False)
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
-        images = [decode_image(rows[i].path) for i in idx]
+        images = [decode_image(rows[i].source) for i in idx]
         dets = detector.detect(images)
         for i, image, det in zip(idx, images, dets, strict=True):
             main = select_main_object(det, image.shape, score_thresh=score_thresh)

@@ -101,8 +101,9 @@ class LabelVocab:
         )
 
     def image_set(self, rows: Sequence[CatalogRow]) -> ImageSet:
-        """``rows`` as an :class:`ImageSet` (path + bbox) with ``"sku"``, ``"category"`` and,
-        when attributes are named, ``"attributes"`` ``[N, A]`` labels; unknown values -> -1."""
+        """``rows`` as an :class:`ImageSet` (``row.source``: the stored image or the file,
+        + bbox) with ``"sku"``, ``"category"`` and, when attributes are named,
+        ``"attributes"`` ``[N, A]`` labels; unknown values -> -1."""
         sku = {v: i for i, v in enumerate(self.skus)}
         cat = {v: i for i, v in enumerate(self.categories)}
         labels = {
@@ -115,7 +116,7 @@ class LabelVocab:
                 [[index[a].get(r.attributes.get(a, ""), -1) for a in index] for r in rows],
                 dtype=np.int64,
             ).reshape(len(rows), len(index))
-        return ImageSet([r.path for r in rows], [r.bbox for r in rows], labels)
+        return ImageSet([r.source for r in rows], [r.bbox for r in rows], labels)
 
 
 @dataclass

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -613,10 +612,11 @@ def cut_out(
 
 
 def cut_out_file(
-    path: str | os.PathLike, bbox: Sequence[float] | None = None, **kwargs: object
+    path: ImageSource, bbox: Sequence[float] | None = None, **kwargs: object
 ) -> Cutout:
     """:func:`load_rgba` then :func:`cut_out` (``kwargs`` go to it); an unreadable or
-    undecodable file gives status ``"decode_error"`` instead of raising."""
+    undecodable file gives status ``"decode_error"`` instead of raising. ``path`` may be
+    any ``ImageSource`` (an image in the store: a damaged store raises)."""
     try:
         image = load_rgba(path)
     except ImageDecodeError as exc:
