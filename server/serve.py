@@ -58,7 +58,12 @@ class ServeConfig:
     #: "onnx" runs the models on ONNX Runtime when the version holds their ONNX files (each
     #: model without one runs on torch, with a warning); "torch" always uses torch
     runtime: str = "onnx"
-    intra_op_threads: int | None = None  # ONNX Runtime threads per model (None: its default)
+    #: threads per model call (ONNX Runtime intra-op; torch's, process-wide, set by main()).
+    #: 1 by default: requests run in parallel on their own threads and share a micro-batch,
+    #: and on a busy CPU a 2-thread team spends its time waiting at barriers (a 96 px
+    #: detection took 8 ms on 1 ONNX Runtime thread and 17 ms on 2; torch's 19 ms and 1.5 s,
+    #: benchmarks/RESULTS.md, fast serving). None: each runtime's default (every core).
+    intra_op_threads: int | None = 1
     rerank: bool = True
     k1: int = 20
     k2: int = 6
@@ -221,8 +226,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=("onnx", "torch"), default="onnx",
                    help="model runtime: ONNX Runtime (the version's ONNX files; torch for a "
                         "model without one) or torch")
-    p.add_argument("--intra-op-threads", type=int, default=None,
-                   help="ONNX Runtime threads per model (default: ONNX Runtime's choice)")
+    p.add_argument("--threads", dest="intra_op_threads", type=int, default=1,
+                   help="threads per model call, torch and ONNX Runtime (default 1: requests "
+                        "run in parallel; 0: every core)")
     p.add_argument("--no-rerank", action="store_true", help="disable k-reciprocal re-ranking")
     p.add_argument("--k1", type=int, default=20)
     p.add_argument("--k2", type=int, default=6)
@@ -249,7 +255,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         admin_token=args.admin_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_message_mb=args.max_message_mb, watch=args.watch,
         watch_interval_s=args.watch_interval, use_detector=not args.no_detector,
-        device=args.device, runtime=args.runtime, intra_op_threads=args.intra_op_threads,
+        device=args.device, runtime=args.runtime,
+        intra_op_threads=args.intra_op_threads or None,
         rerank=not args.no_rerank, k1=args.k1, k2=args.k2,
         lambda_value=args.lambda_value, shortlist=args.shortlist, vote_k=args.vote_k,
         detector_weight=args.detector_weight, neighbour_weight=args.neighbour_weight,
@@ -264,8 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    if config.intra_op_threads is not None:
+        import torch
+
+        torch.set_num_threads(config.intra_op_threads)  # process-wide: the CLI's to set
     try:
-        running = RunningServer(config_from_args(args)).start()
+        running = RunningServer(config).start()
     except (ValueError, OSError) as e:
         print(f"visearch-serve: {e}", file=sys.stderr)
         return 2

@@ -342,3 +342,39 @@ def test_importing_the_index_leaves_faiss_settings_alone_and_search_restores_the
     assert faiss.cvar.distance_compute_blas_threshold == default
     np.testing.assert_array_equal(D, D_ref)
     np.testing.assert_array_equal(I, ids[rows])
+
+
+def test_faiss_threads_scopes_the_calling_thread_only() -> None:
+    import threading
+
+    from visearch.index.blas import faiss_threads
+
+    before = faiss.omp_get_max_threads()
+    inside: list[int] = []
+    other: list[int] = []
+    entered, checked = threading.Event(), threading.Event()
+
+    def searcher() -> None:
+        with faiss_threads(1):
+            inside.append(faiss.omp_get_max_threads())
+            entered.set()
+            checked.wait(timeout=30)
+        inside.append(faiss.omp_get_max_threads())
+
+    def bystander() -> None:
+        entered.wait(timeout=30)
+        other.append(faiss.omp_get_max_threads())
+        checked.set()
+
+    threads = [threading.Thread(target=searcher), threading.Thread(target=bystander)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # a fresh thread starts from the process default; only the searcher's own ICV changed
+    assert inside == [1, before] and other == [before]
+    assert faiss.omp_get_max_threads() == before
+    with faiss_threads(None):
+        assert faiss.omp_get_max_threads() == before
+    with pytest.raises(ValueError, match=">= 1"), faiss_threads(0):
+        pass

@@ -295,7 +295,9 @@ def test_int8_embedder_stays_close_to_float(models, tmp_path) -> None:
 def test_providers_best_first_among_those_offered() -> None:
     every = ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
              "AzureExecutionProvider"]
-    assert rt.choose_providers(available=every) == list(rt.PROVIDER_ORDER)
+    assert rt.choose_providers(available=every) == ["CUDAExecutionProvider",
+                                                     "CPUExecutionProvider"]
+    assert rt.choose_providers(available=every, tensorrt=True)[0] == "TensorrtExecutionProvider"
     assert rt.choose_providers("cpu", available=every) == ["CPUExecutionProvider"]
     assert rt.choose_providers(available=["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match="intra_op_threads"):

@@ -1,4 +1,5 @@
-"""``small_batch_blas``: faiss's brute-force BLAS threshold lowered around the calls that need it.
+"""faiss's process-wide knobs, scoped to the calls that need them: ``small_batch_blas`` (the
+brute-force BLAS threshold) and ``faiss_threads`` (OpenMP threads of the calling thread).
 
 faiss computes exact inner products with its own SIMD loop while ``queries x d`` is below
 ``faiss.cvar.distance_compute_blas_threshold`` (128000 by default, i.e. 500 queries at
@@ -57,3 +58,28 @@ class _ScopedBlasThreshold:
 
 #: Context manager: ``with small_batch_blas(): index.search(xq, k)``.
 small_batch_blas = _ScopedBlasThreshold(SMALL_BATCH_BLAS_THRESHOLD)
+
+
+@contextlib.contextmanager
+def faiss_threads(n: int | None) -> Iterator[None]:
+    """Run faiss's OpenMP regions of the calling thread on ``n`` threads (None: unchanged).
+
+    A server searches one query per request, with requests in parallel on their own
+    threads. faiss splits even one query over every core (its OpenMP team), and on a
+    loaded CPU the team's barrier waits dominate: a 1,300-item search took 15 ms with 2
+    threads and 0.3 ms with 1 on the 2-core machine under load (``benchmarks/RESULTS.md``,
+    fast serving). ``omp_set_num_threads`` sets the calling thread's own ICV (libgomp, which
+    faiss's wheels ship: a thread outside an OpenMP team has its own), so other threads keep
+    theirs; the previous value is restored on exit.
+    """
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ValueError(f"faiss threads must be >= 1 or None, got {n}")
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)

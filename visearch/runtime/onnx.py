@@ -53,7 +53,11 @@ logger = logging.getLogger(__name__)
 EMBEDDER_ONNX = "embedder.onnx"
 DETECTOR_ONNX = "detector.onnx"
 OPSET = 18
-PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+#: TensorRT is opt-in (``choose_providers(tensorrt=True)``): it builds an engine for every new
+#: input shape on first sight (minutes), which a server taking photos of any size would pay
+#: on live requests unless an engine cache and shape profiles are set up.
+PROVIDER_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
+TENSORRT = "TensorrtExecutionProvider"
 
 # Parity tolerances at export (absolute): float32 reorderings in ORT's fused kernels move
 # embeddings by ~1e-7 and logits by ~1e-6 on the models here; 100x headroom.
@@ -66,12 +70,14 @@ INT8_MIN_COSINE = 0.98  # int8 embeddings vs float: each vector's cosine, worst 
 
 # ------------------------------------------------------------------------------ sessions
 def choose_providers(
-    device: str | torch.device | None = None, available: Sequence[str] | None = None
+    device: str | torch.device | None = None, available: Sequence[str] | None = None, *,
+    tensorrt: bool = False,
 ) -> list[str]:
     """Execution providers, best first, among those onnxruntime offers (``available``,
-    default ``onnxruntime.get_available_providers()``). A CPU ``device`` keeps the CPU one."""
+    default ``onnxruntime.get_available_providers()``). A CPU ``device`` keeps the CPU one;
+    ``tensorrt`` puts TensorRT first when offered."""
     offered = list(available if available is not None else ort.get_available_providers())
-    wanted = PROVIDER_ORDER
+    wanted = (TENSORRT, *PROVIDER_ORDER) if tensorrt else PROVIDER_ORDER
     if device is not None and torch.device(device).type == "cpu":
         wanted = ("CPUExecutionProvider",)
     chosen = [p for p in wanted if p in offered]

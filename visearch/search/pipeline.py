@@ -24,6 +24,7 @@ from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.device import choose_device
 from visearch.embedding import embed_arrays
 from visearch.imageio import MAX_PIXELS, crop, decode_image
+from visearch.index.blas import faiss_threads
 from visearch.search.batching import MicroBatcher
 from visearch.search.rerank import KReciprocalReranker
 from visearch.search.voting import CategoryDecision, VoteWeights, vote_category
@@ -155,6 +156,9 @@ class SearchPipeline:
         max_pixels: larger images are rejected (decompression bombs, huge photos).
         max_batch_size, batch_window_ms: dynamic micro-batching of model inference.
         device: torch device for the models' inputs (default: where the models are).
+        search_threads: faiss OpenMP threads per query search, in the calling thread (1: a
+            server's requests run in parallel on their own threads; None: faiss's default,
+            every core, for one large index searched one query at a time).
     """
 
     def __init__(
@@ -172,6 +176,7 @@ class SearchPipeline:
         max_pixels: int = MAX_PIXELS,
         max_batch_size: int = 8,
         batch_window_ms: float = 2.0,
+        search_threads: int | None = 1,
         device: str | torch.device | None = None,
     ) -> None:
         if vote_k < 1 or not 1 <= default_top_k <= max_top_k:
@@ -204,6 +209,7 @@ class SearchPipeline:
         self.max_top_k = max_top_k
         self.max_pixels = max_pixels
         self.device = device
+        self.search_threads = search_threads
         self.categories = list(self.index.categories)
         self.reranker: KReciprocalReranker | None = None
         if rerank is not None and self.index.ntotal > 1:
@@ -487,7 +493,8 @@ class SearchPipeline:
         if use_rerank:
             assert self.reranker is not None
             k_all = max(k_all, self.reranker.k1)
-        D, I = self.index.search(xq, k_all)  # noqa: E741
+        with faiss_threads(self.search_threads):
+            D, I = self.index.search(xq, k_all)  # noqa: E741
         nn_ids, nn_sims = I[0][I[0] >= 0], D[0][I[0] >= 0]
         clock.lap("search_all")
 
@@ -504,7 +511,8 @@ class SearchPipeline:
         clock.remaining("search_category")
         shortlist = max(4 * top_k, self.rerank_params.shortlist if self.rerank_params else 0)
         searched = None if all_categories else decision.category
-        Dc, Ic = self.index.search(xq, shortlist, category=searched)
+        with faiss_threads(self.search_threads):
+            Dc, Ic = self.index.search(xq, shortlist, category=searched)
         keep = Ic[0] >= 0
         cand_ids, cand_sims = Ic[0][keep], Dc[0][keep]
         clock.lap("search_category")
