@@ -355,7 +355,8 @@ def test_faiss_threads_scopes_the_calling_thread_only() -> None:
     entered, checked = threading.Event(), threading.Event()
 
     def searcher() -> None:
-        with faiss_threads(1):
+        inside.append(faiss.omp_get_max_threads())
+        with faiss_threads(inside[0] + 1):  # differs from the default whatever it is
             inside.append(faiss.omp_get_max_threads())
             entered.set()
             checked.wait(timeout=30)
@@ -363,7 +364,7 @@ def test_faiss_threads_scopes_the_calling_thread_only() -> None:
 
     def bystander() -> None:
         entered.wait(timeout=30)
-        other.append(faiss.omp_get_max_threads())
+        other.append(faiss.omp_get_max_threads())  # while the searcher is inside
         checked.set()
 
     threads = [threading.Thread(target=searcher), threading.Thread(target=bystander)]
@@ -371,8 +372,10 @@ def test_faiss_threads_scopes_the_calling_thread_only() -> None:
         t.start()
     for t in threads:
         t.join()
-    # a fresh thread starts from the process default; only the searcher's own ICV changed
-    assert inside == [1, before] and other == [before]
+    # threads start from the process default; only the searcher's own value changed, and
+    # it is restored on exit
+    default = inside[0]
+    assert inside == [default, default + 1, default] and other == [default]
     assert faiss.omp_get_max_threads() == before
     with faiss_threads(None):
         assert faiss.omp_get_max_threads() == before
