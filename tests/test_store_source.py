@@ -18,6 +18,7 @@ import lmdb
 import numpy as np
 import pytest
 from PIL import Image
+from test_rebuild import TINY as REBUILD_TINY
 
 from index_builder import cmd_rebuild
 from index_builder.cli import main as index_main
@@ -30,17 +31,8 @@ from visearch.imageio import decode_image
 from visearch.index import IndexRoot
 from visearch.store import DamagedStoreError, ImageStore, StoredImage, store_lookup
 
-TINY = {
-    "workers": 1,
-    "dedup": {"workers": 1},
-    "detector": {"backbone": "tiny_fpn", "min_size": 64, "max_size": 64, "epochs": 1},
-    "embedder": {"backbone": "tiny", "dim": 32, "epochs": 1, "cleaning_epochs": 1,
-                 "image_size": 48, "p": 8, "k": 2, "attention": False, "pretrained": None,
-                 "frozen_blocks": 0, "steps_per_epoch": None,
-                 "cleaning_steps_per_epoch": None},
-    "index": {"k1": 11},
-    "scenes": {"image_size": 64, "scenes_per_object": 0.25},
-}
+# test_rebuild's tiny models and index, with smaller scenes
+TINY = {**REBUILD_TINY, "scenes": {"image_size": 64, "scenes_per_object": 0.25}}
 
 
 def _catalog(folder: Path, n: int = 6) -> Path:

@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import onnxruntime as ort
@@ -439,6 +439,10 @@ class OrtDetector:
 
 
 # ------------------------------------------------------------------------------ versions
+def _parity_failed(model: str, parity: Mapping[str, Any]) -> NoReturn:
+    raise ValueError(f"{model} parity failed: {dict(parity)}")
+
+
 def _file_entry(path: Path) -> dict[str, Any]:
     return {"file": path.name, "sha256": fileio.file_digest(path), "bytes": path.stat().st_size}
 
@@ -473,37 +477,36 @@ def export_version_models(
         "int8": bool(int8), "embedder": None, "detector": None, "errors": {},
     }
     cpu = ["CPUExecutionProvider"]
-    dest = directory / EMBEDDER_ONNX
-    try:
+
+    def embedder(dest: Path) -> tuple[str, dict[str, Any]]:
         model = load_embedder(embedder_path)
         exporter = export_embedder(model, dest, int8=int8)
         parity = embedder_parity(model, make_session(dest, providers=cpu))
         ok = (parity["min_cosine"] >= INT8_MIN_COSINE if int8
               else parity["max_abs_diff"] <= EMBED_TOL)
-        if not ok:
-            raise ValueError(f"embedder parity failed: {parity}")
-        entry["embedder"] = _file_entry(dest) | {"exporter": exporter, "parity": parity}
-    except OSError:
-        raise
-    except Exception as e:
-        dest.unlink(missing_ok=True)
-        entry["errors"]["embedder"] = f"{type(e).__name__}: {e}"
-        logger.warning("no ONNX embedder in this version, it will serve on torch: %s", e)
+        return exporter, parity if ok else _parity_failed("embedder", parity)
+
+    def detector(dest: Path) -> tuple[str, dict[str, Any]]:
+        det = load_detector(detector_path)
+        exporter = export_detector(det, dest)
+        parity = detector_parity(det, make_session(dest, providers=cpu))
+        return exporter, parity if _detector_parity_ok(parity) else _parity_failed(
+            "detector", parity)
+
+    jobs = [("embedder", EMBEDDER_ONNX, embedder)]
     if detector_path is not None:
-        dest = directory / DETECTOR_ONNX
+        jobs.append(("detector", DETECTOR_ONNX, detector))
+    for name, file, export in jobs:
+        dest = directory / file
         try:
-            det = load_detector(detector_path)
-            exporter = export_detector(det, dest)
-            parity = detector_parity(det, make_session(dest, providers=cpu))
-            if not _detector_parity_ok(parity):
-                raise ValueError(f"detector parity failed: {parity}")
-            entry["detector"] = _file_entry(dest) | {"exporter": exporter, "parity": parity}
+            exporter, parity = export(dest)
+            entry[name] = _file_entry(dest) | {"exporter": exporter, "parity": parity}
         except OSError:
             raise
-        except Exception as e:
+        except Exception as e:  # any export or parity failure: this model serves on torch
             dest.unlink(missing_ok=True)
-            entry["errors"]["detector"] = f"{type(e).__name__}: {e}"
-            logger.warning("no ONNX detector in this version, it will serve on torch: %s", e)
+            entry["errors"][name] = f"{type(e).__name__}: {e}"
+            logger.warning("no ONNX %s in this version, it will serve on torch: %s", name, e)
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     logger.info("ONNX export in %.2f s: embedder %s, detector %s", entry["seconds"],
                 "ok" if entry["embedder"] else "none", "ok" if entry["detector"] else "none")
