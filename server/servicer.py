@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_KEY = "x-visearch-admin-token"
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["VisualSearch"].full_name
+#: Longest status message sent back, in characters. The message travels in a trailer that
+#: clients cap (16 KiB by default) and may quote the caller's input (an unknown category):
+#: a longer one reaches the client as RESOURCE_EXHAUSTED instead of the real status.
+MAX_DETAILS = 1024
+
+
+def _details(message: str) -> str:
+    """``message`` cut to ``MAX_DETAILS`` characters, saying how long it was."""
+    if len(message) <= MAX_DETAILS:
+        return message
+    return f"{message[:MAX_DETAILS - 40]}... (message cut, {len(message)} characters)"
 
 PipelineFactory = Callable[[IndexVersion], SearchPipeline]
 LoadHook = Callable[[SearchPipeline], None]
@@ -204,12 +215,13 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
             with self.holder.lease() as pipeline:
                 return fn(pipeline)
         except ValueError as e:  # includes ImageDecodeError
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(str(e)))
         except TimeoutError as e:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _details(str(e)))
         except Exception as e:
             log.exception("request failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            context.abort(grpc.StatusCode.INTERNAL,
+                          _details(f"internal error: {type(e).__name__}: {e}"))
 
     def Search(self, request: search_pb2.SearchRequest, context: grpc.ServicerContext):
         deadline = self._deadline(context)
@@ -300,8 +312,8 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
         try:
             previous, now, changed = self.holder.reload(request.version or None)
         except Exception as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"cannot load index version {request.version or 'CURRENT'}: "
-                          f"{type(e).__name__}: {e}; still serving {self.holder.version}")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, _details(
+                f"cannot load index version {request.version or 'CURRENT'}: "
+                f"{type(e).__name__}: {e}; still serving {self.holder.version}"))
         return search_pb2.ReloadIndexResponse(previous_version=previous, version=now,
                                               changed=changed)
