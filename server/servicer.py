@@ -34,11 +34,12 @@ SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["VisualSearch"].full_name
 MAX_DETAILS = 1024
 
 
-def _details(message: str) -> str:
-    """``message`` cut to ``MAX_DETAILS`` characters, saying how long it was."""
-    if len(message) <= MAX_DETAILS:
-        return message
-    return f"{message[:MAX_DETAILS - 40]}... (message cut, {len(message)} characters)"
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code``; the message cut to ``MAX_DETAILS`` characters (saying how
+    long it was). Every status the servicer sends goes through here."""
+    if len(message) > MAX_DETAILS:
+        message = f"{message[:MAX_DETAILS - 40]}... (message cut, {len(message)} characters)"
+    context.abort(code, message)  # raises: the handler ends here
 
 PipelineFactory = Callable[[IndexVersion], SearchPipeline]
 LoadHook = Callable[[SearchPipeline], None]
@@ -215,13 +216,12 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
             with self.holder.lease() as pipeline:
                 return fn(pipeline)
         except ValueError as e:  # includes ImageDecodeError
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(str(e)))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except TimeoutError as e:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _details(str(e)))
+            _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except Exception as e:
             log.exception("request failed")
-            context.abort(grpc.StatusCode.INTERNAL,
-                          _details(f"internal error: {type(e).__name__}: {e}"))
+            _abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
     def Search(self, request: search_pb2.SearchRequest, context: grpc.ServicerContext):
         deadline = self._deadline(context)
@@ -301,19 +301,19 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
     def ReloadIndex(self, request: search_pb2.ReloadIndexRequest,
                     context: grpc.ServicerContext):
         if not self.admin_token:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+            _abort(context, grpc.StatusCode.PERMISSION_DENIED,
                           "ReloadIndex is disabled: start the server with --admin-token")
         given = dict(context.invocation_metadata()).get(ADMIN_TOKEN_KEY)
         if given is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED,
                           f"ReloadIndex needs the admin token in the {ADMIN_TOKEN_KEY!r} metadata")
         if not hmac.compare_digest(str(given).encode(), self.admin_token.encode()):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
+            _abort(context, grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
         try:
             previous, now, changed = self.holder.reload(request.version or None)
         except Exception as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, _details(
-                f"cannot load index version {request.version or 'CURRENT'}: "
-                f"{type(e).__name__}: {e}; still serving {self.holder.version}"))
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                   f"cannot load index version {request.version or 'CURRENT'}: "
+                   f"{type(e).__name__}: {e}; still serving {self.holder.version}")
         return search_pb2.ReloadIndexResponse(previous_version=previous, version=now,
                                               changed=changed)
