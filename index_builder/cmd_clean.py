@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,6 @@ from visearch.cleaning.dedup import (
 from visearch.cleaning.denoise import EPS, MIN_SIZE, RETURN_THRESH
 from visearch.cleaning.merge import FOLDS, THRESHOLDS
 from visearch.cleaning.review import Decision, read_decisions, reviewed_pairs
-from visearch.errors import ManifestError
 from visearch.fileio import file_digest
 from visearch.store import store_lookup
 
@@ -747,6 +746,18 @@ def _source(args: argparse.Namespace) -> EmbeddingSource:
                            device=args.device)
 
 
+def _run(stage: Callable[[], str]) -> int:
+    """Run a subcommand's stage and print its report line; a bad catalog, argument or
+    missing file is one error line and exit code 1 (ManifestError is a ValueError)."""
+    try:
+        line = stage()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(line)
+    return 0
+
+
 def run_dedup(args: argparse.Namespace) -> int:
     params = DedupParams(
         radius=args.radius,
@@ -756,15 +767,9 @@ def run_dedup(args: argparse.Namespace) -> int:
         method=args.method,
         workers=args.workers,
     )
-    try:
-        result = dedup_catalog(args.catalog, args.out, params, lenient=args.lenient,
-                               decisions=args.decisions, store=args.store,
-                               force=args.force)
-    except (ManifestError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(report_line(result, "dedup"))
-    return 0
+    return _run(lambda: report_line(
+        dedup_catalog(args.catalog, args.out, params, lenient=args.lenient,
+                      decisions=args.decisions, store=args.store, force=args.force), "dedup"))
 
 
 def run_clean(args: argparse.Namespace) -> int:
@@ -774,16 +779,10 @@ def run_clean(args: argparse.Namespace) -> int:
         return_rule=args.return_rule,
         min_size=args.min_size,
     )
-    try:
-        result = clean_catalog(args.catalog, args.out, _source(args), params,
-                               exclude=args.exclude, lenient=args.lenient,
-                               decisions=args.decisions, store=args.store,
-                               force=args.force)
-    except (ValueError, FileNotFoundError) as exc:  # ManifestError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(result.report("clean"))
-    return 0
+    return _run(lambda: clean_catalog(
+        args.catalog, args.out, _source(args), params, exclude=args.exclude,
+        lenient=args.lenient, decisions=args.decisions, store=args.store,
+        force=args.force).report("clean"))
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -799,13 +798,7 @@ def run_merge(args: argparse.Namespace) -> int:
         color_tol=args.color_tol if args.color_tol >= 0 else None,
         workers=args.workers,
     )
-    try:
-        result = merge_catalog(args.catalog, args.out, _source(args), params,
-                               exclude=args.exclude, lenient=args.lenient,
-                               decisions=args.decisions, store=args.store,
-                               force=args.force)
-    except (ValueError, FileNotFoundError) as exc:  # ManifestError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(result.report("merge"))
-    return 0
+    return _run(lambda: merge_catalog(
+        args.catalog, args.out, _source(args), params, exclude=args.exclude,
+        lenient=args.lenient, decisions=args.decisions, store=args.store,
+        force=args.force).report("merge"))
