@@ -32,10 +32,14 @@ import scipy.sparse as sp
 
 from benchmarks.machine import machine
 from visearch.index.blas import small_batch_blas
-from visearch.index.graph import NeighbourGraph, half_k, with_k_reciprocal
+from visearch.index.graph import (
+    NeighbourGraph,
+    half_k,
+    reciprocal_mask,
+    self_first_lists,
+    with_k_reciprocal,
+)
 from visearch.search.rerank import KReciprocalReranker, _distance, k_reciprocal_bruteforce
-
-_CHUNK = 1024
 
 
 def synthetic(n: int, dim: int, per: int, queries: int, seed: int, noise: float,
@@ -85,24 +89,12 @@ def from_index(root: Path, world: Path, limit: int) -> tuple[np.ndarray, list[st
 # --------------------------------------------------------------------------------------
 
 
-def _reciprocal_mask(lists: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """bool [len(rows), k + 1]: which of ``lists[rows, :k+1]`` are k-reciprocal to the row.
-
-    ``lists`` holds local row numbers, ``-1`` for padding or rows outside the local set
-    (which can never equal a row, so membership tests stay exact).
-    """
-    forward = lists[rows, : k + 1]
-    backward = lists[np.maximum(forward, 0), : k + 1]
-    mask = (backward == rows[:, None, None]).any(axis=2)
-    return mask & (forward >= 0)
-
-
 def _expanded_sets(lists: np.ndarray, rows: np.ndarray, k1: int, h: int) -> np.ndarray:
     """int64 [len(rows), W]: ``R*(row)`` members (local numbers, ``-1`` padding, repeats)."""
-    r1 = np.where(_reciprocal_mask(lists, rows, k1), lists[rows, : k1 + 1], -1)
+    r1 = np.where(reciprocal_mask(lists, rows, k1), lists[rows, : k1 + 1], -1)
     # R(c, h) once for every distinct c met in the R(row, k1) sets.
     cands = np.unique(r1[r1 >= 0])
-    rch_u = np.where(_reciprocal_mask(lists, cands, h), lists[cands, : h + 1], -1)
+    rch_u = np.where(reciprocal_mask(lists, cands, h), lists[cands, : h + 1], -1)
     at = np.searchsorted(cands, np.maximum(r1, 0))
     rch = np.where((r1 >= 0)[..., None], rch_u[np.minimum(at, len(cands) - 1)], -1)
     # Membership of each R(c, h) member in R(row, k1), through a [rows, local] bit table.
@@ -157,7 +149,7 @@ class LegacyKReciprocalReranker:
         self.lambda_value = float(lambda_value)
         self._order = np.argsort(ids, kind="stable")
         self._tls = threading.local()
-        self._lists, self._sims = self._self_first_lists(neighbours)
+        self._lists, self._sims = self_first_lists(ids, neighbours, xb)
         width = self._lists.shape[1]
         if k1 + 1 > width:
             print(f"warning: neighbour graph keeps {width - 1} neighbours; "
@@ -187,25 +179,6 @@ class LegacyKReciprocalReranker:
         at = np.searchsorted(self.ids, item_ids, sorter=self._order)
         pos = self._order[np.minimum(at, len(self.ids) - 1)]
         return np.where(self.ids[pos] == item_ids, pos, -1)
-
-    def _self_first_lists(self, neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self.ids)
-        rows = np.arange(n)
-        pos = self.positions(neighbours.reshape(-1)).reshape(neighbours.shape)
-        valid = (pos >= 0) & (pos != rows[:, None])
-        sims = np.empty(pos.shape, np.float32)
-        for lo in range(0, n, _CHUNK):
-            sl = slice(lo, lo + _CHUNK)
-            sims[sl] = np.einsum("nd,nkd->nk", self.xb[sl], self.xb[np.maximum(pos[sl], 0)])
-        # Re-sort by exact similarity (the graph may come from an approximate index) and
-        # put the row itself first, where the method expects it.
-        order = np.argsort(np.where(valid, -sims, np.inf), axis=1, kind="stable")
-        pos = np.take_along_axis(np.where(valid, pos, -1), order, axis=1)
-        sims = np.take_along_axis(np.where(valid, sims, -np.inf), order, axis=1)
-        keep = 1 + int((pos >= 0).any(axis=0).sum()) if n else 1  # drop all-padding columns
-        lists = np.concatenate([rows[:, None], pos], axis=1)[:, :keep]
-        sims = np.concatenate([np.full((n, 1), np.inf, np.float32), sims], axis=1)[:, :keep]
-        return lists, sims.astype(np.float32)
 
     def _augmented(
         self, rows: np.ndarray, xq: np.ndarray, qlist: np.ndarray, width: int
