@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.latency import _spawn_server, run_latency
+from benchmarks.latency import run_latency, server_flags, spawn_server
 from benchmarks.machine import machine
 from benchmarks.recall import OverGrpc, relevant_skus, run_ablation, summarise
 from visearch.catalog import read_manifest
@@ -31,8 +31,7 @@ from visearch.catalog import read_manifest
 
 def _one_runtime(args: argparse.Namespace, runtime: str, queries: list, images: list[bytes],
                  relevant: list[set[str]], levels: list[int]) -> dict[str, Any]:
-    spawn = argparse.Namespace(**{**vars(args), "runtime": runtime})
-    proc, target = _spawn_server(spawn)
+    proc, target = spawn_server(args.index_root, *server_flags(args, runtime=runtime))
     try:
         backend = OverGrpc(target, args.index_root)
         recall: dict[str, Any] = {}

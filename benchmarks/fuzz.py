@@ -38,6 +38,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from benchmarks import latency
 from benchmarks.machine import machine
 from server._proto import search_pb2, search_pb2_grpc
 
@@ -319,20 +320,10 @@ def rss_kb(pid: int) -> int:
 
 def spawn_server(index_root: Path, *, max_message_mb: float = 16.0, workers: int = 4,
                  extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """``visearch-serve`` in a child process on a free loopback port, without the detector
-    (the index roots tests build have none). Returns the process and ``host:port``."""
-    cmd = [sys.executable, "-m", "server.serve", "--index-root", str(index_root),
-           "--port", "0", "--host", "127.0.0.1", "--workers", str(workers),
-           "--max-message-mb", str(max_message_mb), "--no-detector",
-           "--log-level", "WARNING", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"the server did not start: {line!r}")
-    return proc, f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
+    """``benchmarks.latency.spawn_server`` with the fuzz's settings: no detector (the index
+    roots tests build have none), ``workers`` RPC threads, ``max_message_mb``."""
+    return latency.spawn_server(index_root, "--workers", str(workers), "--max-message-mb",
+                                str(max_message_mb), "--no-detector", *extra)
 
 
 def run_fuzz(proc: subprocess.Popen, target: str, cases: Iterator[FuzzCase], *,

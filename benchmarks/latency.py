@@ -197,24 +197,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the report here")
 
 
-def _spawn_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    """``visearch-serve`` in a child process (its own GIL) on a free loopback port."""
-    cmd = [sys.executable, "-m", "server.serve", "--index-root", str(args.index_root),
-           "--port", "0", "--host", "127.0.0.1", "--workers", str(args.workers),
-           "--max-batch-size", str(args.max_batch_size),
-           "--batch-window-ms", str(args.batch_window_ms), "--log-level", "WARNING"]
-    if args.no_detector:
-        cmd.append("--no-detector")
-    cmd += ["--runtime", getattr(args, "runtime", "onnx")]
-    if getattr(args, "device", None):
-        cmd += ["--device", args.device]
+def spawn_server(index_root: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """``visearch-serve`` over ``index_root`` in a child process (its own GIL) on a free
+    loopback port, with more ``visearch-serve`` flags. Returns the process and
+    ``host:port``; the caller stops it (SIGTERM)."""
+    cmd = [sys.executable, "-m", "server.serve", "--index-root", str(index_root),
+           "--port", "0", "--host", "127.0.0.1", "--log-level", "WARNING", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if "serving" not in line:
         proc.kill()
+        proc.wait()
         raise RuntimeError(f"the server did not start: {line!r}")
     return proc, f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
+
+
+def server_flags(args: argparse.Namespace, *, runtime: str | None = None) -> list[str]:
+    """The ``visearch-serve`` flags this benchmark's arguments ask for (``runtime``
+    overrides ``args.runtime``)."""
+    flags = ["--workers", str(args.workers), "--max-batch-size", str(args.max_batch_size),
+             "--batch-window-ms", str(args.batch_window_ms),
+             "--runtime", runtime or getattr(args, "runtime", "onnx")]
+    if args.no_detector:
+        flags.append("--no-detector")
+    if getattr(args, "device", None):
+        flags += ["--device", args.device]
+    return flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
                                  rerank is None)
         finally:
             pipeline.close()
-        proc, target = _spawn_server(args)
+        proc, target = spawn_server(args.index_root, *server_flags(args))
     else:
         target = args.server
     try:
