@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -51,6 +50,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from benchmarks.machine import machine
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "mobilenet_v2-b0353104.pth"
@@ -64,22 +65,12 @@ def _err(e: BaseException) -> str:
 
 
 def _machine(device: str) -> dict[str, Any]:
-    """``benchmarks.machine.machine`` (needs faiss, which a GPU machine may lack), else the
-    same fields that can be had without it; plus the onnxruntime version and providers."""
-    try:
-        from benchmarks.machine import machine
-
-        info = machine()
-    except Exception as e:  # e.g. no faiss on the GPU machine
-        cuda = torch.cuda.is_available()
-        info = {"platform": platform.platform(), "python": platform.python_version(),
-                "torch": torch.__version__, "numpy": np.__version__, "cuda": cuda,
-                "gpu": torch.cuda.get_device_name(0) if cuda else None,
-                "torch_threads": torch.get_num_threads(), "machine_error": _err(e)}
+    """``benchmarks.machine.machine`` (it describes a machine without faiss too), plus the
+    onnxruntime providers and the device benchmarked."""
+    info = machine(["onnxruntime"])
     try:
         import onnxruntime as ort
 
-        info["onnxruntime"] = ort.__version__
         info["ort_providers"] = ort.get_available_providers()
     except Exception as e:
         info["onnxruntime"] = f"unavailable ({_err(e)})"
