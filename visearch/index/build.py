@@ -42,6 +42,7 @@ from visearch.index.root import (
     IndexRoot,
     IndexVersion,
 )
+from visearch.index.thumbs import THUMBS_FILE, open_thumbnails, write_thumbnails
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,12 @@ def _write_version(
     export_onnx: bool = False,
     onnx_int8: bool = False,
     onnx_from: IndexVersion | None = None,
+    thumbnails: Iterable[tuple[int, bytes]] | None = None,
 ) -> IndexVersion:
     """Stage every file of a version, write its manifest, verify, publish, maybe activate.
 
     ONNX files are copied from ``onnx_from`` when given, else exported when ``export_onnx``.
+    ``thumbnails`` (item id, JPEG bytes) go to ``thumbs.lmdb`` (``visearch.index.thumbs``).
     """
     cur = root.current()
     staging = root.staging()
@@ -87,6 +90,8 @@ def _write_version(
             n_items = ItemStore.write(tmp / ITEMS_FILE, items)
             if n_items != index.ntotal:
                 raise ValueError(f"{n_items} item records for {index.ntotal} indexed vectors")
+            if thumbnails is not None:
+                write_thumbnails(tmp / THUMBS_FILE, thumbnails)
             _copy(embedder_path, tmp / EMBEDDER_FILE)
             model = {"file": EMBEDDER_FILE, "sha256": fileio.file_digest(tmp / EMBEDDER_FILE),
                      "source": str(embedder_path)}
@@ -176,6 +181,7 @@ def build_version(
     progress: bool = False,
     onnx: bool = True,
     onnx_int8: bool = False,
+    thumbnails: Iterable[tuple[int, bytes]] | None = None,
 ) -> IndexVersion:
     """Build a complete index version from gallery vectors and publish it under ``root``.
 
@@ -202,6 +208,8 @@ def build_version(
             export is logged and recorded, and does not fail the build).
         onnx_int8: export the embedder int8-quantised (dynamic quantisation; off by default:
             keep it only where Recall@10 drops by at most 0.005).
+        thumbnails: ``(item_id, jpeg_bytes)`` pairs (``thumbs.make_thumbnail``) stored in
+            the version for the web page; None stores none.
 
     Returns:
         The published version.
@@ -244,6 +252,7 @@ def build_version(
         items=zip(ids64.tolist(), records, strict=True),
         embedder_path=embedder_path, detector_path=det, manifest=manifest,
         activate=activate, timings=timings, export_onnx=onnx, onnx_int8=onnx_int8,
+        thumbnails=thumbnails,
     )
 
 
@@ -257,6 +266,7 @@ def update_version(
     remove_ids: np.ndarray | None = None,
     activate: bool = True,
     progress: bool = False,
+    add_thumbnails: Sequence[bytes] | None = None,
 ) -> IndexVersion:
     """Write a new version equal to ``base`` plus added items minus removed ones.
 
@@ -272,6 +282,8 @@ def update_version(
         add_ids: int64 [n] ids for them; None assigns ``manifest["next_id"]`` onwards.
         remove_ids: int64 item ids to remove (unknown ids are ignored and logged).
         activate: switch ``CURRENT`` to the new version.
+        add_thumbnails: n JPEG thumbnails of the added items; the base's thumbnails of the
+            kept items are carried over.
 
     Raises:
         IndexFormatError: ``add_xb`` has the wrong dimension for the base index.
@@ -321,8 +333,16 @@ def update_version(
         "update": {"added": n_add, "removed": int(len(removed))},
     }
     detector = base.detector_path
+    base_thumbs = open_thumbnails(base.path)
+    thumbs = [] if base_thumbs is None else [
+        t for t in base_thumbs.items() if t[0] not in removed_set]
+    if base_thumbs is not None:
+        base_thumbs.close()
+    if add_thumbnails is not None:
+        thumbs += zip(add_ids.tolist(), add_thumbnails, strict=True)  # n thumbnails for n items
     return _write_version(
         root, index=index, graph=graph, items=all_items,
         embedder_path=base.embedder_path, detector_path=detector, manifest=manifest,
         activate=activate, timings=timings, onnx_from=base,
+        thumbnails=thumbs if base_thumbs is not None or add_thumbnails else None,
     )
