@@ -1,0 +1,142 @@
+"""The web page in a real browser: headless Chromium driven by Selenium, against
+``visearch-serve --http-port 0`` started as its own process on a small index.
+
+It uploads a user photo through the page's file input and checks that the expected SKU
+appears among the results shown, with the same SKUs in the same order as the gRPC service
+answers, and that a bad upload shows the server's own message. Skipped, saying so, only when
+no Chromium or chromedriver is installed (``make test`` installs them where it can).
+Selenium is given the driver's path: its driver manager would go to the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from test_web import build_web_index
+
+from server.client import SearchClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _find(*names: str) -> str | None:
+    for name in names:
+        found = shutil.which(name) or (name if os.access(name, os.X_OK) else None)
+        if found:
+            return found
+    return None
+
+
+CHROMIUM = _find("/usr/bin/chromium", "chromium", "chromium-browser")
+CHROMEDRIVER = _find("/usr/bin/chromedriver", "chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="Chromium/chromedriver not installed (Debian: apt-get install chromium "
+           "chromium-driver; `make test` tries): the web page's browser test cannot run",
+)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``visearch-serve`` in its own process: (gRPC address, page URL, index root)."""
+    root, _, _ = build_web_index(tiny_world, tmp_path_factory.mktemp("browser_index"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.serve", "--index-root", str(root), "--port", "0",
+         "--http-port", "0", "--no-detector", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        address = url = None
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when the process exits
+            if " serving " in line:
+                address = line.rsplit(" on ", 1)[1].strip()
+            if "web page at " in line:
+                url = line.split("web page at ", 1)[1].strip()
+                break
+        assert address and url, f"visearch-serve did not start (exit {proc.poll()})"
+        yield address, url, root
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0  # graceful shutdown, HTTP side included
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium reach the network
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1400"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _query(world: Path, address: str) -> tuple[Path, str, list[str]]:
+    """The first user photo of the world whose true SKU the service ranks in its top 10
+    (whole photo, as the page sends it; the embedder is untrained, so not every one), that
+    SKU, and the SKUs the service answers for the photo."""
+    rows = [json.loads(line) for line in (world / "queries.jsonl").read_text().splitlines()]
+    with SearchClient(address, timeout=30) as client:
+        client.wait_ready()
+        for row in rows:
+            photo = world / row["image"]
+            skus = [r.sku for r in client.search(photo.read_bytes(), top_k=10).results]
+            if row["sku"] in skus:
+                return photo, row["sku"], skus
+    raise AssertionError("no user photo of the world has its SKU in the top 10")
+
+
+def test_upload_shows_the_expected_sku(browser, served, tiny_world: Path, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    address, url, root = served
+    photo, sku, expected = _query(tiny_world, address)
+    browser.get(url)
+    wait = WebDriverWait(browser, 30)
+    current = (root / "CURRENT").read_text().strip()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "index-version"), current))
+    assert browser.find_element(By.ID, "health-status").text == "SERVING"
+
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+               in ("done", "error"))
+    assert browser.find_element(By.ID, "error").is_displayed() is False
+    cards = browser.find_elements(By.CSS_SELECTOR, "#results .result")
+    shown = [c.get_attribute("data-sku") for c in cards]
+    assert sku in shown and shown == expected[:len(shown)] and len(shown) == 10
+    card = cards[shown.index(sku)]
+    assert sku in card.text
+    # The thumbnails loaded (served from the version's store of images).
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#results img')].every("
+        "i => i.complete && i.naturalWidth > 0)"))
+    votes = browser.find_elements(By.CSS_SELECTOR, "#votes tbody tr")
+    assert votes and browser.find_element(By.CSS_SELECTOR, "#votes tr.chosen")
+
+    bad = tmp_path / "not_a_photo.jpg"
+    bad.write_bytes(b"this is not an image")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+               == "error")
+    message = browser.find_element(By.ID, "error").text
+    with SearchClient(address, timeout=30) as client, pytest.raises(grpc.RpcError) as err:
+        client.search(bad.read_bytes())
+    assert message == f"{err.value.details()} (INVALID_ARGUMENT)"
+    assert browser.find_elements(By.CSS_SELECTOR, "#results .result") == []
