@@ -13,17 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import grpc
 import pytest
 from test_web import build_web_index
 
+from benchmarks.latency import spawn_server
 from server.client import SearchClient
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _find(*names: str) -> str | None:
@@ -48,24 +46,14 @@ pytestmark = pytest.mark.skipif(
 def served(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory):
     """``visearch-serve`` in its own process: (gRPC address, page URL, index root)."""
     root, _, _ = build_web_index(tiny_world, tmp_path_factory.mktemp("browser_index"))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.serve", "--index-root", str(root), "--port", "0",
-         "--http-port", "0", "--no-detector", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc, address = spawn_server(root, "--http-port", "0", "--no-detector")
     try:
-        address = url = None
         assert proc.stdout is not None
-        for line in proc.stdout:  # ends when the process exits
-            if " serving " in line:
-                address = line.rsplit(" on ", 1)[1].strip()
-            if "web page at " in line:
-                url = line.split("web page at ", 1)[1].strip()
-                break
-        assert address and url, f"visearch-serve did not start (exit {proc.poll()})"
-        yield address, url, root
+        line = proc.stdout.readline()
+        assert "web page at " in line, f"no web page: {line!r}"
+        yield address, line.split("web page at ", 1)[1].strip(), root
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0  # graceful shutdown, HTTP side included
 
 

@@ -4,7 +4,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, image: null, box: null, drag: null, answer: null };
+// box coordinates are the photo's own pixels; the canvas draws it `scale` times larger
+// (small photos are enlarged so boxes can be drawn on them)
+const state = { file: null, image: null, scale: 1, box: null, drag: null, answer: null };
+const MIN_SIDE = 480;
 
 function fmt(x, digits = 3) {
   return typeof x === "number" ? x.toFixed(digits) : (x ?? "");
@@ -58,21 +61,23 @@ async function loadInfo() {
 function toImage(e) {
   const c = $("photo");
   const r = c.getBoundingClientRect();
-  return [(e.clientX - r.left) * c.width / r.width, (e.clientY - r.top) * c.height / r.height];
+  return [(e.clientX - r.left) * c.width / r.width / state.scale,
+          (e.clientY - r.top) * c.height / r.height / state.scale];
 }
 
 function strokeBox(ctx, b, color, width, dash = []) {
+  const s = state.scale;
   ctx.setLineDash(dash);
   ctx.strokeStyle = color;
   ctx.lineWidth = width;
-  ctx.strokeRect(b.x1, b.y1, b.x2 - b.x1, b.y2 - b.y1);
+  ctx.strokeRect(b.x1 * s, b.y1 * s, (b.x2 - b.x1) * s, (b.y2 - b.y1) * s);
 }
 
 function draw() {
   const c = $("photo");
   const ctx = c.getContext("2d");
   if (!state.image) return;
-  ctx.drawImage(state.image, 0, 0);
+  ctx.drawImage(state.image, 0, 0, c.width, c.height);
   const lw = Math.max(2, Math.round(c.width / 200));
   const a = state.answer;
   if (a) {
@@ -80,7 +85,8 @@ function draw() {
     for (const d of a.detections || []) {
       strokeBox(ctx, d.box, "#ffb300", lw);
       ctx.fillStyle = "#ffb300";
-      ctx.fillText(`${d.category} ${fmt(d.score, 2)}`, d.box.x1 + lw, d.box.y1 + lw * 7);
+      ctx.fillText(`${d.category} ${fmt(d.score, 2)}`, d.box.x1 * state.scale + lw,
+                   d.box.y1 * state.scale + lw * 7);
     }
     if (a.mainObject && a.mainObject.box) strokeBox(ctx, a.mainObject.box, "#00c853", lw * 2);
   }
@@ -132,8 +138,9 @@ function loadFile(file) {
   const img = new Image();
   img.onload = () => {
     state.image = img;
-    $("photo").width = img.naturalWidth;
-    $("photo").height = img.naturalHeight;
+    state.scale = Math.max(1, MIN_SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+    $("photo").width = Math.round(img.naturalWidth * state.scale);
+    $("photo").height = Math.round(img.naturalHeight * state.scale);
     draw();
     search();
   };
@@ -215,9 +222,12 @@ function render(data) {
   const cat = data.category || {};
   $("main-object").innerHTML = "";
   const p = document.createElement("p");
-  p.textContent = `Chosen object: ${mo.category || "(none)"}, score ${fmt(mo.score)}, ` +
-    `from ${mo.source || "?"}${mo.fallback ? " (fallback: whole photo)" : ""}. ` +
-    `Category: ${cat.category || "(none)"} (${fmt(cat.score)}, ${cat.source || "?"}).`;
+  const what = { request: "your box", image: "the whole photo", detector: "detected" };
+  p.textContent = `Chosen object: ${what[mo.source] || mo.source || "?"}` +
+    `${mo.category ? ", " + mo.category : ""}` +
+    `${mo.source === "detector" ? ", score " + fmt(mo.score) : ""}` +
+    `${mo.fallback ? " (no confident detection: the whole photo)" : ""}. ` +
+    `Category: ${cat.category || "(none)"} (${fmt(cat.score)}, by ${cat.source || "?"}).`;
   $("main-object").appendChild(p);
   const tbody = $("votes").querySelector("tbody");
   tbody.replaceChildren();
@@ -256,7 +266,6 @@ function render(data) {
     li.dataset.sku = r.sku;
     const img = document.createElement("img");
     img.alt = r.sku;
-    img.loading = "lazy";
     img.src = r.thumbnail;
     img.onerror = () => { img.alt = "no thumbnail"; img.removeAttribute("src"); };
     const sku = document.createElement("div");
