@@ -82,7 +82,11 @@ function draw() {
   const a = state.answer;
   if (a) {
     ctx.font = `${Math.max(12, lw * 6)}px sans-serif`;
-    for (const d of a.detections || []) {
+    const min = parseFloat($("min-score").value) || 0;
+    const dets = a.detections || [];
+    const shown = dets.filter((d) => d.score >= min);
+    $("det-count").textContent = `detections (${shown.length} of ${dets.length} drawn)`;
+    for (const d of shown) {
       strokeBox(ctx, d.box, "#ffb300", lw);
       ctx.fillStyle = "#ffb300";
       ctx.fillText(`${d.category} ${fmt(d.score, 2)}`, d.box.x1 * state.scale + lw,
@@ -267,7 +271,12 @@ function render(data) {
     const img = document.createElement("img");
     img.alt = r.sku;
     img.src = r.thumbnail;
-    img.onerror = () => { img.alt = "no thumbnail"; img.removeAttribute("src"); };
+    img.onerror = () => {  // a version built before thumbnails, or an item without one
+      const none = document.createElement("div");
+      none.className = "noimg";
+      none.textContent = "no thumbnail";
+      img.replaceWith(none);
+    };
     const sku = document.createElement("div");
     sku.className = "sku";
     sku.textContent = `${i + 1}. ${r.sku}`;
@@ -309,6 +318,7 @@ function setup() {
     search();
   });
   $("refresh").addEventListener("click", loadInfo);
+  $("min-score").addEventListener("input", draw);
   loadInfo();
 }
 
