@@ -28,7 +28,6 @@ process: they are files of an immutable index version, not part of the gRPC cont
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import socket
@@ -88,7 +87,12 @@ def _error(message: str, status: int, code: str) -> JSONResponse:
 
 
 def _to_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, always_print_fields_with_no_presence=True)
+    """The message as JSON-ready dict, camelCase, zeros and empty lists written out (the
+    page need not guess defaults)."""
+    try:
+        return MessageToDict(message, always_print_fields_with_no_presence=True)
+    except TypeError:  # protobuf < 5.26 names the same option differently
+        return MessageToDict(message, including_default_value_fields=True)
 
 
 class WebApp:
@@ -352,13 +356,15 @@ class WebServer:
         self._server = _Uvicorn(config)
         self._thread = threading.Thread(target=self._run, name="visearch-http", daemon=True)
         self._thread.start()
-        if not self._server.ready.wait(30) or not self._thread.is_alive():
-            self.close()
-            raise OSError(f"the HTTP server on {host}:{self.port} did not start")
+        # Wait for uvicorn to listen, or for its thread to end (a failed start, logged).
+        while not self._server.ready.wait(0.05):
+            if not self._thread.is_alive():
+                self.close()
+                raise OSError(f"the HTTP server on {host}:{self.port} did not start")
         log.info("web page on http://%s:%d/", host, self.port)
 
     def _run(self) -> None:
-        asyncio.run(self._server.serve(sockets=[self._sock]))
+        self._server.run(sockets=[self._sock])
 
     @property
     def url(self) -> str:
