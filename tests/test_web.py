@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -240,3 +241,27 @@ def test_stop_closes_the_page(web_index) -> None:
     running.stop(grace=1.0)
     with pytest.raises(httpx.ConnectError):
         httpx.get(url, timeout=5)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_page_works_beside_a_tls_port(tmp_path: Path, web_index) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"],
+        check=True, capture_output=True, timeout=60)
+    running = start_web_server(web_index[0], tls_cert=cert, tls_key=key)
+    try:
+        # The page reaches gRPC through its own socket; the TCP port speaks TLS only.
+        base = f"http://127.0.0.1:{running.http_port}"
+        info = httpx.get(f"{base}/api/info", timeout=30).json()
+        assert info["health"]["service"] == "SERVING"
+        assert int(info["index"]["ntotal"]) == len(web_index[2])
+        found = httpx.post(f"{base}/api/search?top_k=3", content=_shop_bytes(web_index, 0),
+                           timeout=30)
+        assert found.status_code == 200 and len(found.json()["results"]) == 3
+        with SearchClient(f"127.0.0.1:{running.port}", timeout=5) as plain, \
+                pytest.raises(grpc.RpcError):
+            plain.index_info()
+    finally:
+        running.stop(grace=0.5)
