@@ -17,6 +17,7 @@ import signal
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from test_web import build_web_index
 
@@ -128,3 +129,58 @@ def test_upload_shows_the_expected_sku(browser, served, tiny_world: Path, tmp_pa
         client.search(bad.read_bytes())
     assert message == f"{err.value.details()} (INVALID_ARGUMENT)"
     assert browser.find_elements(By.CSS_SELECTOR, "#results .result") == []
+
+
+def _state(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") or ""
+
+
+def test_box_drawn_with_the_mouse_and_a_dropped_file(browser, served, tiny_world: Path) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    address, url, _ = served
+    row = json.loads((tiny_world / "queries.jsonl").read_text().splitlines()[0])
+    photo = tiny_world / row["image"]
+    browser.get(url)
+    wait = WebDriverWait(browser, 30)
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    wait.until(lambda d: _state(d) == "done")
+    assert browser.execute_script("return state.answer.mainObject.source") == "image"
+
+    # Drag the query's true box on the canvas: photo pixels -> CSS pixels from its centre.
+    canvas = browser.find_element(By.ID, "photo")
+    scale = (browser.execute_script("return state.scale") * canvas.size["width"]
+             / float(canvas.get_attribute("width")))
+    x1, y1, x2, y2 = (v * scale for v in row["bbox"])
+    cx, cy = canvas.size["width"] / 2, canvas.size["height"] / 2
+    browser.execute_script("document.body.dataset.state = 'drawing'")
+    (ActionChains(browser).move_to_element_with_offset(canvas, int(x1 - cx), int(y1 - cy))
+     .click_and_hold().move_by_offset(int(x2 - x1), int(y2 - y1)).release().perform())
+    wait.until(lambda d: _state(d) == "done")
+    answer = browser.execute_script("return state.answer")
+    box = answer["mainObject"]["box"]
+    assert answer["mainObject"]["source"] == "request"
+    got = [box[k] for k in ("x1", "y1", "x2", "y2")]
+    assert np.allclose(got, row["bbox"], atol=2.5 / scale)  # whole CSS pixels, (got, row["bbox"])
+    assert "your box" in browser.find_element(By.ID, "main-object").text
+    with SearchClient(address, timeout=30) as client:
+        expected = [r.sku for r in client.search(photo.read_bytes(), top_k=10, bbox=got).results]
+    shown = [c.get_attribute("data-sku")
+             for c in browser.find_elements(By.CSS_SELECTOR, "#results .result")]
+    assert shown == expected
+
+    # A file dropped on the drop zone (a DragEvent carrying it, as a desktop drag does).
+    browser.execute_script("""
+        const dt = new DataTransfer();
+        dt.items.add(new File(["\\x00\\x01 not a photo"], "x.png", {type: "image/png"}));
+        document.body.dataset.state = "dropping";
+        document.getElementById("drop").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    """)
+    wait.until(lambda d: _state(d) == "error")
+    assert browser.find_element(By.ID, "error").text.endswith("(INVALID_ARGUMENT)")
+    assert browser.find_element(By.ID, "clear-box").get_attribute("disabled") is not None
