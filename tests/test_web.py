@@ -232,6 +232,14 @@ def test_update_version_carries_thumbnails(web_index, tmp_path: Path) -> None:
         assert thumbs.get(next_id) == added and thumbs.get(1) is None
         assert thumbs.get(0) == old.get(0) and len(thumbs) == len(old)
     assert new.verify(sample=16).ok
+    with pytest.raises(ValueError, match="2 thumbnails for 1 added items"):
+        update_version(work, base, add_xb=vec, add_items=[{"sku": "X", "category": "bag"}],
+                       add_thumbnails=[added, added], activate=False)
+    # Without thumbnails for the added items, the kept ones are still carried.
+    bare = update_version(work, base, add_xb=vec, activate=False,
+                          add_items=[{"sku": "X", "category": rows[0]["category"]}])
+    with open_thumbnails(bare.path) as thumbs:
+        assert len(thumbs) == len(rows) and thumbs.get(next_id) is None
 
 
 def test_stop_closes_the_page(web_index) -> None:

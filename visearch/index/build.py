@@ -42,7 +42,7 @@ from visearch.index.root import (
     IndexRoot,
     IndexVersion,
 )
-from visearch.index.thumbs import THUMBS_FILE, open_thumbnails, write_thumbnails
+from visearch.index.thumbs import THUMBS_FILE, carry_thumbnails, write_thumbnails
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +298,8 @@ def update_version(
     n_add = 0 if add_xb is None else len(add_xb)
     if n_add != len(add_items):
         raise ValueError(f"{len(add_items)} item records for {n_add} added vectors")
+    if add_thumbnails is not None and len(add_thumbnails) != n_add:
+        raise ValueError(f"{len(add_thumbnails)} thumbnails for {n_add} added items")
     if add_ids is None:
         add_ids = np.arange(next_id, next_id + n_add, dtype=np.int64)
     add_ids = np.asarray(add_ids, dtype=np.int64)
@@ -333,16 +335,12 @@ def update_version(
         "update": {"added": n_add, "removed": int(len(removed))},
     }
     detector = base.detector_path
-    base_thumbs = open_thumbnails(base.path)
-    thumbs = [] if base_thumbs is None else [
-        t for t in base_thumbs.items() if t[0] not in removed_set]
-    if base_thumbs is not None:
-        base_thumbs.close()
-    if add_thumbnails is not None:
-        thumbs += zip(add_ids.tolist(), add_thumbnails, strict=True)  # n thumbnails for n items
+    added = () if add_thumbnails is None else zip(add_ids.tolist(), add_thumbnails, strict=True)
+    thumbs = (carry_thumbnails(base.path, removed=removed_set, added=added)
+              if (base.path / THUMBS_FILE).is_file() or add_thumbnails is not None else None)
     return _write_version(
         root, index=index, graph=graph, items=all_items,
         embedder_path=base.embedder_path, detector_path=detector, manifest=manifest,
         activate=activate, timings=timings, onnx_from=base,
-        thumbnails=thumbs if base_thumbs is not None or add_thumbnails else None,
+        thumbnails=thumbs,
     )

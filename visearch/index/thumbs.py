@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
 import lmdb
@@ -119,6 +119,21 @@ class ThumbnailStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def carry_thumbnails(version_path: str | os.PathLike[str], *,
+                     removed: Container[int] = (),
+                     added: Iterable[tuple[int, bytes]] = ()) -> Iterator[tuple[int, bytes]]:
+    """Stream the thumbnails of the version at ``version_path`` less the ``removed`` ids,
+    then ``added``: what ``update_version`` writes (the base's file is read, never held
+    whole in memory, and closed when the stream ends)."""
+    store = open_thumbnails(version_path)
+    if store is not None:
+        try:
+            yield from ((i, data) for i, data in store.items() if i not in removed)
+        finally:
+            store.close()
+    yield from added
 
 
 def open_thumbnails(version_path: str | os.PathLike[str]) -> ThumbnailStore | None:
