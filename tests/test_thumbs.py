@@ -20,9 +20,11 @@ from visearch.index.thumbs import (
     THUMBS_FILE,
     ThumbnailStore,
     make_thumbnail,
+    make_thumbnails,
     open_thumbnails,
     write_thumbnails,
 )
+from visearch.store import StoredImage
 
 
 def _jpeg(w: int, h: int, colour: tuple[int, int, int]) -> bytes:
@@ -38,6 +40,15 @@ def test_make_thumbnail_scales_down_only(size, expected) -> None:
     mean = np.asarray(thumb.convert("RGB")).reshape(-1, 3).mean(0)
     assert np.abs(mean - (200, 40, 10)).max() < 6
     assert max(thumb.size) <= THUMB_SIDE
+
+
+def test_make_thumbnails_in_processes_keeps_order(tmp_path: Path) -> None:
+    sources = [_jpeg(40 + 10 * i, 30, (20 * i, 0, 0)) for i in range(7)]
+    (tmp_path / "a.jpg").write_bytes(sources[0])
+    sources.append(str(tmp_path / "a.jpg"))
+    serial = list(make_thumbnails(sources))
+    assert serial == [make_thumbnail(s) for s in sources] and serial[0] == serial[-1]
+    assert list(make_thumbnails(sources, workers=2, chunksize=2)) == serial
 
 
 def test_write_and_read_back(tmp_path: Path) -> None:
@@ -71,6 +82,10 @@ def test_review_page_shows_the_stored_images(tmp_path: Path) -> None:
     catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
     store = tmp_path / "store"
     ingest_catalog(catalog, store)
+    stored = [StoredImage(store.resolve(), hashlib.md5(d).hexdigest()) for d in ingested.values()]
+    # Worker processes open the store themselves.
+    assert list(make_thumbnails(stored, workers=2)) == [make_thumbnail(d)
+                                                        for d in ingested.values()]
     # The file changes after ingest: the page must show what was ingested.
     (tmp_path / "img" / "a.jpg").write_bytes(_jpeg(64, 48, (0, 250, 0)))
     work = tmp_path / "work"

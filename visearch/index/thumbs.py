@@ -15,9 +15,12 @@ existed has no file: :func:`open_thumbnails` returns None and callers show none.
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
 import os
 from collections.abc import Container, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import lmdb
@@ -42,6 +45,24 @@ def make_thumbnail(src: ImageSource, *, side: int = THUMB_SIDE,
     ``decode_pil``."""
     image = decode_pil(src, max_side=side, draft=(side, side))
     return encode_jpeg(image, quality=quality)
+
+
+def make_thumbnails(sources: Iterable[ImageSource], *, workers: int = 0,
+                    side: int = THUMB_SIDE, chunksize: int = 64) -> Iterator[bytes]:
+    """:func:`make_thumbnail` of each source, in order; with ``workers`` > 0 in that many
+    processes (a 1600 x 1200 JPEG takes about 10 ms, so a large catalog needs them).
+    Sources must pickle (paths, bytes, ``StoredImage``). Stopping early cancels what is
+    left."""
+    make = functools.partial(make_thumbnail, side=side)
+    if workers <= 0:
+        yield from map(make, sources)
+        return
+    # spawn: workers do not inherit the caller's threads (torch, BLAS) or open LMDB handles.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield from pool.map(make, sources, chunksize=chunksize)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_thumbnails(path: str | os.PathLike[str],
