@@ -184,3 +184,25 @@ def test_box_drawn_with_the_mouse_and_a_dropped_file(browser, served, tiny_world
     wait.until(lambda d: _state(d) == "error")
     assert browser.find_element(By.ID, "error").text.endswith("(INVALID_ARGUMENT)")
     assert browser.find_element(By.ID, "clear-box").get_attribute("disabled") is not None
+
+
+def test_issue19_panels_render_when_the_response_has_them(browser, served) -> None:
+    """``categoryTop`` and ``attributes`` (issue 19) are not in this proto yet: render an
+    answer that has them, as MessageToDict will write it."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(served[1])
+    browser.execute_script("""render({category: {category: "shoe", votes: []},
+        categoryTop: [{category: "shoe", probability: 0.875}, {category: "bag", score: 0.1}],
+        attributes: [{name: "color", value: "red", score: 0.75}],
+        results: [{sku: "S1", score: 0.5, category: "shoe", itemId: "0", thumbnail: "/x",
+                   attributes: {color: "red"}}]})""")
+    top = browser.find_element(By.ID, "category-top")
+    assert top.is_displayed() and top.text.splitlines()[1:] == ["shoe 0.875", "bag 0.100"]
+    attrs = browser.find_element(By.ID, "attributes")
+    assert attrs.is_displayed() and "color" in attrs.text and "value: red" in attrs.text
+    card = browser.find_element(By.CSS_SELECTOR, "#results .result[data-sku='S1']")
+    assert "red" in card.text
+    browser.execute_script("render({category: {votes: []}, results: []})")
+    assert not browser.find_element(By.ID, "category-top").is_displayed()
+    assert not browser.find_element(By.ID, "attributes").is_displayed()
