@@ -163,11 +163,14 @@ class WebApp:
             form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
         except Exception as e:  # python-multipart's parse errors, Starlette's limits
             raise UploadError(f"cannot read the multipart form: {e}") from e
-        field = form.get("image")
-        if field is None or isinstance(field, str):
-            raise UploadError("the form has no file field named 'image': send the photo as "
-                              "image=@photo.jpg, or as the raw request body")
-        return await field.read()
+        try:
+            field = form.get("image")
+            if field is None or isinstance(field, str):
+                raise UploadError("the form has no file field named 'image': send the photo "
+                                  "as image=@photo.jpg, or as the raw request body")
+            return await field.read()
+        finally:
+            await form.close()
 
     def _too_large(self, size: int) -> str:
         return (f"upload of {size / 2**20:.1f} MiB is larger than this server takes "
@@ -241,7 +244,7 @@ class WebApp:
 
     async def _health(self) -> dict[str, str]:
         """``{"server": status, "service": status}``: gRPC health of the whole server ("")
-        and of VisualSearch; ``UNREACHABLE: ...`` when the call fails."""
+        and of VisualSearch; ``<gRPC code>: <details>`` when the call fails."""
         out = {}
         for key, name in (("server", ""), ("service", SERVICE_NAME)):
             try:
@@ -268,7 +271,12 @@ class WebApp:
         manifest = json.loads(index.pop("manifestJson", "{}") or "{}")
         index["builtAt"] = manifest.get("built_at", "")
         index["parent"] = manifest.get("parent")
-        index["hasThumbnails"] = await run_in_threadpool(self._store, info.version) is not None
+        try:
+            thumbs = await run_in_threadpool(self._store, info.version)
+        except (KeyError, IndexFormatError) as e:  # the page still works, without thumbnails
+            log.warning("no thumbnails for %s: %s", info.version, e)
+            thumbs = None
+        index["hasThumbnails"] = thumbs is not None
         return JSONResponse({"health": health, "index": index})
 
     def _store(self, version: str) -> ThumbnailStore | None:
