@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.visearch-installed
 WEIGHTS := weights/mobilenet_v2-b0353104.pth
 DEMO_DIR ?= out/demo
 
-.PHONY: demo test lint install weights proto clean-demo
+.PHONY: demo test lint install weights proto clean-demo browser
 
 # Re-install when the dependency list changes; the stamp makes a second run instant.
 $(STAMP): pyproject.toml
@@ -22,8 +22,27 @@ $(WEIGHTS): | $(STAMP)
 
 weights: $(WEIGHTS)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# The browser test (tests/test_browser.py) drives Debian's Chromium; install it and its
+# driver when missing and we are root or may sudo without a password. Never fails: without
+# them the test skips and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  exit 0; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: no chromium and no apt-get: the browser test will be skipped"; \
+	elif [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  pkgs="chromium chromium-driver"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$pkgs \
+	  || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y --no-install-recommends $$pkgs; } \
+	  || echo "make: could not install chromium: the browser test will be skipped"; \
+	else \
+	  echo "make: no chromium, and neither root nor sudo: the browser test will be skipped"; \
+	fi
 
 lint: install
 	$(BIN)/ruff check .

@@ -30,6 +30,7 @@ from visearch.device import choose_device
 from visearch.errors import IndexFormatError, VisearchError
 from visearch.fileio import file_digest
 from visearch.index import IndexRoot, IndexVersion, build_version, update_version
+from visearch.index.thumbs import make_thumbnails
 from visearch.store import store_lookup
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ def build_index(
         config={"crop": embed.crop, "detector_source": detector_source},
         inputs={"catalog": file_digest(catalog), "catalog_path": str(catalog)},
         activate=activate, progress=embed.progress,
+        # from the store when given: the web page shows the images as ingested
+        thumbnails=enumerate(make_thumbnails((r.source for r in rows), workers=embed.workers)),
     )
     logger.info("built %s in %.1f s", version.version, time.perf_counter() - t0)
     return version
@@ -269,7 +272,9 @@ def cmd_add(args: argparse.Namespace) -> int:
         )
     xb = _embed(rows, model, opts)
     version = update_version(root, base, add_xb=xb, add_items=[_item(r) for r in rows],
-                             activate=not args.no_activate, progress=not args.quiet)
+                             activate=not args.no_activate, progress=not args.quiet,
+                             add_thumbnails=list(make_thumbnails((r.source for r in rows),
+                                                                 workers=opts.workers)))
     print(f"added {len(rows)} items to {base.version}: " + _summary(version, root))
     return 0
 

@@ -9,6 +9,11 @@ duplicates; ``clean/removed.jsonl``: denoise removals; ``merge/report.json``: me
 proposed SKU pairs), appends any ``--accept`` / ``--reject`` decisions to the decisions file
 (default ``WORK/review/decisions.jsonl``) and writes the page (default
 ``WORK/review/index.html``). ``visearch-index rebuild`` reads the same decisions file.
+
+Images come from the image store when the rows were read with one (``rebuild`` does;
+``--store`` here): their thumbnails, written once beside the page (``thumbs/<md5>.jpg``), show
+what cleaning saw even after a catalog file changed or moved. Rows without a stored image
+link their catalog file.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from index_builder.cmd_ingest import add_store_argument
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.cleaning.review import (
     Decision,
@@ -33,10 +39,14 @@ from visearch.cleaning.review import (
     render_page,
 )
 from visearch.errors import ManifestError
+from visearch.fileio import atomic_open
+from visearch.index.thumbs import make_thumbnail
+from visearch.store import StoredImage, store_lookup
 
 REVIEW_DIR = "review"
 DECISIONS_FILE = "decisions.jsonl"
 PAGE_FILE = "index.html"
+THUMBS_DIR = "thumbs"
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="reject an item, repeatable")
     p.add_argument("--note", default="", help="a note stored with these decisions")
     p.add_argument("--lenient", action="store_true", help="skip bad catalog rows")
+    add_store_argument(p)
     p.set_defaults(func=run_review)
 
 
@@ -116,8 +127,17 @@ def write_review(
     base = out.parent.resolve()
 
     paths = {r.image: r.path for r in rows}
+    stored = {r.image: r.stored for r in rows if isinstance(r.stored, StoredImage)}
 
     def image_url(image: str) -> str:
+        src = stored.get(image)
+        if src is not None:  # content-addressed: an existing thumbnail is the right one
+            thumb = out.parent / THUMBS_DIR / f"{src.md5}.jpg"
+            if not thumb.is_file():
+                thumb.parent.mkdir(exist_ok=True)
+                with atomic_open(thumb, fsync=False) as f:
+                    f.write(make_thumbnail(src))
+            return f"{THUMBS_DIR}/{thumb.name}"
         path = Path(paths.get(image, catalog.parent / image)).resolve()
         return Path(os.path.relpath(path, base)).as_posix()
 
@@ -135,8 +155,9 @@ def write_review(
 
 def run_review(args: argparse.Namespace) -> int:
     try:
-        rows = read_manifest(args.catalog, strict=not args.lenient).rows
-    except ManifestError as exc:
+        rows = read_manifest(args.catalog, strict=not args.lenient,
+                             images=store_lookup(args.store)).rows
+    except (ManifestError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     path = args.decisions or decisions_path(args.work)

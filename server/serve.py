@@ -2,13 +2,19 @@
 
     visearch-serve --index-root DIR --port 50051 [--host 0.0.0.0] [--workers 8]
                    [--admin-token TOKEN] [--tls-cert C --tls-key K] [--max-message-mb 16]
-                   [--watch] [--metrics-port PORT] [--no-detector] [--no-rerank] ...
+                   [--watch] [--metrics-port PORT] [--http-port PORT] [--no-detector] ...
 
 SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-flight ones get a grace
 period, then the process exits 0.
 
 ``--metrics-port`` serves Prometheus metrics (``server/metrics.py`` lists them) over HTTP at
 ``/metrics`` on the same host; 0 picks a free port, which is logged.
+
+``--http-port`` serves the web page (``server/web.py``) on the same host: upload a photo, see
+its detections, category vote and results. Its calls reach this same gRPC server through a
+private Unix socket (in a 0700 temp directory), so they get the gRPC side's checks,
+limits and metrics, whatever TLS the TCP port uses. Shutdown stops the page first (requests
+in flight finish), then gRPC.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -31,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from server._proto import search_pb2_grpc
 from server.metrics import MetricsHTTPServer, ServerMetrics
 from server.servicer import SERVICE_NAME, PipelineHolder, VisualSearchServicer
+from server.web import WebApp, WebServer
 from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.index import IndexRoot, IndexVersion
 from visearch.search.pipeline import RerankParams, SearchPipeline
@@ -81,6 +90,7 @@ class ServeConfig:
     grace_s: float = 5.0
     version: str | None = None
     metrics_port: int | None = None  # None: no metrics; 0: a free port
+    http_port: int | None = None  # the web page; None: none; 0: a free port
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {
@@ -106,7 +116,8 @@ class ServeConfig:
 class RunningServer:
     """A started server: its bound port, pipeline holder, health servicer, CURRENT watcher,
     and with ``config.metrics_port`` set, its :attr:`metrics` and their HTTP server (bound
-    by :meth:`start`; its port is then :attr:`metrics_port`)."""
+    by :meth:`start`; its port is then :attr:`metrics_port`); with ``config.http_port``
+    set, the web page (:attr:`web`, bound by :meth:`start`, port :attr:`http_port`)."""
 
     def __init__(self, config: ServeConfig, holder: PipelineHolder | None = None) -> None:
         self.config = config
@@ -144,6 +155,14 @@ class RunningServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
+        self.web: WebServer | None = None
+        self._web_dir: str | None = None
+        if config.http_port is not None:
+            # The web page's own way in: plaintext, reachable only by this user.
+            self._web_dir = tempfile.mkdtemp(prefix="visearch-web-")
+            self._web_target = f"unix:{self._web_dir}/grpc.sock"
+            if self.server.add_insecure_port(self._web_target) == 0:
+                raise OSError(f"cannot bind {self._web_target} for the web page")
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -152,13 +171,30 @@ class RunningServer:
         """The bound metrics port once started (None without metrics)."""
         return self.metrics_http.port if self.metrics_http is not None else None
 
+    @property
+    def http_port(self) -> int | None:
+        """The bound web page port once started (None without the page)."""
+        return self.web.port if self.web is not None else None
+
     def start(self) -> RunningServer:
-        """Serve metrics (when configured), then calls. Raises ``OSError`` when the metrics
-        port cannot be bound (nothing is served then)."""
+        """Serve metrics and the web page (when configured), then calls. Raises ``OSError``
+        when the metrics or web port cannot be bound (nothing is served then)."""
         if self.metrics is not None and self.metrics_http is None:
             assert self.config.metrics_port is not None
             self.metrics_http = MetricsHTTPServer(self.metrics.registry,
                                                   self.config.metrics_port, self.config.host)
+        if self.config.http_port is not None and self.web is None:
+            limit = int(self.config.max_message_mb * 1024 * 1024)
+            app = WebApp(self._web_target, self.config.index_root, max_upload_bytes=limit)
+            try:
+                self.web = WebServer(app, self.config.http_port, self.config.host,
+                                     grace_s=self.config.grace_s)
+            except OSError:
+                app.close()
+                if self.metrics_http is not None:
+                    self.metrics_http.close()
+                    self.metrics_http = None
+                raise
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -191,7 +227,13 @@ class RunningServer:
         """Refuse new calls, let in-flight ones finish within ``grace`` s, release the index."""
         self._stop.set()
         self.health.enter_graceful_shutdown()
+        if self.web is not None:  # its requests in flight still reach gRPC
+            self.web.close()
+            self.web = None
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        if self._web_dir is not None:
+            shutil.rmtree(self._web_dir, ignore_errors=True)
+            self._web_dir = None
         if self._watcher is not None:
             self._watcher.join(timeout=5)
         if self.metrics_http is not None:
@@ -220,6 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0 picks a free one; "
                         "default: off)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the web page on this port (0 picks a free one; default: off)")
     p.add_argument("--version", help="serve this version instead of CURRENT")
     p.add_argument("--no-detector", action="store_true", help="embed the whole image")
     p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
@@ -263,7 +307,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         vote_temperature=args.vote_temperature or None, detect_thresh=args.detect_thresh,
         max_top_k=args.max_top_k, max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms, grace_s=args.grace, version=args.version,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, http_port=args.http_port,
     )
 
 
@@ -286,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                  " (--watch still reloads)" if args.watch else "")
     print(f"visearch-serve: serving {running.holder.version} on {args.host}:{running.port}",
           flush=True)
+    if running.web is not None:
+        print(f"visearch-serve: web page at {running.web.url}", flush=True)
     stopped = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

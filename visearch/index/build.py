@@ -42,6 +42,7 @@ from visearch.index.root import (
     IndexRoot,
     IndexVersion,
 )
+from visearch.index.thumbs import THUMBS_FILE, carry_thumbnails, write_thumbnails
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,12 @@ def _write_version(
     export_onnx: bool = False,
     onnx_int8: bool = False,
     onnx_from: IndexVersion | None = None,
+    thumbnails: Iterable[tuple[int, bytes]] | None = None,
 ) -> IndexVersion:
     """Stage every file of a version, write its manifest, verify, publish, maybe activate.
 
     ONNX files are copied from ``onnx_from`` when given, else exported when ``export_onnx``.
+    ``thumbnails`` (item id, JPEG bytes) go to ``thumbs.lmdb`` (``visearch.index.thumbs``).
     """
     cur = root.current()
     staging = root.staging()
@@ -87,6 +90,8 @@ def _write_version(
             n_items = ItemStore.write(tmp / ITEMS_FILE, items)
             if n_items != index.ntotal:
                 raise ValueError(f"{n_items} item records for {index.ntotal} indexed vectors")
+            if thumbnails is not None:
+                write_thumbnails(tmp / THUMBS_FILE, thumbnails)
             _copy(embedder_path, tmp / EMBEDDER_FILE)
             model = {"file": EMBEDDER_FILE, "sha256": fileio.file_digest(tmp / EMBEDDER_FILE),
                      "source": str(embedder_path)}
@@ -176,6 +181,7 @@ def build_version(
     progress: bool = False,
     onnx: bool = True,
     onnx_int8: bool = False,
+    thumbnails: Iterable[tuple[int, bytes]] | None = None,
 ) -> IndexVersion:
     """Build a complete index version from gallery vectors and publish it under ``root``.
 
@@ -202,6 +208,8 @@ def build_version(
             export is logged and recorded, and does not fail the build).
         onnx_int8: export the embedder int8-quantised (dynamic quantisation; off by default:
             keep it only where Recall@10 drops by at most 0.005).
+        thumbnails: ``(item_id, jpeg_bytes)`` pairs (``thumbs.make_thumbnail``) stored in
+            the version for the web page; None stores none.
 
     Returns:
         The published version.
@@ -244,6 +252,7 @@ def build_version(
         items=zip(ids64.tolist(), records, strict=True),
         embedder_path=embedder_path, detector_path=det, manifest=manifest,
         activate=activate, timings=timings, export_onnx=onnx, onnx_int8=onnx_int8,
+        thumbnails=thumbnails,
     )
 
 
@@ -257,6 +266,7 @@ def update_version(
     remove_ids: np.ndarray | None = None,
     activate: bool = True,
     progress: bool = False,
+    add_thumbnails: Sequence[bytes] | None = None,
 ) -> IndexVersion:
     """Write a new version equal to ``base`` plus added items minus removed ones.
 
@@ -272,6 +282,8 @@ def update_version(
         add_ids: int64 [n] ids for them; None assigns ``manifest["next_id"]`` onwards.
         remove_ids: int64 item ids to remove (unknown ids are ignored and logged).
         activate: switch ``CURRENT`` to the new version.
+        add_thumbnails: n JPEG thumbnails of the added items; the base's thumbnails of the
+            kept items are carried over.
 
     Raises:
         IndexFormatError: ``add_xb`` has the wrong dimension for the base index.
@@ -286,6 +298,8 @@ def update_version(
     n_add = 0 if add_xb is None else len(add_xb)
     if n_add != len(add_items):
         raise ValueError(f"{len(add_items)} item records for {n_add} added vectors")
+    if add_thumbnails is not None and len(add_thumbnails) != n_add:
+        raise ValueError(f"{len(add_thumbnails)} thumbnails for {n_add} added items")
     if add_ids is None:
         add_ids = np.arange(next_id, next_id + n_add, dtype=np.int64)
     add_ids = np.asarray(add_ids, dtype=np.int64)
@@ -321,8 +335,12 @@ def update_version(
         "update": {"added": n_add, "removed": int(len(removed))},
     }
     detector = base.detector_path
+    added = () if add_thumbnails is None else zip(add_ids.tolist(), add_thumbnails, strict=True)
+    thumbs = (carry_thumbnails(base.path, removed=removed_set, added=added)
+              if (base.path / THUMBS_FILE).is_file() or add_thumbnails is not None else None)
     return _write_version(
         root, index=index, graph=graph, items=all_items,
         embedder_path=base.embedder_path, detector_path=detector, manifest=manifest,
         activate=activate, timings=timings, onnx_from=base,
+        thumbnails=thumbs,
     )
