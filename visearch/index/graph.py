@@ -197,7 +197,7 @@ def build_neighbour_graph(
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     t0 = time.perf_counter()
-    if isinstance(source, GalleryIndex):
+    if not isinstance(source, np.ndarray):  # a gallery index of either backend
         ids = source.ids if ids is None else np.asarray(ids, dtype=np.int64)
         xb = None
         n = len(ids)
@@ -218,7 +218,7 @@ def build_neighbour_graph(
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         if xb is None:
-            assert isinstance(source, GalleryIndex)
+            assert not isinstance(source, np.ndarray)
             xq = source.reconstruct(ids[start:stop])
             D, I = source.search(xq, k1, nprobe=nprobe, ef_search=ef_search)  # noqa: E741
         else:
