@@ -242,11 +242,12 @@ class RayRunner:
             ray.shutdown()
 
 
-def make_runner(ray: str | None = None, workers: int = 1) -> LocalRunner | RayRunner:
+def make_runner(ray: str | None = None, workers: int | None = 1) -> LocalRunner | RayRunner:
     """The runner a CLI's ``--ray`` selects: None -> ``LocalRunner(workers)``; ``local``,
-    ``auto`` or an address -> ``RayRunner`` (``workers`` actors on a ``local`` Ray)."""
+    ``auto`` or an address -> ``RayRunner`` (``workers`` actors on a ``local`` Ray, None:
+    one per CPU; a cluster's size is the cluster's)."""
     if ray is None:
-        return LocalRunner(workers)
+        return LocalRunner(1 if workers is None else workers)
     return RayRunner(ray, workers=workers if ray == "local" else None)
 
 

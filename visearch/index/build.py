@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from visearch.index.root import (
     IndexRoot,
     IndexVersion,
 )
+
+if TYPE_CHECKING:
+    from visearch.parallel import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +223,7 @@ def build_version(
     onnx: bool = True,
     onnx_int8: bool = False,
     backend: FaissBackend | MilvusBackend | None = None,
+    runner: Runner | None = None,
 ) -> IndexVersion:
     """Build a complete index version from gallery vectors and publish it under ``root``.
 
@@ -250,6 +254,8 @@ def build_version(
             default), or ``MilvusBackend(uri)`` (a new collection; the root records the
             backend in ``BACKEND.json`` and activates by alias). A root holds versions of
             one backend only.
+        runner: a ``visearch.parallel`` runner (Ray Data) for the neighbour graph's
+            searches (None: in this process); the graph does not depend on it.
 
     Returns:
         The published version.
@@ -282,7 +288,8 @@ def build_version(
         graph_index = index if isinstance(index, GalleryIndex) else GalleryIndex.build(
             xb, ids, categories, factory=factory, partitioned=False)
         graph = build_neighbour_graph(graph_index, k1=k1, nprobe=graph_nprobe,
-                                      ef_search=graph_ef_search, progress=progress)
+                                      ef_search=graph_ef_search, progress=progress,
+                                      runner=runner)
     except BaseException:
         if isinstance(backend, MilvusBackend):
             index.drop()  # type: ignore[attr-defined]
