@@ -376,6 +376,10 @@ class MilvusGallery:
                                        cats[start : start + BATCH],
                                        xb[start : start + BATCH].tolist(), strict=True)]
             self._client.upsert(self.collection, rows)
+        # Seal the segments: Milvus builds the vector index on sealed segments only (a
+        # growing one is scanned row by row: 0.2 s a query at 5k vectors in Milvus Lite,
+        # 4 ms after a flush).
+        self._client.flush(self.collection)
         for name in sorted(set(cats)):
             if name not in self._names:
                 self._names.append(name)
@@ -394,6 +398,7 @@ class MilvusGallery:
         gone = self._ids[hit]
         for start in range(0, len(gone), BATCH):
             self._client.delete(self.collection, ids=gone[start : start + BATCH].tolist())
+        self._client.flush(self.collection)
         self._ids = self._ids[~hit]
         self._codes = self._codes[~hit]
         self._order = None
