@@ -3,7 +3,9 @@ compressed index types a shard would hold, IVF-SQ8 and IVF-PQ with an SQ8 (or SQ
 synthetic vectors, beside exact search (Flat) as the baseline.
 
     .venv/bin/python -m benchmarks.bench_scale --n 1000000
-    .venv/bin/python -m benchmarks.bench_scale --n 10000000 --no-flat   # needs ~6 GB
+    .venv/bin/python -m benchmarks.bench_scale --n 1000000 --replicate 10  # + timing at 10M
+    .venv/bin/python -m benchmarks.bench_scale --n 10000000 --nlist 4096 --nprobe 128 \
+        --train-per-list 39 --refines SQ8 --no-flat --chunk 500000     # ~6 GB of RAM
 
 The gallery is ``bench_index``'s clustered mixture, generated in chunks (``--chunk``) from
 fixed centres, so N can exceed memory as float32: the indexes are filled chunk by chunk and
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gen = MixtureStream(d, args.clusters, args.seed)
     xq = gen.chunk(-1, args.queries)
     nlist = args.nlist or default_nlist(n)
-    nprobe = default_nprobe(nlist)
+    nprobe = args.nprobe or default_nprobe(nlist)
+    refines = [r for r in args.refines.split(",") if r]
     m = d // 4 if args.pq_m is None else args.pq_m
     out: dict[str, Any] = {"machine": info, "n": n, "d": d, "nlist": nlist, "nprobe": nprobe,
                            "pq_m": m, "queries": len(xq), "k": k, "rows": []}
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     refine.train(xtrain)
     refine4 = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_4bit,
                                          faiss.METRIC_INNER_PRODUCT)
-    refine4.train(xtrain)
+    if "SQ4" in refines:
+        refine4.train(xtrain)
     train_s = time.perf_counter() - t0
     print(f"trained nlist={nlist} on {len(xtrain)} vectors in {train_s:.0f} s", flush=True)
     flat = faiss.IndexFlatIP(d) if args.flat else None
@@ -113,8 +117,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         add_s["sq8"] += time.perf_counter() - t
         t = time.perf_counter()
         ivf_pq.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
-        refine.add(x)
-        refine4.add(x)
+        if "SQ8" in refines:
+            refine.add(x)
+        if "SQ4" in refines:
+            refine4.add(x)
         add_s["pq"] += time.perf_counter() - t
         if flat is not None:
             flat.add(x)
@@ -145,13 +151,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     row(f"IVF{nlist},PQ{m} nprobe={nprobe}", ivf_pq, faiss.serialize_index(ivf_pq).nbytes,
         lambda q, kk: ivf_pq.search(q, kk, params=params))
     pq_bytes = faiss.serialize_index(ivf_pq).nbytes
-    refine_bytes = faiss.serialize_index(refine).nbytes
-    row(f"IVF{nlist},PQ{m}+refine SQ8 (k_factor {args.k_factor})", ivf_pqr,
-        pq_bytes + refine_bytes, ivf_pqr.search)
-    ivf_pqr4 = faiss.IndexRefine(ivf_pq, refine4)
-    ivf_pqr4.k_factor = args.k_factor
-    row(f"IVF{nlist},PQ{m}+refine SQ4 (k_factor {args.k_factor})", ivf_pqr4,
-        pq_bytes + faiss.serialize_index(refine4).nbytes, ivf_pqr4.search)
+    if "SQ8" in refines:
+        row(f"IVF{nlist},PQ{m}+refine SQ8 (k_factor {args.k_factor})", ivf_pqr,
+            pq_bytes + faiss.serialize_index(refine).nbytes, ivf_pqr.search)
+    if "SQ4" in refines:
+        ivf_pqr4 = faiss.IndexRefine(ivf_pq, refine4)
+        ivf_pqr4.k_factor = args.k_factor
+        row(f"IVF{nlist},PQ{m}+refine SQ4 (k_factor {args.k_factor})", ivf_pqr4,
+            pq_bytes + faiss.serialize_index(refine4).nbytes, ivf_pqr4.search)
+    if args.replicate > 1:
+        # Timing at R x N: every inverted list (and the refine store) holds R copies of its
+        # N-gallery entries under new ids, the list sizes a gallery R times larger would
+        # have, without paying R x N coarse assignments. Recall stays the N-gallery's.
+        r_n = n * args.replicate
+        sq_r = faiss.clone_index(ivf_sq)
+        pq_r = faiss.clone_index(ivf_pq)
+        refine_r = faiss.clone_index(refine) if "SQ8" in refines else None
+        for copy in range(1, args.replicate):
+            sq_r.merge_from(faiss.clone_index(ivf_sq), copy * n)
+            pq_r.merge_from(faiss.clone_index(ivf_pq), copy * n)
+            if refine_r is not None:
+                refine_r.merge_from(faiss.clone_index(refine))  # merge_from empties its source
+        sq_r.nprobe = pq_r.nprobe = nprobe
+        for label, index, nbytes in (
+                (f"IVF{nlist},SQ8 nprobe={nprobe} at {r_n} (x{args.replicate} lists)", sq_r,
+                 faiss.serialize_index(sq_r).nbytes),
+                (f"IVF{nlist},PQ{m}+refine SQ8 at {r_n} (x{args.replicate} lists)",
+                 faiss.IndexRefine(pq_r, refine_r) if refine_r is not None else pq_r,
+                 faiss.serialize_index(pq_r).nbytes + (
+                     faiss.serialize_index(refine_r).nbytes if refine_r is not None else 0))):
+            if isinstance(index, faiss.IndexRefine):
+                index.k_factor = args.k_factor
+            qps = time_search(index.search, xq, k, 1, args.max_queries)
+            r = {"index": label, "bytes_per_vector": round(nbytes / r_n, 1),
+                 "qps_batch1": round(qps, 1), "recall_at_10": None}
+            out["rows"].append(r)
+            print(json.dumps(r), flush=True)
+            del index
     out["rss_gb"] = round(rss_bytes() / 1e9, 2)
     return out
 
@@ -165,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queries", type=int, default=300, help="queries timed at batch 1")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--nlist", type=int, help="default: visearch's default_nlist(N)")
+    p.add_argument("--nprobe", type=int, help="default: visearch's default_nprobe(nlist)")
+    p.add_argument("--refines", default="SQ8,SQ4", help="IVF-PQ refine stores to measure")
     p.add_argument("--pq-m", type=int, help="PQ bytes per vector (default d/4)")
     p.add_argument("--k-factor", type=int, default=4, help="IVF-PQ candidates re-scored, x k")
     p.add_argument("--train-per-list", type=int, default=IVF_TRAIN_POINTS_PER_LIST)
     p.add_argument("--chunk", type=int, default=250_000)
+    p.add_argument("--replicate", type=int, default=1,
+                   help="also time search at R x N: each list holding R copies of its entries")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--no-flat", dest="flat", action="store_false",

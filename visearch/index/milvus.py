@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,23 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _VARCHAR_MAX = 512
 
 
+# One client per URI per process: a MilvusClient holds a gRPC channel (thread-safe), and
+# opening one per call costs a connection handshake, which a loaded machine can time out
+# (seen with Milvus Lite's in-process server under a load of 14 on 2 cores).
+_CLIENTS: dict[str, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 def _client(uri: str) -> Any:
-    """A ``pymilvus.MilvusClient`` for ``uri`` (``http://host:19530`` or a Milvus Lite
-    ``*.db`` path). Imported here: pymilvus is the optional ``scale`` extra."""
+    """The process's ``pymilvus.MilvusClient`` for ``uri`` (``http://host:19530`` or a
+    Milvus Lite ``*.db`` path). Imported here: pymilvus is the optional ``scale`` extra."""
+    with _CLIENTS_LOCK:
+        if uri not in _CLIENTS:
+            _CLIENTS[uri] = _new_client(uri)
+        return _CLIENTS[uri]
+
+
+def _new_client(uri: str) -> Any:
     try:
         from pymilvus import MilvusClient
     except ImportError as e:  # pragma: no cover - the extra is in dev installs
