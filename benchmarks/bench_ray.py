@@ -12,8 +12,8 @@ embedder in this process with ``--workers`` torch threads and DataLoader decoder
 - dHash (``hash_images(kind="dhash")``): MD5s, hash codes and colour signatures must be
   bit-identical;
 - gallery embedding (``Runner.embed``, an actor pool holding the model): max |difference|;
-- the neighbour graph (``build_neighbour_graph(runner=...)``, exact, k1 = 21): rows must be
-  identical.
+- the neighbour graph (``build_neighbour_graph(runner=...)``, exact, k1 = 21) of the same
+  vectors (the local runner's embeddings): rows must be identical.
 
 Ray's start-up (``ray.init``) is timed apart: a cluster pays it once, not per stage. The
 per-worker rates printed here are what docs/scale.md extrapolates to N workers.
@@ -51,6 +51,7 @@ def _timed(fn: Any) -> tuple[Any, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    stages = set(args.stages.split(","))
     torch.set_num_threads(args.workers)
     faiss.omp_set_num_threads(1)
     info = machine(["ray"])
@@ -86,15 +87,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r["hash"], r["hash_s"] = _timed(lambda runner=runner: hash_images(
                     paths, kind="dhash", workers=args.workers,
                     runner=None if runner is local else runner))
-                (ids, xb), r["embed_s"] = _timed(lambda runner=runner: runner.embed(
-                    weights, items, batch_size=args.batch_size))
+                if "embed" in stages:
+                    (ids, xb), r["embed_s"] = _timed(lambda runner=runner: runner.embed(
+                        weights, items, batch_size=args.batch_size))
+                else:  # the graph stage's input: seeded vectors, one per catalog row
+                    ids = np.arange(len(rows), dtype=np.int64)
+                    xb = np.random.default_rng(args.seed).standard_normal(
+                        (len(rows), 256)).astype(np.float32)
+                    faiss.normalize_L2(xb)
                 r["ids"], r["xb"] = ids, xb
-                r["graph"], r["graph_s"] = _timed(lambda runner=runner, xb=xb, ids=ids:
-                                                  build_neighbour_graph(xb, ids, 21,
+                # Both runners build the graph of the same vectors (the local runner's):
+                # the stage's input is fixed, its output must not depend on the runner.
+                xg = results["local"]["xb"] if "local" in results else xb
+                r["graph"], r["graph_s"] = _timed(lambda runner=runner, xg=xg, ids=ids:
+                                                  build_neighbour_graph(xg, ids, 21,
                                                                         batch_size=256,
                                                                         runner=runner))
                 results[name] = r
-                print(f"{name}: hash {r['hash_s']:.1f} s, embed {r['embed_s']:.1f} s, "
+                print(f"{name}: hash {r['hash_s']:.1f} s, embed {r.get('embed_s', 0):.1f} s, "
                       f"graph {r['graph_s']:.1f} s", flush=True)
         finally:
             ray.close()
@@ -106,15 +116,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     same_graph = np.array_equal(a["graph"].I, b["graph"].I) and np.array_equal(
         a["graph"].D, b["graph"].D)
     n = len(rows)
-    for stage in ("hash", "embed", "graph"):
+    for stage in [s for s in ("hash", "embed", "graph") if s in stages]:
         out["stages"][stage] = {
             "local_s": round(a[f"{stage}_s"], 2), "ray_s": round(b[f"{stage}_s"], 2),
             "ray_per_worker_per_s": round(n / b[f"{stage}_s"] / args.workers, 1)}
     out["identical"] = {"hashes": bool(same_hash), "graph": bool(same_graph),
                         "ids": bool(np.array_equal(a["ids"], b["ids"])),
                         "embedding_max_abs_diff": emb_diff}
-    out["total_s"] = {"local": round(sum(a[f"{s}_s"] for s in ("hash", "embed", "graph")), 1),
-                      "ray": round(sum(b[f"{s}_s"] for s in ("hash", "embed", "graph")), 1)}
+    out["total_s"] = {"local": round(sum(a[f"{s}_s"] for s in out["stages"]), 1),
+                      "ray": round(sum(b[f"{s}_s"] for s in out["stages"]), 1)}
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1), flush=True)
     return out
 
@@ -127,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--input-size", type=int, default=128, help="embedder input side (px)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stages", default="hash,embed,graph",
+                   help="stages to run (hash and graph always; without embed the graph "
+                   "is built over seeded vectors)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     result = run(args)
