@@ -9,10 +9,18 @@ DEMO_DIR ?= out/demo
 .PHONY: demo test lint install weights proto clean-demo browser
 
 # Re-install when the dependency list changes; the stamp makes a second run instant.
+# milvus-lite (in the scale extra, part of dev) depends on faiss-cpu, which installs the same
+# `faiss` module as faiss-gpu over it: the GPU build would be silently gone. On linux x86_64
+# the faiss-gpu version pip chose is reinstalled, files only, when its GPU symbols are missing.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ] && ! $(BIN)/python -c \
+	    "import faiss, sys; sys.exit(not hasattr(faiss, 'StandardGpuResources'))"; then \
+	  $(BIN)/python -m pip install -q --force-reinstall --no-deps \
+	    "faiss-gpu==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('faiss-gpu'))")"; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP) $(WEIGHTS)

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from index_builder.cmd_index import add_scale_arguments
 from index_builder.cmd_ingest import add_store_argument
 from index_builder.stage import StageResult, run_stage, stat_digest
 from visearch.catalog import CatalogRow, read_manifest
@@ -58,6 +59,7 @@ from visearch.cleaning.denoise import EPS, MIN_SIZE, RETURN_THRESH
 from visearch.cleaning.merge import FOLDS, THRESHOLDS
 from visearch.cleaning.review import Decision, read_decisions, reviewed_pairs
 from visearch.fileio import file_digest
+from visearch.parallel import Runner, make_runner
 from visearch.store import store_lookup
 
 EMBED_STAGE = "clean-embed"
@@ -219,11 +221,14 @@ def dedup_stage(
     workers: int = 1,
     decisions: Path | None = None,
     force: bool = False,
+    runner: Runner | None = None,
 ) -> StageResult:
     """The ``dedup`` stage over catalog ``rows``: ``<work_dir>/dedup/removed.json`` and
     ``report.json``. ``inputs`` identifies the catalog (e.g. ``{"catalog": checksum}``); the
     images' names, sizes and mtimes are added to the fingerprint here. Removals stay within
-    a SKU; an accepted cross-SKU duplicate in ``decisions`` drops its ``image b``."""
+    a SKU; an accepted cross-SKU duplicate in ``decisions`` drops its ``image b``.
+    ``runner`` (Ray Data) hashes instead of ``workers`` processes: the same hashes, so it
+    is not part of the fingerprint."""
     reviewed, reviewed_sum = _decisions(decisions)
     fingerprint = {**inputs, "images": rows_digest(rows), "radius": radius,
                    "hash_size": hash_size, "hash_kind": hash_kind, "color_tol": color_tol,
@@ -245,6 +250,7 @@ def dedup_stage(
             method=method,
             workers=workers,
             progress=True,
+            runner=runner,
         )
         accepted = {b for _, b in reviewed_pairs(reviewed, "duplicate", "accept")}
         dropped = {p.image_b for p in result.cross_sku if p.image_b in accepted}
@@ -266,6 +272,7 @@ def dedup_catalog(
     decisions: Path | None = None,
     store: Path | None = None,
     force: bool = False,
+    runner: Runner | None = None,
 ) -> StageResult:
     """The ``dedup`` stage over the ``catalog`` file (see :func:`dedup_stage`); its
     checksum identifies the catalog. With ``store`` the images are read from that image
@@ -287,6 +294,7 @@ def dedup_catalog(
         workers=params.workers,
         decisions=decisions,
         force=force,
+        runner=runner,
     )
 
 
@@ -632,6 +640,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="faiss binary index for the Hamming range search",
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="hashing processes")
+    add_scale_arguments(p)
     p.set_defaults(func=run_dedup)
 
     p = sub.add_parser(
@@ -767,9 +776,19 @@ def run_dedup(args: argparse.Namespace) -> int:
         method=args.method,
         workers=args.workers,
     )
-    return _run(lambda: report_line(
-        dedup_catalog(args.catalog, args.out, params, lenient=args.lenient,
-                      decisions=args.decisions, store=args.store, force=args.force), "dedup"))
+
+    def run() -> str:
+        runner = make_runner(args.ray, workers=args.workers) if args.ray else None
+        try:
+            return report_line(
+                dedup_catalog(args.catalog, args.out, params, lenient=args.lenient,
+                              decisions=args.decisions, store=args.store, force=args.force,
+                              runner=runner), "dedup")
+        finally:
+            if runner is not None:
+                runner.close()
+
+    return _run(run)
 
 
 def run_clean(args: argparse.Namespace) -> int:

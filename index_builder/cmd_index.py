@@ -29,8 +29,15 @@ from visearch.catalog import CatalogRow, read_manifest
 from visearch.device import choose_device
 from visearch.errors import IndexFormatError, VisearchError
 from visearch.fileio import file_digest
-from visearch.index import IndexRoot, IndexVersion, build_version, update_version
+from visearch.index import (
+    IndexRoot,
+    IndexVersion,
+    MilvusBackend,
+    build_version,
+    update_version,
+)
 from visearch.index.thumbs import make_thumbnails
+from visearch.parallel import Runner, make_runner
 from visearch.store import store_lookup
 
 logger = logging.getLogger(__name__)
@@ -116,6 +123,50 @@ def _embed(rows: Sequence[CatalogRow], model: torch.nn.Module, opts: EmbedOption
     return xb
 
 
+def _embed_with(runner: Runner | None, rows: Sequence[CatalogRow], model: Path,
+                opts: EmbedOptions) -> np.ndarray:
+    """Embed catalog rows here (``runner`` None) or on a runner's actor pool: float32
+    [N, d] in row order either way."""
+    if runner is None:
+        return _embed(rows, _load_model(model, opts.device), opts)
+    t0 = time.perf_counter()
+    items = [(i, r.source, r.bbox if opts.crop else None) for i, r in enumerate(rows)]
+    ids, feats = runner.embed(model, items, batch_size=opts.batch_size, device=opts.device,
+                              progress=opts.progress)
+    xb = np.zeros_like(feats)
+    xb[ids] = feats
+    logger.info("embedded %d images on %s in %.1f s", len(rows), runner.name,
+                time.perf_counter() - t0)
+    return xb
+
+
+def add_scale_arguments(p: argparse.ArgumentParser, *, milvus: bool = False) -> None:
+    """``--ray`` (and ``--milvus``): the one flag each that moves the offline stages to Ray
+    and the index to a Milvus cluster (README, Scale-out)."""
+    p.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="run the parallel stages on Ray Data: 'local' (a private Ray on "
+                   "this machine), 'auto' (the cluster this machine is in) or a cluster "
+                   "address; default: the local process pool")
+    if not milvus:
+        return
+    p.add_argument("--milvus", metavar="URI",
+                   help="keep the versions' vectors in Milvus: http://host:19530 (a cluster) "
+                   "or a Milvus Lite file ending in .db; activation then switches a "
+                   "collection alias (default: embedded faiss)")
+    p.add_argument("--milvus-alias", default="visearch_active",
+                   help="the Milvus alias naming the active version's collection")
+    p.add_argument("--milvus-index", default="FLAT",
+                   choices=["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW"],
+                   help="the Milvus index type of new collections")
+
+
+def backend_from_args(args: argparse.Namespace) -> MilvusBackend | None:
+    """The backend ``--milvus`` selects (None: faiss, or whatever the root records)."""
+    if getattr(args, "milvus", None) is None:
+        return None
+    return MilvusBackend(args.milvus, alias=args.milvus_alias, index_type=args.milvus_index)
+
+
 def _summary(version: IndexVersion, root: IndexRoot) -> str:
     m = version.manifest
     active = " (active)" if root.current() == version.version else ""
@@ -136,18 +187,22 @@ def build_index(
     lenient: bool = False,
     store: Path | None = None,
     activate: bool = True,
+    backend: MilvusBackend | None = None,
+    runner: Runner | None = None,
 ) -> IndexVersion:
     """Embed ``catalog`` with the embedder ``model``, build, verify and publish an index
     version under ``root`` (shipping ``detector`` and recording ``detector_source``, where
     its training boxes came from, in words); returns the new version. With ``store`` the
     gallery images are read from that image store (as ingested), not from their files.
+    ``backend``: the version's vectors go to Milvus (None: the root's backend, faiss for a
+    new root). ``runner``: embed and compute the graph on it (Ray Data; None: here).
 
     Raises:
         VisearchError, ValueError, OSError: bad catalog rows (unless ``lenient``), no usable
             rows, unreadable model or a failed build; the active version is kept.
     """
     rows = _read_catalog(catalog, lenient, store)
-    xb = _embed(rows, _load_model(model, embed.device), embed)
+    xb = _embed_with(runner, rows, model, embed)
     t0 = time.perf_counter()
     version = build_version(
         root, xb, np.arange(len(rows), dtype=np.int64), [_item(r) for r in rows],
@@ -158,6 +213,7 @@ def build_index(
         activate=activate, progress=embed.progress,
         # from the store when given: the web page shows the images as ingested
         thumbnails=enumerate(make_thumbnails((r.source for r in rows), workers=embed.workers)),
+        backend=backend or IndexRoot(root).backend, runner=runner,
     )
     logger.info("built %s in %.1f s", version.version, time.perf_counter() - t0)
     return version
@@ -177,10 +233,17 @@ def _embed_opts(args: argparse.Namespace) -> EmbedOptions:
 def cmd_build(args: argparse.Namespace) -> int:
     params = BuildParams(factory=args.factory, k1=args.k1, graph_nprobe=args.graph_nprobe,
                          graph_ef_search=args.graph_ef_search)
-    version = build_index(args.root, args.catalog, args.model, params,
-                          embed=_embed_opts(args), detector=args.detector,
-                          detector_source=args.detector_source, lenient=args.lenient,
-                          store=args.store, activate=not args.no_activate)
+    # --workers (decode processes) doubles as the size of a local Ray's actor pools.
+    runner = make_runner(args.ray, workers=args.workers or None) if args.ray else None
+    try:
+        version = build_index(args.root, args.catalog, args.model, params,
+                              embed=_embed_opts(args), detector=args.detector,
+                              detector_source=args.detector_source, lenient=args.lenient,
+                              store=args.store, activate=not args.no_activate,
+                              backend=backend_from_args(args), runner=runner)
+    finally:
+        if runner is not None:
+            runner.close()
     print(build_summary(version, args.root))
     return 0
 
@@ -351,6 +414,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="HNSW efSearch while computing the neighbour graph (default: the "
                         "index's)")
     _embed_options(p)
+    add_scale_arguments(p, milvus=True)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("list", help="list index versions (active and rollback target marked)")

@@ -64,7 +64,13 @@ from index_builder.cmd_embedder import (
     default_pretrained,
     train_embedder_on_catalog,
 )
-from index_builder.cmd_index import BuildParams, build_index, build_summary
+from index_builder.cmd_index import (
+    BuildParams,
+    add_scale_arguments,
+    backend_from_args,
+    build_index,
+    build_summary,
+)
 from index_builder.cmd_ingest import ingest_catalog
 from index_builder.cmd_review import ReviewSummary, decisions_path, write_review
 from index_builder.config import DETECTOR_SOURCES, RebuildConfig, load_config, validate
@@ -81,6 +87,8 @@ from visearch.cleaning.dedup import COLOR_TOL, RADIUS
 from visearch.errors import ManifestError, VisearchError
 from visearch.fileio import atomic_write_text, file_digest
 from visearch.imageio import image_files
+from visearch.index.backend import MilvusBackend
+from visearch.parallel import Runner, make_runner
 from visearch.store import store_lookup
 
 logger = logging.getLogger(__name__)
@@ -106,6 +114,9 @@ class RebuildInputs:
     detection: Path | None = None  # a folder with COCO train.json (and val.json)
     backgrounds: Path | None = None  # photos to paste cut-outs on (else procedural)
     unlabelled_photos: Path | None = None  # adds pseudo-labelling rounds to the detector
+    # Where it runs, not what it computes (outputs do not depend on it: no fingerprint).
+    ray: str | None = None  # Ray Data for dedup hashing, embedding, graph: local|auto|ADDRESS
+    milvus: MilvusBackend | None = None  # the index's vectors in Milvus (None: the root's)
 
 
 @dataclass(frozen=True)
@@ -247,6 +258,20 @@ class Pipeline:
         self.upstream: dict[str, Any] = {}
         #: the image store ingest wrote: where every later stage reads the images
         self.store = self.work / "ingest" / "store"
+        self._runner: Runner | None = None
+
+    @property
+    def runner(self) -> Runner | None:
+        """The Ray runner (``inputs.ray``), started on first use; None: the local pool."""
+        if self._runner is None and self.inputs.ray:
+            self._runner = make_runner(self.inputs.ray, workers=self.cfg.workers)
+        return self._runner
+
+    def close(self) -> None:
+        """Stop the Ray runner this rebuild started."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
 
     # -- running stages -------------------------------------------------------------------
 
@@ -359,7 +384,7 @@ class Pipeline:
         def run() -> StageResult:
             result = dedup_catalog(self.inputs.catalog, self.work, params,
                                    lenient=self.cfg.lenient, decisions=decisions,
-                                   store=self.store)
+                                   store=self.store, runner=self.runner)
             print(report_line(result, "dedup"))
             return result
 
@@ -651,6 +676,8 @@ class Pipeline:
             "detector_source": self.detector_source,
             "index": dataclasses.asdict(cfg.index),
             "root": str(root.resolve()),
+            # a Milvus version is another output than a faiss one
+            **({"milvus": self.inputs.milvus.record()} if self.inputs.milvus else {}),
         }
 
         def build(out: Path) -> dict[str, Any]:
@@ -660,7 +687,8 @@ class Pipeline:
                                       detector=detector_path,
                                       detector_source=detector_source,
                                       lenient=cfg.lenient, store=self.store,
-                                      activate=self.activate)
+                                      activate=self.activate, backend=self.inputs.milvus,
+                                      runner=self.runner)
                 print(build_summary(version, root))
             new = sorted(set(IndexRoot(root).versions()) - before)
             if len(new) != 1:
@@ -689,7 +717,10 @@ def rebuild(inputs: RebuildInputs, config: RebuildConfig, *,
     inputs.work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(inputs.work / "config.json", json.dumps(config.to_dict(), indent=2))
     pipeline = Pipeline(inputs, config, activate=activate)
-    version = pipeline.run()
+    try:
+        version = pipeline.run()
+    finally:
+        pipeline.close()
     return RebuildResult(version, pipeline.detector_source, dict(pipeline.timings))
 
 
@@ -725,6 +756,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--no-{stage}", action="store_true", help=f"skip the {stage} stage")
     p.add_argument("--lenient", action="store_true", help="skip bad catalog rows")
     p.add_argument("--no-activate", action="store_true", help="build without activating")
+    add_scale_arguments(p, milvus=True)
     p.set_defaults(func=run_rebuild)
 
 
@@ -750,7 +782,8 @@ def run_rebuild(args: argparse.Namespace) -> int:
     inputs = RebuildInputs(catalog=args.catalog, root=args.root, work=args.work,
                            queries=args.queries, detection=detection,
                            backgrounds=args.backgrounds,
-                           unlabelled_photos=args.unlabelled_photos)
+                           unlabelled_photos=args.unlabelled_photos, ray=args.ray,
+                           milvus=backend_from_args(args))
     t0 = time.perf_counter()
     try:
         result = rebuild(inputs, cfg, activate=not args.no_activate)

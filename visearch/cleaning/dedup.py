@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import imagehash
@@ -38,6 +38,9 @@ from tqdm import tqdm
 from visearch.errors import ImageDecodeError
 from visearch.imageio import ImageSource, decode_pil, read_source
 from visearch.unionfind import UnionFind
+
+if TYPE_CHECKING:
+    from visearch.parallel import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +260,7 @@ def hash_images(
     workers: int = 1,
     chunk_size: int = 64,
     progress: bool = False,
+    runner: Runner | None = None,
 ) -> ImageHashes:
     """MD5 of the bytes, a perceptual hash and a colour signature of the pixels of every
     image file in ``paths``.
@@ -268,6 +272,8 @@ def hash_images(
         kind: "phash" or "dhash" (``HASH_KINDS``).
         draft: JPEG draft-mode decode target ``(w, h)``.
         workers: processes; 1 hashes in this process.
+        runner: a ``visearch.parallel`` runner (e.g. Ray Data) that hashes the chunks
+            instead of ``workers`` (same chunks, same hashes).
         chunk_size: files per task sent to a worker.
         progress: show a tqdm bar.
 
@@ -288,7 +294,11 @@ def hash_images(
     ]
     bar = tqdm(total=n, desc="hashing", unit="img", disable=not progress)
     results: list[tuple] = []
-    if workers == 1 or len(chunks) <= 1:
+    if runner is not None:  # a visearch.parallel runner (Ray Data): the same chunks
+        for out in runner.map(_hash_chunk, chunks):
+            results.extend(out)
+        bar.update(n)
+    elif workers == 1 or len(chunks) <= 1:
         for c in chunks:
             results.extend(_hash_chunk(c))
             bar.update(len(c[0]))
@@ -555,6 +565,7 @@ def dedup_images(
     method: str = "auto",
     workers: int = 1,
     progress: bool = False,
+    runner: Runner | None = None,
 ) -> DedupResult:
     """Hash ``paths`` (catalog order) and group their duplicates; see ``find_duplicates``.
 
@@ -562,7 +573,7 @@ def dedup_images(
     ``skus`` (one per path) keep removals within a SKU.
     """
     hashes = hash_images(paths, hash_size=hash_size, kind=kind, workers=workers,
-                         progress=progress)
+                         progress=progress, runner=runner)
     names = [str(p) for p in paths] if names is None else list(names)
     return find_duplicates(hashes, names, skus=skus, radius=radius, color_tol=color_tol,
                            method=method, progress=progress)

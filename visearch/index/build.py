@@ -22,11 +22,18 @@ import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from visearch import fileio
+from visearch.index.backend import (
+    ROOT_BACKEND_FILE,
+    FaissBackend,
+    Gallery,
+    MilvusBackend,
+    load_gallery,
+)
 from visearch.index.gallery import GalleryIndex
 from visearch.index.graph import NeighbourGraph, build_neighbour_graph, update_neighbour_graph
 from visearch.index.items import ITEM_FIELDS, ItemStore
@@ -43,6 +50,9 @@ from visearch.index.root import (
     IndexVersion,
 )
 from visearch.index.thumbs import THUMBS_FILE, carry_thumbnails, write_thumbnails
+
+if TYPE_CHECKING:
+    from visearch.parallel import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +71,7 @@ def _timed(what: str, t0: float) -> float:
 def _write_version(
     root: IndexRoot,
     *,
-    index: GalleryIndex,
+    index: Gallery,
     graph: NeighbourGraph,
     items: Iterable[tuple[int, Mapping[str, Any]]],
     embedder_path: Path,
@@ -81,6 +91,13 @@ def _write_version(
     """
     cur = root.current()
     staging = root.staging()
+    collection = getattr(index, "collection", None)
+    if collection is not None:
+        manifest["index_backend"] = {"name": "milvus", "uri": index.uri,  # type: ignore
+                                     "collection": collection,
+                                     "index_type": index.index_type}  # type: ignore
+    else:
+        manifest["index_backend"] = {"name": "faiss"}
     try:
         with staging as tmp:
             t0 = time.perf_counter()
@@ -133,8 +150,13 @@ def _write_version(
             )
             fileio.before_write(tmp / MANIFEST)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
+    except BaseException as e:
+        if collection is not None:
+            # The staged version is gone: so must its collection be (never the active one's).
+            from visearch.index.milvus import drop_collection
+
+            drop_collection(index.uri, collection)  # type: ignore[attr-defined]
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OSError(
                 errno.ENOSPC,
                 f"disk full while writing a new index version under {root.path}: free space "
@@ -163,6 +185,30 @@ def _carry_onnx(base: IndexVersion, tmp: Path) -> dict[str, Any] | None:
     return entry
 
 
+def _check_backend(root: IndexRoot, backend: FaissBackend | MilvusBackend | None,
+                   ) -> FaissBackend | MilvusBackend:
+    """The backend to build with; records a Milvus one in the root (``BACKEND.json``).
+    ValueError when it differs from the root's: a root holds one backend's versions."""
+    backend = backend or FaissBackend()
+    have = root.backend
+    if isinstance(backend, FaissBackend):
+        if have is not None:
+            raise ValueError(f"{root.path} serves its versions from Milvus ({have.uri}); "
+                             "build with the Milvus backend (--milvus URI) or use another root")
+        return backend
+    if have is None:
+        if root.versions():
+            raise ValueError(f"{root.path} holds faiss versions; build the Milvus versions "
+                             "into a new index root")
+        root.path.mkdir(parents=True, exist_ok=True)
+        fileio.atomic_write_text(root.path / ROOT_BACKEND_FILE,
+                                 json.dumps(backend.record(), indent=2, sort_keys=True))
+    elif (have.uri, have.alias) != (backend.uri, backend.alias):
+        raise ValueError(f"{root.path} serves from Milvus {have.uri} (alias {have.alias}), "
+                         f"not {backend.uri} (alias {backend.alias})")
+    return backend
+
+
 def build_version(
     root: IndexRoot | str | os.PathLike[str],
     xb: np.ndarray,
@@ -182,6 +228,8 @@ def build_version(
     onnx: bool = True,
     onnx_int8: bool = False,
     thumbnails: Iterable[tuple[int, bytes]] | None = None,
+    backend: FaissBackend | MilvusBackend | None = None,
+    runner: Runner | None = None,
 ) -> IndexVersion:
     """Build a complete index version from gallery vectors and publish it under ``root``.
 
@@ -210,6 +258,12 @@ def build_version(
             keep it only where Recall@10 drops by at most 0.005).
         thumbnails: ``(item_id, jpeg_bytes)`` pairs (``thumbs.make_thumbnail``) stored in
             the version for the web page; None stores none.
+        backend: where the vectors live: None or ``FaissBackend()`` (embedded faiss, the
+            default), or ``MilvusBackend(uri)`` (a new collection; the root records the
+            backend in ``BACKEND.json`` and activates by alias). A root holds versions of
+            one backend only.
+        runner: a ``visearch.parallel`` runner (Ray Data) for the neighbour graph's
+            searches (None: in this process); the graph does not depend on it.
 
     Returns:
         The published version.
@@ -229,13 +283,25 @@ def build_version(
         raise ValueError(f"{len(items)} item records for {len(xb)} vectors")
     records = [{f: str(meta.get(f, "")) for f in ITEM_FIELDS} | dict(meta) for meta in items]
     categories = [str(r["category"]) for r in records]
+    backend = _check_backend(root, backend)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    index = GalleryIndex.build(xb, ids, categories, factory=factory)
+    index = backend.build(xb, ids, categories, factory=factory)
     timings["index"] = _timed(f"built index of {index.ntotal} vectors", t0)
     t0 = time.perf_counter()
-    graph = build_neighbour_graph(index, k1=k1, nprobe=graph_nprobe,
-                                  ef_search=graph_ef_search, progress=progress)
+    try:
+        # The graph is computed offline with faiss whichever backend serves: through the
+        # gallery's own faiss index, or for Milvus through the faiss index the faiss backend
+        # would have built (the same graph, so both backends re-rank alike).
+        graph_index = index if isinstance(index, GalleryIndex) else GalleryIndex.build(
+            xb, ids, categories, factory=factory, partitioned=False)
+        graph = build_neighbour_graph(graph_index, k1=k1, nprobe=graph_nprobe,
+                                      ef_search=graph_ef_search, progress=progress,
+                                      runner=runner)
+    except BaseException:
+        if isinstance(backend, MilvusBackend):
+            index.drop()  # type: ignore[attr-defined]
+        raise
     timings["graph"] = _timed("built neighbour graph", t0)
     ids64 = np.asarray(ids, dtype=np.int64)
     graph_search = {"graph_nprobe": graph_nprobe, "graph_ef_search": graph_ef_search}
@@ -293,51 +359,60 @@ def update_version(
         base = root.open(base)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    index = GalleryIndex.load(base.path / INDEX_DIR)
-    next_id = int(base.manifest["next_id"])
-    n_add = 0 if add_xb is None else len(add_xb)
-    if n_add != len(add_items):
-        raise ValueError(f"{len(add_items)} item records for {n_add} added vectors")
-    if add_thumbnails is not None and len(add_thumbnails) != n_add:
-        raise ValueError(f"{len(add_thumbnails)} thumbnails for {n_add} added items")
-    if add_ids is None:
-        add_ids = np.arange(next_id, next_id + n_add, dtype=np.int64)
-    add_ids = np.asarray(add_ids, dtype=np.int64)
-    records = [{f: str(meta.get(f, "")) for f in ITEM_FIELDS} | dict(meta) for meta in add_items]
-    removed = np.zeros(0, dtype=np.int64)
-    if remove_ids is not None and len(remove_ids):
-        remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))
-        present = np.isin(remove_ids, index.ids)
-        if not present.all():
-            logger.warning("ignoring %d ids not in %s: %s", int((~present).sum()),
-                           base.version, remove_ids[~present][:10].tolist())
-        removed = remove_ids[present]
-        index.remove(removed)
-    if n_add:
-        assert add_xb is not None
-        index.add(add_xb, add_ids, [r["category"] for r in records])
-    timings["index"] = _timed(f"updated index (+{n_add}, -{len(removed)})", t0)
-    t0 = time.perf_counter()
-    base_config = base.manifest["config"]
-    graph = update_neighbour_graph(base.graph, index, added_ids=add_ids, removed_ids=removed,
-                                   nprobe=base_config.get("graph_nprobe"),
-                                   ef_search=base_config.get("graph_ef_search"),
-                                   progress=progress)
-    timings["graph"] = _timed("updated neighbour graph", t0)
-    removed_set = set(removed.tolist())
-    kept = ((i, meta) for i, meta in base.items.items_iter() if i not in removed_set)
-    all_items = list(kept) + list(zip(add_ids.tolist(), records, strict=True))
-    manifest = {
-        "parent": base.version,
-        "next_id": max(next_id, int(add_ids.max()) + 1 if n_add else next_id),
-        "config": dict(base.manifest["config"]),
-        "inputs": dict(base.manifest.get("inputs", {})),
-        "update": {"added": n_add, "removed": int(len(removed))},
-    }
-    detector = base.detector_path
-    added = () if add_thumbnails is None else zip(add_ids.tolist(), add_thumbnails, strict=True)
-    thumbs = (carry_thumbnails(base.path, removed=removed_set, added=added)
-              if (base.path / THUMBS_FILE).is_file() or add_thumbnails is not None else None)
+    backend = root.backend or FaissBackend()
+    # Milvus: a new collection with the base's items, so the change is visible only there.
+    index = backend.copy(load_gallery(base.path / INDEX_DIR))
+    try:
+        next_id = int(base.manifest["next_id"])
+        n_add = 0 if add_xb is None else len(add_xb)
+        if n_add != len(add_items):
+            raise ValueError(f"{len(add_items)} item records for {n_add} added vectors")
+        if add_thumbnails is not None and len(add_thumbnails) != n_add:
+            raise ValueError(f"{len(add_thumbnails)} thumbnails for {n_add} added items")
+        if add_ids is None:
+            add_ids = np.arange(next_id, next_id + n_add, dtype=np.int64)
+        add_ids = np.asarray(add_ids, dtype=np.int64)
+        records = [{f: str(meta.get(f, "")) for f in ITEM_FIELDS} | dict(meta)
+                   for meta in add_items]
+        removed = np.zeros(0, dtype=np.int64)
+        if remove_ids is not None and len(remove_ids):
+            remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))
+            present = np.isin(remove_ids, index.ids)
+            if not present.all():
+                logger.warning("ignoring %d ids not in %s: %s", int((~present).sum()),
+                               base.version, remove_ids[~present][:10].tolist())
+            removed = remove_ids[present]
+            index.remove(removed)
+        if n_add:
+            assert add_xb is not None
+            index.add(add_xb, add_ids, [r["category"] for r in records])
+        timings["index"] = _timed(f"updated index (+{n_add}, -{len(removed)})", t0)
+        t0 = time.perf_counter()
+        base_config = base.manifest["config"]
+        graph = update_neighbour_graph(base.graph, index, added_ids=add_ids, removed_ids=removed,
+                                       nprobe=base_config.get("graph_nprobe"),
+                                       ef_search=base_config.get("graph_ef_search"),
+                                       progress=progress)
+        timings["graph"] = _timed("updated neighbour graph", t0)
+        removed_set = set(removed.tolist())
+        kept = ((i, meta) for i, meta in base.items.items_iter() if i not in removed_set)
+        all_items = list(kept) + list(zip(add_ids.tolist(), records, strict=True))
+        manifest = {
+            "parent": base.version,
+            "next_id": max(next_id, int(add_ids.max()) + 1 if n_add else next_id),
+            "config": dict(base.manifest["config"]),
+            "inputs": dict(base.manifest.get("inputs", {})),
+            "update": {"added": n_add, "removed": int(len(removed))},
+        }
+        detector = base.detector_path
+        added = () if add_thumbnails is None else zip(add_ids.tolist(), add_thumbnails,
+                                                      strict=True)
+        thumbs = (carry_thumbnails(base.path, removed=removed_set, added=added)
+                  if (base.path / THUMBS_FILE).is_file() or add_thumbnails is not None else None)
+    except BaseException:
+        if isinstance(backend, MilvusBackend):
+            index.drop()  # type: ignore[attr-defined]
+        raise
     return _write_version(
         root, index=index, graph=graph, items=all_items,
         embedder_path=base.embedder_path, detector_path=detector, manifest=manifest,

@@ -19,6 +19,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -28,6 +29,9 @@ from visearch import fileio
 from visearch.errors import IndexFormatError
 from visearch.index.blas import small_batch_blas
 from visearch.index.gallery import GalleryIndex
+
+if TYPE_CHECKING:
+    from visearch.parallel import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +165,45 @@ def _knn_exact(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.n
         return faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
+class _GraphSearcher:
+    """The neighbour search of one graph build, shipped to a runner's workers once: the
+    gallery vectors (exact search) or the gallery's whole faiss index, serialized (it is
+    deserialized once per worker, on first use)."""
+
+    def __init__(self, source: GalleryIndex | np.ndarray, ids: np.ndarray, k: int,
+                 nprobe: int | None, ef_search: int | None) -> None:
+        self.k, self.nprobe, self.ef_search = k, nprobe, ef_search
+        self.ids = ids
+        if isinstance(source, np.ndarray):
+            self.xb: np.ndarray | None = source
+            self.blob: np.ndarray | None = None
+            self.factory = ""
+        else:
+            whole = source._whole
+            self.xb, self.blob, self.factory = None, faiss.serialize_index(whole.index), \
+                whole.factory
+        self._part: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_part": None}
+
+    def search(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(D float32 [b, k], I int64 [b, k]) of the query rows ``xq``."""
+        if self.xb is not None:
+            D, rows = _knn_exact(xq, self.xb, self.k)
+            return D, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+        if self._part is None:
+            from visearch.index.gallery import _Partition
+
+            self._part = _Partition(faiss.deserialize_index(self.blob), self.factory)
+        return self._part.search(xq, self.k, self.nprobe, self.ef_search)
+
+
+def _graph_rows(xq: np.ndarray, searcher: _GraphSearcher) -> tuple[np.ndarray, np.ndarray]:
+    """One shard of graph rows (a runner task)."""
+    return searcher.search(xq)
+
+
 def build_neighbour_graph(
     source: GalleryIndex | np.ndarray,
     ids: np.ndarray | None = None,
@@ -171,6 +214,7 @@ def build_neighbour_graph(
     ef_search: int | None = None,
     progress: bool = False,
     kreciprocal: bool = True,
+    runner: Runner | None = None,
 ) -> NeighbourGraph:
     """Compute every gallery item's top-k1 neighbours in batches.
 
@@ -187,6 +231,10 @@ def build_neighbour_graph(
         progress: show a tqdm bar (for CLIs).
         kreciprocal: also compute every item's k-reciprocal vector for re-ranking with
             ``k1 - 1`` (the row holds the item itself), see ``with_k_reciprocal``.
+        runner: run the batches on ``visearch.parallel`` workers (a ``LocalRunner`` pool
+            or Ray Data); None searches here. Every runner searches the same batches with
+            the same index, so the graph does not depend on it. Not for a Milvus gallery
+            (its graph is built through faiss, see ``build_version``).
 
     Returns:
         The graph; rows in the order of ``ids``.
@@ -197,7 +245,7 @@ def build_neighbour_graph(
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     t0 = time.perf_counter()
-    if isinstance(source, GalleryIndex):
+    if not isinstance(source, np.ndarray):  # a gallery index of either backend
         ids = source.ids if ids is None else np.asarray(ids, dtype=np.int64)
         xb = None
         n = len(ids)
@@ -214,11 +262,27 @@ def build_neighbour_graph(
     I_out = np.full((n, k1), -1, dtype=np.int64)
     D_out = np.full((n, k1), np.finfo(np.float32).min, dtype=np.float32)
     kk = min(k1, n) if xb is not None else k1
+    if runner is not None:
+        if not isinstance(source, np.ndarray | GalleryIndex):
+            raise TypeError("a runner computes the graph of faiss galleries or raw vectors")
+        searcher = _GraphSearcher(xb if xb is not None else source, ids, kk if xb is not None
+                                  else k1, nprobe, ef_search)
+        starts = list(range(0, n, batch_size))
+        tasks = [xb[s : s + batch_size] if xb is not None
+                 else source.reconstruct(ids[s : s + batch_size]) for s in starts]
+        for start, (D, I) in zip(starts, runner.map(_graph_rows, tasks, shared=searcher),  # noqa: E741
+                                 strict=True):
+            I_out[start : start + len(I), : I.shape[1]] = I
+            D_out[start : start + len(D), : D.shape[1]] = D
+        n_done = n  # all rows computed by the runner
+    else:
+        n_done = 0
     bar = tqdm(total=n, desc="neighbour graph", unit="item", disable=not progress)
-    for start in range(0, n, batch_size):
+    bar.update(n_done)
+    for start in range(n_done, n, batch_size):
         stop = min(n, start + batch_size)
         if xb is None:
-            assert isinstance(source, GalleryIndex)
+            assert not isinstance(source, np.ndarray)
             xq = source.reconstruct(ids[start:stop])
             D, I = source.search(xq, k1, nprobe=nprobe, ef_search=ef_search)  # noqa: E741
         else:

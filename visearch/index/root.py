@@ -4,6 +4,8 @@
 Layout::
 
     <root>/CURRENT                 the active version's name (one line), replaced atomically
+    <root>/BACKEND.json            only for Milvus: URI and alias; the alias (switched by
+                                   Milvus atomically) names the active version's collection
     <root>/HISTORY                 JSON list of previously active versions (rollback targets)
     <root>/v0007-20261123T051700/  a version: manifest.json, index/, graph/, items.lmdb,
                                    embedder.pt, [detector.pt], [embedder.onnx],
@@ -38,7 +40,7 @@ import numpy as np
 
 from visearch import fileio
 from visearch.errors import IndexFormatError
-from visearch.index.gallery import GalleryIndex
+from visearch.index.backend import Gallery, MilvusBackend, load_gallery, root_backend
 from visearch.index.graph import NeighbourGraph
 from visearch.index.items import ItemStore
 
@@ -94,7 +96,7 @@ class IndexVersion:
                 f"{self.path / MANIFEST}: format version {self.manifest.get('format_version')!r}"
                 f", this code reads {MANIFEST_FORMAT}; rebuild the index"
             )
-        self._index: GalleryIndex | None = None
+        self._index: Gallery | None = None
         self._graph: NeighbourGraph | None = None
         self._items: ItemStore | None = None
         # Servers touch these from many threads; each loads once.
@@ -109,11 +111,13 @@ class IndexVersion:
         return int(self.manifest["embedding_dim"])
 
     @property
-    def index(self) -> GalleryIndex:
-        """The gallery index (IndexFormatError when a file is missing or corrupt)."""
+    def index(self) -> Gallery:
+        """The gallery index, faiss (``GalleryIndex``) or Milvus (``MilvusGallery``) as the
+        version's ``index/gallery.json`` says (IndexFormatError when a file is missing or
+        corrupt)."""
         with self._load_lock:
             if self._index is None:
-                self._index = GalleryIndex.load(self.path / INDEX_DIR)
+                self._index = load_gallery(self.path / INDEX_DIR)
             return self._index
 
     @property
@@ -142,6 +146,11 @@ class IndexVersion:
         """The detector weights shipped with this version, or None."""
         det = self.manifest.get("detector")
         return self.path / det["file"] if det else None
+
+    @property
+    def collection(self) -> str | None:
+        """The Milvus collection holding this version's vectors, or None (faiss)."""
+        return (self.manifest.get("index_backend") or {}).get("collection")
 
     def onnx_path(self, model: str) -> Path | None:
         """The version's ONNX export of ``model`` (``"embedder"`` or ``"detector"``), or None
@@ -214,11 +223,16 @@ class IndexVersion:
             report.checks["seconds"] = round(time.perf_counter() - t0, 3)
             return report
         try:
-            index = GalleryIndex.load(self.path / INDEX_DIR)
+            index = load_gallery(self.path / INDEX_DIR)
             graph = NeighbourGraph.load(self.path / GRAPH_DIR)
             items = ItemStore(self.path / ITEMS_FILE)
         except IndexFormatError as e:
             problems.append(str(e))
+            return report
+        except Exception as e:  # a Milvus server that refuses or is gone (MilvusException)
+            if self.collection is None:
+                raise
+            problems.append(f"cannot open Milvus collection {self.collection}: {e}")
             return report
         try:
             self._check_contents(index, graph, items, report, sample=sample, seed=seed)
@@ -228,7 +242,7 @@ class IndexVersion:
         return report
 
     def _check_contents(
-        self, index: GalleryIndex, graph: NeighbourGraph, items: ItemStore,
+        self, index: Gallery, graph: NeighbourGraph, items: ItemStore,
         report: VerifyReport, *, sample: int, seed: int,
     ) -> None:
         problems = report.problems
@@ -330,8 +344,29 @@ class IndexRoot:
                  if p.is_dir() and _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
         return sorted(found, key=lambda v: int(_VERSION_RE.match(v).group(1)))  # type: ignore
 
+    @property
+    def backend(self) -> MilvusBackend | None:
+        """The Milvus backend this root's versions live in (``BACKEND.json``), or None for
+        embedded faiss."""
+        return root_backend(self.path)
+
     def current(self) -> str | None:
-        """The active version's name, or None when none was activated."""
+        """The active version's name, or None when none was activated.
+
+        A Milvus root's active version is the one whose collection its alias names (the
+        alias, not ``CURRENT``, is the switch there)."""
+        backend = self.backend
+        if backend is not None:
+            from visearch.index.milvus import alias_target
+
+            target = alias_target(backend.uri, backend.alias)
+            if target is None:
+                return None
+            for v in reversed(self.versions()):
+                if IndexVersion(self.path / v).collection == target:
+                    return v
+            raise IndexFormatError(f"Milvus alias {backend.alias} names collection {target}, "
+                                   f"which no version in {self.path} holds")
         try:
             name = (self.path / CURRENT).read_text().strip()
         except FileNotFoundError:
@@ -377,7 +412,17 @@ class IndexRoot:
         # HISTORY first: a crash between the two writes leaves CURRENT unchanged and at
         # worst one extra rollback entry, never a CURRENT that history does not explain.
         fileio.atomic_write_text(self.path / HISTORY, json.dumps(history[-_HISTORY_MAX:]))
-        fileio.atomic_write_text(self.path / CURRENT, target + "\n")
+        backend = self.backend
+        if backend is None:
+            fileio.atomic_write_text(self.path / CURRENT, target + "\n")
+            return
+        from visearch.index.milvus import switch_alias
+
+        collection = IndexVersion(self.path / target).collection
+        if collection is None:
+            raise ValueError(f"{target} is a faiss version; this root serves from Milvus "
+                             f"({backend.uri})")
+        switch_alias(backend.uri, backend.alias, collection)
 
     def activate(self, version: str) -> None:
         """Make ``version`` the active one (atomic); the previous one becomes the rollback
@@ -422,7 +467,13 @@ class IndexRoot:
             history = self.history()
             protected.update(v for v in (cur, history[-1] if history else None) if v)
             doomed = [v for v in versions if v not in protected]
+            backend = self.backend
             for v in doomed:
+                collection = IndexVersion(self.path / v).collection
+                if backend is not None and collection is not None:
+                    from visearch.index.milvus import drop_collection
+
+                    drop_collection(backend.uri, collection)
                 # Rename first so a half-deleted directory never looks like a version.
                 trash = self.path / f".trash-{v}-{secrets.token_hex(4)}"
                 os.rename(self.path / v, trash)
