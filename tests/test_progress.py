@@ -27,7 +27,7 @@ def test_not_a_terminal_logs_a_line_per_tenth_with_the_counts(
 ) -> None:
     caplog.set_level(logging.INFO)
     with progress_bar(total=1000, desc="ingest", unit="img", terminal=False,
-                      every=3600) as bar:
+                      every=3600, min_gap=0) as bar:
         assert isinstance(bar, LogBar)
         for i in range(1000):
             bar.set_postfix(seen=i + 1, refresh=False)
@@ -51,6 +51,12 @@ def test_time_based_lines_and_the_closing_line(caplog: pytest.LogCaptureFixture)
     messages = [r.getMessage() for r in caplog.records]
     assert [m.split(",")[0] for m in messages] == ["merge: 1 round", "merge: 2 round",
                                                   "merge: 3 round"]
+    caplog.clear()
+    # a fast loop (under min_gap between tenths) logs once, where it ended
+    with progress_bar(range(1000), desc="hashing", unit="img", terminal=False) as bar:
+        assert sum(1 for _ in bar) == 1000
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        "hashing: 1000/1000 img [100%]"]
     caplog.clear()
     # a bar closed before any line was due still says where it ended, once
     with progress_bar(total=50, desc="cut-outs", terminal=False, every=3600) as bar:
@@ -107,6 +113,7 @@ def test_trainer_fit_logs_its_progress_when_not_on_a_terminal(
         loss = torch.nn.functional.mse_loss(model(x), y)
         return loss, {}, 8
 
+    monkeypatch.setattr("visearch.progress.MIN_GAP_S", 0.0)
     losses = trainer.fit(4, lambda epoch: range(10), loss_fn, steps_per_epoch=10,
                          progress=True, desc="train-toy")
     lines = _lines(caplog)

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 LOG_EVERY_S = 30.0
 #: a :class:`LogBar` also logs each time its count crosses this fraction of its total
 LOG_FRACTION = 0.1
+#: ... but not within this many seconds of its last line (a loop done in a second says so
+#: once, at the end)
+MIN_GAP_S = 1.0
 
 
 class _Discard(io.TextIOBase):
@@ -45,21 +48,27 @@ class LogBar(tqdm):
     A line is ``"<desc>: 1200/6000 step [20%] 00:41<02:44, 29.3 step/s, loss=0.41"``: the
     count, the percentage when the total is known, elapsed and remaining time, the rate and
     the postfix. One is logged when ``every`` seconds passed since the last one, when the
-    count crossed the next multiple of ``fraction * total``, and once on ``close``.
+    count crossed the next multiple of ``fraction * total`` (unless the last line is under
+    ``min_gap`` seconds old), and once on ``close``.
 
     Args:
         every: seconds between lines, > 0.
         fraction: a line per this fraction of the total, in (0, 1]; ignored without a total.
+        min_gap: the least seconds between two lines before the closing one (default
+            :data:`MIN_GAP_S`).
         log: the logger the lines go to (default: this module's).
         *args, **kwargs: tqdm's (``file`` is replaced: nothing is written to a stream).
     """
 
     def __init__(self, *args: Any, every: float = LOG_EVERY_S, fraction: float = LOG_FRACTION,
-                 log: logging.Logger | None = None, **kwargs: Any) -> None:
-        if every <= 0 or not 0 < fraction <= 1:
-            raise ValueError(f"every must be > 0 and fraction in (0, 1], got {every}, "
-                             f"{fraction}")
+                 min_gap: float | None = None, log: logging.Logger | None = None,
+                 **kwargs: Any) -> None:
+        min_gap = MIN_GAP_S if min_gap is None else min_gap
+        if every <= 0 or not 0 < fraction <= 1 or min_gap < 0:
+            raise ValueError(f"every must be > 0, fraction in (0, 1] and min_gap >= 0, got "
+                             f"{every}, {fraction}, {min_gap}")
         self._every = float(every)
+        self._min_gap = float(min_gap)
         self._fraction = float(fraction)
         self._log = log or logger
         self._last_log_t = time.monotonic()
@@ -86,7 +95,8 @@ class LogBar(tqdm):
             if steps >= self._next_step:
                 self._next_step = steps + 1
                 step_due = True
-        due = closing or step_due or now - self._last_log_t >= self._every
+        since = now - self._last_log_t
+        due = closing or step_due and since >= self._min_gap or since >= self._every
         if due and self.n != self._last_log_n or closing and self._last_log_n is None:
             self._last_log_t, self._last_log_n = now, self.n
             self.lines += 1
