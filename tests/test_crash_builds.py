@@ -1,0 +1,47 @@
+"""kill -9 during ``visearch-index rebuild`` and ``add``: the bounded run of benchmarks/crash.py
+(one kill each; the benchmark kills each command 20 times)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.crash import crash_loop, probe
+from visearch.index import IndexRoot
+
+
+def test_killed_rebuild_and_add_leave_a_serving_index_and_rerun(tmp_path: Path) -> None:
+    lines: list[str] = []
+    # Seed 1 kills the rebuild half-way through its timed duration, the add at a third.
+    rebuild = crash_loop(tmp_path, "rebuild", 1, seed=1, skus=12, log=lines.append)
+    add = crash_loop(tmp_path, "add", 1, seed=1, skus=12, log=lines.append)
+
+    for report in (rebuild, add):
+        (kill,) = report["kills"]
+        assert kill["returncode"] == -9, lines  # the kill landed before the run finished
+        assert 0 < kill["delay_s"] < report["duration_s"]
+        # The version active before the kill is still active, verified, and answers the
+        # probe photos with the same SKUs and scores.
+        assert kill["active_after"] == kill["active_before"], lines
+        assert kill["verified"] and kill["same_results"] is True, lines
+        # The same command, re-run, completed and published a new, valid, active version.
+        assert kill["rerun_returncode"] == 0, lines
+        assert kill["final"] not in (None, kill["active_before"]) and kill["final_verified"]
+        assert kill["ok"] and report["ok"]
+
+    # Versions: the timed rebuild, its re-run, the timed add, the add's re-run; nothing else
+    # (the killed runs published nothing), and no staging folder is left behind.
+    root = IndexRoot(tmp_path / "root")
+    assert len(root.versions()) == 4 and root.current() == add["kills"][0]["final"]
+    assert not list((tmp_path / "root").glob(".staging-*"))
+    world = tmp_path / "world"
+    catalog = len((world / "catalog.jsonl").read_text().splitlines())
+    version = root.open()
+    # The re-run added the catalog once to the timed add's version (itself rebuild + catalog).
+    base = IndexRoot(tmp_path / "root").open(rebuild["kills"][0]["final"])
+    assert version.manifest["counts"]["total"] == base.manifest["counts"]["total"] + 2 * catalog
+    version.close()
+    base.close()
+    name, verified, answers = probe(tmp_path / "root", [(world / json.loads(
+        (world / "queries.jsonl").read_text().splitlines()[0])["image"]).read_bytes()])
+    assert name == root.current() and verified and answers and answers[0]
