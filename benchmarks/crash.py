@@ -51,7 +51,7 @@ CONFIG: dict[str, Any] = {
     "index": {"k1": 11},
 }
 COMMANDS = ("rebuild", "add")
-_STAGE = re.compile(r"^--- stage (\S+)", re.M)
+_STAGE = re.compile(r"^--- stage ([\w.-]+)(:?)", re.M)
 _LOGGER = re.compile(r"^\S+ \S+ [A-Z]+ (\S+): ", re.M)
 
 
@@ -64,8 +64,8 @@ class KillRecord:
         kill: 0-based kill number of this command.
         delay_s: seconds from the start of the command to the SIGKILL.
         returncode: the killed run's exit status (-9: killed; 0: it finished first).
-        stage: the last stage the killed run announced (rebuild), else the last module that
-            logged (add), or None (killed during start-up).
+        stage: the stage the killed run was in (``"after X"``: between stages) for rebuild,
+            the last module that logged for add, or None (killed during start-up).
         active_before, active_after: ``CURRENT`` before and right after the kill.
         verified: the version active after the kill passed ``verify``.
         same_results: it answered the probe photos as before the kill (None when the killed
@@ -218,7 +218,9 @@ def crash_loop(out: Path, command: str, kills: int, seed: int, *, skus: int = 24
         name = f"{command}-{i + 1:02d}"
         rc, _ = run_command(argv(i + 1), logs / f"{name}-killed.log", kill_after=delay)
         text = (logs / f"{name}-killed.log").read_text(errors="replace")
-        stages = _STAGE.findall(text) or _LOGGER.findall(text)
+        # "--- stage X" starts a stage, "--- stage X: done in ..." ends it
+        stages = ([f"after {n}" if end else n for n, end in _STAGE.findall(text)]
+                  or _LOGGER.findall(text))
         after, ok_after, answers_after = probe(root, photos)
         same = answers_after == answers if after == active else None
         rerun_rc, rerun_s = run_command(argv(i + 1), logs / f"{name}-rerun.log")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from benchmarks.crash import crash_loop, probe
@@ -42,6 +43,14 @@ def test_killed_rebuild_and_add_leave_a_serving_index_and_rerun(tmp_path: Path) 
     assert version.manifest["counts"]["total"] == base.manifest["counts"]["total"] + 2 * catalog
     version.close()
     base.close()
+    # Not a terminal (the log file): every training of the rebuild reported its steps as
+    # log lines with counts, none as tqdm's carriage-return frames ("train-x:  33%|...").
+    raw = (tmp_path / "logs" / "rebuild-timed.log").read_bytes()
+    assert not re.search(rb"train-\w+: +\d+%\|", raw)
+    log = raw.decode()
+    trainings = re.findall(r"visearch\.progress: (train-\w+): (\d+)/(\d+) step", log)
+    done = [name for name, n, total in trainings if n == total]
+    assert done == ["train-detector", "train-embedder", "train-embedder"], trainings
     name, verified, answers = probe(tmp_path / "root", [(world / json.loads(
         (world / "queries.jsonl").read_text().splitlines()[0])["image"]).read_bytes()])
     assert name == root.current() and verified and answers and answers[0]
