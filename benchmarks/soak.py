@@ -23,10 +23,11 @@ Then:
    version; the middle swap asks for C instead, which must be refused (FAILED_PRECONDITION)
    while the version before it keeps serving.
 
-Reported: requests, failed requests (by status code), achieved rate, latency p50/p99 and the
-versions answering per window (``--window``, default a minute), each reload's outcome, and
-the server's RSS at the start of the soak and at its end. The run fails (exit 1) on any
-failed Search, a reload that did not do what it should, or RSS growing by more than 10%.
+Reported: requests, failed requests (by status code), achieved rate, latency p50/p99, the
+versions answering and the server's RSS per window (``--window``, default a minute), each
+reload's outcome, and the server's RSS at the start of the soak and at its end. The run
+fails (exit 1) on any failed Search, a reload that did not do what it should, or RSS growing
+by more than 10%.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def soak(target: str, pid: int, photos: list[bytes], *, rate: float, duration_s:
     Returns:
         ``{"requests", "ok", "failed": {code: n}, "late": requests not sent because
         ``max_outstanding`` were in flight, "rate", "achieved_rate", "windows": [{"start_s",
-        "requests", "failed", "p50_ms", "p99_ms", "versions": {version: n}}], "reloads":
+        "requests", "failed", "p50_ms", "p99_ms", "versions": {version: n}, "rss_kb" (at
+        the window's end)}], "reloads":
         [{"at_s", "version", "expect", "code", "serving_after", "detail"}], "rss_kb":
         {"start", "end"}, "rss_growth"}``.
     """
@@ -177,6 +179,8 @@ def soak(target: str, pid: int, photos: list[bytes], *, rate: float, duration_s:
             reloads.append(entry)
 
     rss_start = rss_kb(pid)
+    rss_w: list[int | None] = [None] * n_windows  # RSS as each window ends
+    current_w = 0
     late = 0
     sent_n = 0
     t0 = time.perf_counter()
@@ -194,6 +198,9 @@ def soak(target: str, pid: int, photos: list[bytes], *, rate: float, duration_s:
         if wait > 0:
             time.sleep(wait)  # the open-loop schedule, not a synchronisation
         w = min(int(at // window_s), n_windows - 1)
+        if w > current_w:
+            rss_w[current_w] = rss_kb(pid)
+            current_w = w
         with lock:
             if outstanding[0] >= max_outstanding:
                 late += 1
@@ -210,11 +217,12 @@ def soak(target: str, pid: int, photos: list[bytes], *, rate: float, duration_s:
     for thread in reload_threads:
         thread.join(timeout=180)
     rss_end = rss_kb(pid)
+    rss_w = [rss_end if v is None else v for v in rss_w]
     channel.close()
     windows = [{"start_s": round(i * window_s, 1), "requests": len(latencies[i])
                 + sum(failed_w[i].values()), "failed": dict(failed_w[i]),
                 "p50_ms": _percentile(latencies[i], 50), "p99_ms": _percentile(latencies[i], 99),
-                "versions": dict(versions_w[i])} for i in range(n_windows)]
+                "versions": dict(versions_w[i]), "rss_kb": rss_w[i]} for i in range(n_windows)]
     ok = sum(len(x) for x in latencies)
     failed = sum((c for c in failed_w), Counter())
     return {"requests": ok + sum(failed.values()), "ok": ok, "failed": dict(failed),
@@ -286,10 +294,11 @@ def print_report(report: dict[str, Any]) -> None:
           f"{report['rate']:.1f} QPS (achieved {report['achieved_rate']:.1f}); "
           f"{report['requests']} requests, failed {sum(report['failed'].values())} "
           f"{report['failed'] or ''}, unsent {report['late']}")
-    print(f"{'window':>8} {'requests':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8}  versions")
+    print(f"{'window':>8} {'requests':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'RSS KiB':>9}  versions")
     for w in report["windows"]:
         print(f"{w['start_s']:>7.0f}s {w['requests']:>9} {sum(w['failed'].values()):>7} "
-              f"{w['p50_ms']:>8.1f} {w['p99_ms']:>8.1f}  "
+              f"{w['p50_ms']:>8.1f} {w['p99_ms']:>8.1f} {w['rss_kb']:>9}  "
               + ", ".join(f"{v}: {n}" for v, n in sorted(w["versions"].items())))
     for r in report["reloads"]:
         print(f"reload at {r['at_s']:.0f} s to {r['version']}: {r['code']} (expected "

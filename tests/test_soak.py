@@ -36,3 +36,5 @@ def test_soak_30_s_with_hot_swaps_and_a_corrupted_version(tmp_path: Path) -> Non
     assert first["versions"].get(a, 0) >= 0.9 * first["requests"]
     assert set(last["versions"]) == {b}
     assert abs(report["rss_growth"]) <= 0.10
+    assert [w["rss_kb"] > 0 for w in report["windows"]] == [True] * 3
+    assert last["rss_kb"] == report["rss_kb"]["end"]
