@@ -108,7 +108,8 @@ class PipelineHolder:
                 self._close(pipeline)
 
     def reload(self, version: str | None = None) -> tuple[str, str, bool]:
-        """Load ``version`` (default: ``CURRENT``) and swap it in.
+        """Verify ``version`` (default: ``CURRENT``: file sizes and sha256 against its
+        manifest, counts, a 64-item self-search), load it and swap it in.
 
         Returns ``(previous, now_serving, changed)``. Raises ``ValueError`` or
         ``IndexFormatError`` (or whatever loading raised) when the version cannot be served;
