@@ -35,6 +35,8 @@ def test_soak_30_s_with_hot_swaps_and_a_corrupted_version(tmp_path: Path) -> Non
     # (a request sent just before the swap may be answered by B: a by send time, mostly)
     assert first["versions"].get(a, 0) >= 0.9 * first["requests"]
     assert set(last["versions"]) == {b}
-    assert abs(report["rss_growth"]) <= 0.10
+    # No growth beyond 10% (a leak); a drop can be the kernel reclaiming file-backed pages
+    # when other jobs press on memory, which says nothing about the server.
+    assert report["rss_growth"] <= 0.10
     assert [w["rss_kb"] > 0 for w in report["windows"]] == [True] * 3
     assert last["rss_kb"] == report["rss_kb"]["end"]
