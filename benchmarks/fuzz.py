@@ -11,8 +11,11 @@ categories and extreme ``top_k``, beside untouched images of each format (``vali
 control). Kinds are dealt round-robin, so any ``n`` above the number of kinds covers them
 all. Each case carries the status codes a correct server may answer.
 
-A ``visearch-serve`` child is started on a free loopback port over ``--index-root`` and
-stopped at the end. The run fails (exit 1) on a crash (the server died), any INTERNAL or
+A ``visearch-serve`` child is started on a free loopback port over ``--index-root`` (with
+the active version's detector when it ships one, so that Detect, and Search / Embed without
+a box or ``skip_detection``, run the detector on the hostile image) and stopped at the end;
+the report counts the status codes per kind and per route (:func:`route`).
+The run fails (exit 1) on a crash (the server died), any INTERNAL or
 UNKNOWN status, a hang (DEADLINE_EXCEEDED), or server RSS growing by more than 10% between
 the end of the warm-up and the end of the run.
 """
@@ -319,11 +322,25 @@ def rss_kb(pid: int) -> int:
 
 
 def spawn_server(index_root: Path, *, max_message_mb: float = 16.0, workers: int = 4,
-                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """``benchmarks.latency.spawn_server`` with the fuzz's settings: no detector (the index
-    roots tests build have none), ``workers`` RPC threads, ``max_message_mb``."""
-    return latency.spawn_server(index_root, "--workers", str(workers), "--max-message-mb",
-                                str(max_message_mb), "--no-detector", *extra)
+                 detector: bool = True, extra: tuple[str, ...] = ()
+                 ) -> tuple[subprocess.Popen, str]:
+    """``benchmarks.latency.spawn_server`` with the fuzz's settings: ``workers`` RPC threads,
+    ``max_message_mb``, and the version's detector unless ``detector`` is False."""
+    flags = ("--workers", str(workers), "--max-message-mb", str(max_message_mb),
+             *(() if detector else ("--no-detector",)), *extra)
+    return latency.spawn_server(index_root, *flags)
+
+
+def route(method: str, request: Any) -> str:
+    """The path a request takes through the server: ``"Detect"``, or ``"Search"`` /
+    ``"Embed"`` with ``"(detector)"`` (the main object is detected), ``"(skip_detection)"``
+    (the whole image) or ``"(bbox)"`` (the caller's box)."""
+    if method == "Detect":
+        return method
+    skip = (request.options.skip_detection if method == "Search"
+            else request.skip_detection)
+    how = "bbox" if request.HasField("bbox") else "skip_detection" if skip else "detector"
+    return f"{method} ({how})"
 
 
 def run_fuzz(proc: subprocess.Popen, target: str, cases: Iterator[FuzzCase], *,
@@ -335,8 +352,9 @@ def run_fuzz(proc: subprocess.Popen, target: str, cases: Iterator[FuzzCase], *,
         ``{"n", "table": {kind: {code: count}}, "unexpected": [{kind, method, code,
         expected, detail}] (codes outside a case's expected set, at most 50 kept),
         "n_unexpected", "failures": {code: count} (INTERNAL / UNKNOWN / DEADLINE_EXCEEDED /
-        CRASH), "rss_kb": {"warm", "end"}, "rss_growth", "wall_s"}``. ``rss_growth`` is
-        end / warm - 1 (RSS after ``warmup`` cases and at the end).
+        CRASH), "routes": {route: {code: count}} (:func:`route`), "rss_kb": {"warm", "end"},
+        "rss_growth", "wall_s"}``. ``rss_growth`` is end / warm - 1 (RSS after ``warmup``
+        cases and at the end).
     """
     limit = 1 << 30
     channel = grpc.insecure_channel(target, options=[
@@ -344,6 +362,7 @@ def run_fuzz(proc: subprocess.Popen, target: str, cases: Iterator[FuzzCase], *,
     stub = search_pb2_grpc.VisualSearchStub(channel)
     grpc.channel_ready_future(channel).result(timeout=30)
     table: dict[str, Counter] = {}
+    routes: dict[str, Counter] = {}
     unexpected: list[dict[str, Any]] = []
     n_unexpected = 0
     failures: Counter = Counter()
@@ -364,6 +383,7 @@ def run_fuzz(proc: subprocess.Popen, target: str, cases: Iterator[FuzzCase], *,
                     code = "CRASH"
             n += 1
             table.setdefault(case.kind, Counter())[code] += 1
+            routes.setdefault(route(case.method, case.request), Counter())[code] += 1
             if code in FAILING:
                 failures[code] += 1
             if code not in case.expected:
@@ -385,7 +405,8 @@ def run_fuzz(proc: subprocess.Popen, target: str, cases: Iterator[FuzzCase], *,
     growth = (rss_end / rss_warm - 1.0) if rss_warm and rss_end else None
     return {"n": n, "table": {k: dict(v) for k, v in table.items()},
             "unexpected": unexpected, "n_unexpected": n_unexpected,
-            "failures": dict(failures), "rss_kb": {"warm": rss_warm, "end": rss_end},
+            "failures": dict(failures), "routes": {k: dict(v) for k, v in sorted(routes.items())},
+            "rss_kb": {"warm": rss_warm, "end": rss_end},
             "rss_growth": growth, "wall_s": time.perf_counter() - t0}
 
 
@@ -395,22 +416,28 @@ def passed(report: dict[str, Any], max_rss_growth: float = 0.10) -> bool:
     return not report["failures"] and growth is not None and growth <= max_rss_growth
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """The kind x status code table, one row per kind, one column per code seen."""
-    codes = sorted({c for row in report["table"].values() for c in row})
-    width = max([len(k) for k in report["table"]] + [4])
-    lines = [f"{'kind':<{width}} " + " ".join(f"{c:>18}" for c in codes)]
-    for kind in KINDS:
-        row = report["table"].get(kind)
+def format_table(report: dict[str, Any], key: str = "table") -> str:
+    """The kind (``key="table"``) or route (``key="routes"``) x status code table, one row
+    per kind or route, one column per code seen."""
+    rows = report[key]
+    codes = sorted({c for row in rows.values() for c in row})
+    width = max([len(k) for k in rows] + [4])
+    lines = [f"{'kind' if key == 'table' else 'route':<{width}} "
+             + " ".join(f"{c:>18}" for c in codes)]
+    for name in KINDS if key == "table" else sorted(rows):
+        row = rows.get(name)
         if row:
-            lines.append(f"{kind:<{width}} " + " ".join(f"{row.get(c, 0):>18}" for c in codes))
+            lines.append(f"{name:<{width}} " + " ".join(f"{row.get(c, 0):>18}" for c in codes))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.fuzz", description=__doc__.splitlines()[0])
     p.add_argument("--index-root", type=Path, required=True,
-                   help="serve this index root (a child visearch-serve, no detector)")
+                   help="serve this index root (a child visearch-serve, with the active "
+                        "version's detector when it ships one)")
+    p.add_argument("--no-detector", action="store_true",
+                   help="serve without the detector (the main object is the whole image)")
     p.add_argument("--n", type=int, default=10_000, help="hostile inputs to send")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=10.0, help="per-call deadline, seconds")
@@ -422,13 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     proc, target = spawn_server(args.index_root, max_message_mb=args.max_message_mb,
-                                workers=args.workers)
+                                workers=args.workers, detector=not args.no_detector)
     try:
         from server.client import SearchClient
 
         with SearchClient(target) as client:
             client.wait_ready(30)
-            categories = tuple(c.category for c in client.index_info().categories)
+            info = client.index_info()
+            categories = tuple(c.category for c in info.categories)
         from tqdm import tqdm
 
         with tqdm(total=args.n, desc="fuzz", unit="req", file=sys.stderr) as bar:
@@ -440,13 +468,16 @@ def main(argv: list[str] | None = None) -> int:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    report.update(seed=args.seed, machine=machine(["grpcio", "pillow"]), ok=passed(report))
+    report.update(seed=args.seed, machine=machine(["grpcio", "pillow"]), ok=passed(report),
+                  has_detector=info.has_detector, version=info.version)
     m = report["machine"]
     print(f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, grpcio {m['grpcio']}, "
           f"pillow {m['pillow']}, cuda {m['cuda']}")
     print(f"{report['n']} hostile inputs (seed {args.seed}) in {report['wall_s']:.1f} s "
           f"to {target}")
     print(format_table(report))
+    print(f"by route (the served version {'has' if info.has_detector else 'has no'} detector):")
+    print(format_table(report, "routes"))
     rss = report["rss_kb"]
     growth = report["rss_growth"]
     print(f"server RSS: {rss['warm']} KiB after warm-up, {rss['end']} KiB at the end "

@@ -11,10 +11,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from visearch.catalog import read_manifest
 from visearch.errors import ManifestError
+from visearch.progress import progress_bar
 from visearch.store import ImageStore
 
 
@@ -40,13 +39,13 @@ class IngestResult:
 def ingest_catalog(catalog: Path, store: Path, *, lenient: bool = False) -> IngestResult:
     """Validate every row of ``catalog`` and store each image once (by MD5) in the LMDB
     store at ``store`` (created); idempotent, a re-run adds only what is missing. Shows a
-    tqdm bar.
+    progress bar (:func:`visearch.progress.progress_bar`).
 
     Raises:
         ManifestError: a bad row (strict, i.e. not ``lenient``) or an unreadable catalog.
     """
     manifest = read_manifest(catalog, strict=not lenient)
-    with ImageStore(store) as st, tqdm(
+    with ImageStore(store) as st, progress_bar(
         total=len(manifest.rows), desc="ingest", unit="img"
     ) as bar:
         report = st.ingest(manifest.rows, strict=not lenient, progress=bar.update)

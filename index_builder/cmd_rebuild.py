@@ -170,7 +170,7 @@ def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None
         augment=e.augment if e.augment is not None else EmbedderTrainParams.augment,
         epochs=epochs, p=e.p, k=e.k, steps_per_epoch=steps, lr=float(e.lr),
         backbone_lr_mult=float(e.backbone_lr_mult), frozen_blocks=e.frozen_blocks,
-        freeze_bn=e.freeze_bn, seed=cfg.seed, progress=False,
+        freeze_bn=e.freeze_bn, seed=cfg.seed, progress=True,
     )
 
 

@@ -102,13 +102,12 @@ def cut_out_catalog(
             ``"excluded"``.
         min_quality: usable cut-outs need at least this quality score (else status
             ``"low_quality"``).
-        progress: a tqdm bar.
+        progress: a progress bar (:func:`visearch.progress.progress_bar`).
 
     Returns:
         The rows reported, usable objects and the count of each status.
     """
-    from tqdm.auto import tqdm
-
+    from visearch.progress import progress_bar
     from visearch.scenes import cut_out_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +118,7 @@ def cut_out_catalog(
          "reason": str(r.reason), "quality": 0.0, "box": None} for r in rejects
     ]
     objects: list[dict[str, Any]] = []
-    for row in tqdm(rows, desc="cut-outs", unit="img", disable=not progress):
+    for row in progress_bar(rows, desc="cut-outs", unit="img", disable=not progress):
         entry: dict[str, Any] = {"line": row.line, "image": row.image, "sku": row.sku}
         if row.image in skip:
             report.append({**entry, "status": "excluded", "reason": "removed by dedup",

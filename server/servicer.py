@@ -21,6 +21,7 @@ import grpc
 
 from server._proto import search_pb2, search_pb2_grpc
 from server.metrics import ServerMetrics
+from visearch.errors import IndexFormatError
 from visearch.index import IndexRoot, IndexVersion
 from visearch.search.pipeline import ChosenObject, Detection, SearchPipeline
 
@@ -107,7 +108,8 @@ class PipelineHolder:
                 self._close(pipeline)
 
     def reload(self, version: str | None = None) -> tuple[str, str, bool]:
-        """Load ``version`` (default: ``CURRENT``) and swap it in.
+        """Verify ``version`` (default: ``CURRENT``: file sizes and sha256 against its
+        manifest, counts, a 64-item self-search), load it and swap it in.
 
         Returns ``(previous, now_serving, changed)``. Raises ``ValueError`` or
         ``IndexFormatError`` (or whatever loading raised) when the version cannot be served;
@@ -122,7 +124,16 @@ class PipelineHolder:
                 return previous, previous, False
             t0 = time.perf_counter()
             try:
-                fresh = self.factory(self.root.open(target))
+                version = self.root.open(target)
+                # A version damaged after it was published (a flipped byte in the FAISS
+                # file still parses) would otherwise be loaded and served: check its files
+                # against the manifest's sha256 first (benchmarks/soak.py found this).
+                report = version.verify(checksums=True, sample=64)
+                if not report.ok:
+                    version.close()
+                    raise IndexFormatError(f"{target} fails verification: "
+                                           + "; ".join(report.problems[:3]))
+                fresh = self.factory(version)
             except Exception:
                 log.exception("cannot load index version %s; still serving %s", target, previous)
                 raise

@@ -30,14 +30,28 @@ MAX_MESSAGE_MB = 1.0
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A server over a version that ships a (seeded, untrained) tiny RetinaNet: hostile
+    images reach the detector through Detect, Search and Embed."""
+    import torch
+
+    from index_builder.cmd_index import BuildParams, EmbedOptions, build_index
+    from visearch.detection.model import build_detector, save_detector
+
     root = tmp_path_factory.mktemp("fuzz_index") / "root"
-    names, rows = build_world_index(tiny_world, root)
-    IndexRoot(root).activate(names[0])
+    _, rows = build_world_index(tiny_world, root)
+    torch.manual_seed(0)
+    detector = root.parent / "detector.pt"
+    save_detector(build_detector("tiny_fpn", sorted({r["category"] for r in rows}),
+                                 min_size=64, max_size=96), detector)
+    build_index(root, tiny_world / "catalog.jsonl", root.parent / "embedder.pt",
+                BuildParams(k1=21), embed=EmbedOptions(progress=False), detector=detector)
     proc, target = spawn_server(root, max_message_mb=MAX_MESSAGE_MB, workers=2)
     try:
         with SearchClient(target, timeout=30) as client:
             client.wait_ready(30)
-            categories = tuple(c.category for c in client.index_info().categories)
+            info = client.index_info()
+            assert info.has_detector and info.version == IndexRoot(root).current()
+            categories = tuple(c.category for c in info.categories)
         yield proc, target, categories, tiny_world / rows[0]["image"]
     finally:
         if proc.poll() is None:
@@ -77,6 +91,15 @@ def test_hostile_inputs_get_clean_statuses(fuzz_server) -> None:
     assert report["n"] == n
     assert proc.poll() is None, "the server died"
     assert report["failures"] == {}, report["unexpected"]  # no crash/INTERNAL/UNKNOWN/hang
+    # A good share went through the detector, on every RPC that runs it, and every route
+    # answered hostile images with clean codes.
+    routes = report["routes"]
+    assert sum(sum(routes[r].values()) for r in routes if r == "Detect" or "(detector)" in r
+               ) >= 0.5 * n
+    for name in ("Detect", "Search (detector)", "Embed (detector)"):
+        assert routes[name].get("OK", 0) > 0 and routes[name].get("INVALID_ARGUMENT", 0) > 0
+        assert set(routes[name]) <= {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, name
+    assert sum(sum(row.values()) for row in routes.values()) == n
     assert report["n_unexpected"] == 0, report["unexpected"]
     table = report["table"]
     assert set(table) == set(KINDS)

@@ -117,7 +117,7 @@ def test_stage_arguments_from_the_config_are_what_the_subcommand_flags_gave() ->
     # to the backbone's shipped one (none for "tiny"); numbers arrive as floats
     assert (emb.augment, emb.pretrained, emb.margin, emb.lr, type(emb.lr)) == (
         "strong", None, None, 1.0, float)
-    assert (emb.epochs, emb.steps_per_epoch, emb.seed, emb.progress) == (2, None, 4, False)
+    assert (emb.epochs, emb.steps_per_epoch, emb.seed, emb.progress) == (2, None, 4, True)
     det = cmd_rebuild.detector_params(cfg, epochs=3)
     assert (det.epochs, det.lr, det.seed, det.backbone_weights) == (3, 1.0, 4, None)
     assert cmd_rebuild.build_params(cfg) == BuildParams(factory=None, k1=21)

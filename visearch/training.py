@@ -13,7 +13,8 @@ model and loss; everything else lives here, once:
 - checkpoints written atomically (:func:`visearch.fileio.atomic_open`) and exact resume:
   module weights and buffers, optimiser, scheduler, scaler, and the python, numpy, torch and
   CUDA RNG states;
-- the epoch loop with its tqdm progress bar (:meth:`Trainer.fit`).
+- the epoch loop with its progress bar (:meth:`Trainer.fit`; a tqdm bar on a terminal,
+  periodic log lines otherwise: :func:`visearch.progress.progress_bar`).
 
 On CPU a run resumed from the checkpoint of epoch ``e`` ends with the same weights, bit for bit,
 as an uninterrupted run, provided the training draws the randomness of each epoch from the
@@ -38,6 +39,7 @@ from torch import nn
 
 from visearch.device import choose_device
 from visearch.fileio import atomic_open
+from visearch.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -302,14 +304,13 @@ class Trainer:
             steps_per_epoch: batches per epoch, for the progress bar.
             start_epoch: the first epoch to run (epochs done by a restored checkpoint).
             end_epoch: called after each epoch.
-            progress: show one tqdm bar over all steps with the loss and images/s.
+            progress: show one bar over all steps with the loss and images/s
+                (:func:`visearch.progress.progress_bar`).
             desc: the bar's label.
         """
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
+            bar = progress_bar(
                 total=epochs * steps_per_epoch,
                 initial=start_epoch * steps_per_epoch,
                 unit="step",
