@@ -1,5 +1,6 @@
 """Detector and query-domain training data made from shop images alone: product cut-outs
-(``cutout``) and copy-paste scene synthesis (``compose``)."""
+(``cutout``; ``photo_cutout`` for user photos and ``cut_out_product``, the entry point
+for both) and copy-paste scene synthesis (``compose``)."""
 
 from visearch.scenes.compose import (
     Pasted,
@@ -13,6 +14,7 @@ from visearch.scenes.compose import (
     synthesize_scenes,
 )
 from visearch.scenes.cutout import CUTOUT_STATUSES, Cutout, cut_out, cut_out_file, load_rgba
+from visearch.scenes.photo_cutout import cut_out_photo, cut_out_product
 
 __all__ = [
     "CUTOUT_STATUSES",
@@ -25,6 +27,8 @@ __all__ = [
     "compose_scene",
     "cut_out",
     "cut_out_file",
+    "cut_out_photo",
+    "cut_out_product",
     "load_rgba",
     "main_categories",
     "procedural_background",

@@ -72,8 +72,10 @@ from visearch.imageio import MAX_PIXELS, ImageSource, decode_image
 
 logger = logging.getLogger(__name__)
 
+#: ``"needs_bbox"``: a cluttered photo given without the product's box
+#: (:func:`visearch.scenes.cut_out_product` only).
 CUTOUT_STATUSES = ("ok", "decode_error", "bad_bbox", "empty", "transparent", "not_plain",
-                   "too_small")
+                   "too_small", "needs_bbox")
 
 #: RGB -> (Y, Cb - 128, Cr - 128), ITU-R BT.601 as JPEG uses it.
 _YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
