@@ -47,17 +47,120 @@ def _check_size(image: np.ndarray, max_pixels: int) -> None:
                          "(the limit load_rgba applies); downscale it first")
 
 
-def _photo_quality(mask: np.ndarray, rect: tuple[int, int, int, int]) -> float:
-    """How much to trust a photo cut-out: the product of box fill (the mask reaches each
-    side of the box: a true product box is tight) and mask coverage of the box (a product
-    fills a good part of its own box)."""
+def _crossed(mask: np.ndarray, rect: tuple[int, int, int, int]) -> float:
+    """Share of the rows and columns of ``rect`` that ``mask`` crosses (mean of both)."""
     x1, y1, x2, y2 = rect
-    inner = mask[y1:y2, x1:x2]
-    if not inner.any():
+    sub = mask[y1:y2, x1:x2]
+    return 0.5 * float(sub.any(axis=1).mean() + sub.any(axis=0).mean())
+
+
+def _colour_histogram(pixels: np.ndarray) -> np.ndarray:
+    """Normalised 8 x 8 x 8 RGB histogram (float32 ``[512]``) of ``uint8 [N, 3]`` pixels."""
+    hist = cv2.calcHist([np.ascontiguousarray(pixels).reshape(-1, 1, 3)], [0, 1, 2], None,
+                        [8, 8, 8], [0, 256, 0, 256, 0, 256]).ravel()
+    return hist / max(1.0, float(hist.sum()))
+
+
+def _photo_quality(work: np.ndarray, first: np.ndarray, mask: np.ndarray,
+                   rect: tuple[int, int, int, int]) -> float:
+    """How much to trust a photo cut-out, in [0, 1]: the product of three factors.
+
+    - fill: the share of the box the mask covers (a product fills a good part of its own
+      tight box; a cut-out keeping one small part of it is usually wrong);
+    - separation: 1 minus the Bhattacharyya coefficient of the colour histograms of the
+      mask and of everything else in the crop (a product unlike its surroundings is cut
+      cleanly; one sharing their colours is a guess);
+    - agreement: how much of the box grabCut crossed before any pin (:func:`_segment`):
+      low when the box prior had to overrule the colour models.
+
+    Chosen on the synthetic world's seed 7 (Spearman rho with mask IoU ~0.69; each factor
+    alone 0.24-0.57); ``benchmarks/bench_cutout.py`` reports it on another seed.
+    """
+    if not mask.any() or mask.all():
         return 0.0
-    touches = [inner[:, 0].any(), inner[:, -1].any(), inner[0].any(), inner[-1].any()]
-    fill = float(inner.mean())
-    return float(np.mean(touches)) * min(1.0, fill / 0.35)
+    x1, y1, x2, y2 = rect
+    fill = float(mask[y1:y2, x1:x2].mean())
+    h_fg, h_bg = _colour_histogram(work[mask]), _colour_histogram(work[~mask])
+    separation = max(0.0, 1.0 - float(np.sqrt(h_fg * h_bg).sum()))
+    return fill * separation * _crossed(first, rect)
+
+
+def _gmm_log_likelihood(model: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Log-likelihood of ``pixels`` (float64 ``[N, 3]``) under a grabCut colour model
+    (``cv2.grabCut``'s float64 ``[1, 65]``: 5 weights, 5 x 3 means, 5 x 3 x 3 covariances,
+    OpenCV's layout); OpenCV does not expose its own evaluation."""
+    weights = model[0, :5]
+    means = model[0, 5:20].reshape(5, 3)
+    covs = model[0, 20:65].reshape(5, 3, 3)
+    out = np.full((pixels.shape[0], 5), -np.inf)
+    for k in np.nonzero(weights > 0)[0]:
+        cov = covs[k] + 1e-6 * np.eye(3)
+        diff = pixels - means[k]
+        sol = np.linalg.solve(cov, diff.T).T
+        _, logdet = np.linalg.slogdet(cov)
+        out[:, k] = (np.log(weights[k]) - 0.5 * (np.einsum("ij,ij->i", diff, sol) + logdet
+                                                  + 3.0 * np.log(2.0 * np.pi)))
+    top = out.max(axis=1, keepdims=True)
+    top[~np.isfinite(top)] = 0.0
+    with np.errstate(divide="ignore"):  # no component: log 0 = -inf, as it should
+        return (top + np.log(np.exp(out - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def _segment(work: np.ndarray, rect: tuple[int, int, int, int], *, iterations: int,
+             pin_rounds: int) -> np.ndarray:
+    """grabCut from the rectangle, with the tight-box prior enforced by pinpointing.
+
+    A true product box is tight: the product crosses every row and column of it. grabCut
+    alone often keeps only the most distinctive part of a product whose other parts share
+    the clutter's colours. Lempitsky et al. (ICCV 2009, "Image segmentation with a
+    bounding box prior") enforce the prior by "pinpointing": for each row or column of the
+    box that the mask misses, the pixel of it most likely foreground under the colour
+    models is made sure foreground, and the cut is run again (``pin_rounds`` times at
+    most). Written here because OpenCV has no box-prior option.
+
+    Args:
+        work: ``uint8 [h, w, 3]`` RGB, the crop at the working scale.
+        rect: ``(x1, y1, x2, y2)``, the box in ``work``'s pixels (x2/y2 exclusive).
+
+    Returns:
+        ``(first, final)``: grabCut's foreground before any pin and after the last
+        (bool ``[h, w]``, False outside ``rect``).
+    """
+    h, w = work.shape[:2]
+    x1, y1, x2, y2 = rect
+    gc = np.zeros((h, w), np.uint8)
+    bgd = np.zeros((1, 65), np.float64)
+    fgd = np.zeros((1, 65), np.float64)
+    # grabCut seeds its k-means from OpenCV's global generator: seed it, or the same photo
+    # can give another cut-out on another call.
+    cv2.setRNGSeed(0)
+    try:
+        cv2.grabCut(work, gc, (x1, y1, x2 - x1, y2 - y1), bgd, fgd, iterations,
+                    cv2.GC_INIT_WITH_RECT)
+    except cv2.error as exc:  # a box covering the whole crop: no background sample
+        logger.debug("grabCut failed (%s); using the box", exc)
+        mask = np.zeros((h, w), bool)
+        mask[y1:y2, x1:x2] = True
+        return mask, mask
+    inside = np.zeros((h, w), bool)
+    inside[y1:y2, x1:x2] = True
+    first = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)) & inside
+    for _ in range(pin_rounds):
+        mask = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)) & inside
+        sub = mask[y1:y2, x1:x2]
+        rows, cols = np.nonzero(~sub.any(axis=1))[0], np.nonzero(~sub.any(axis=0))[0]
+        if rows.size == 0 and cols.size == 0:
+            break
+        pixels = work[y1:y2, x1:x2].reshape(-1, 3).astype(np.float64)
+        llr = (_gmm_log_likelihood(fgd, pixels) - _gmm_log_likelihood(bgd, pixels)).reshape(
+            y2 - y1, x2 - x1)
+        for r in rows:
+            gc[y1 + r, x1 + int(np.argmax(llr[r]))] = cv2.GC_FGD
+        for c in cols:
+            gc[y1 + int(np.argmax(llr[:, c])), x1 + c] = cv2.GC_FGD
+        cv2.setRNGSeed(0)
+        cv2.grabCut(work, gc, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+    return first, ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)) & inside
 
 
 def cut_out_photo(
@@ -65,9 +168,10 @@ def cut_out_photo(
     bbox: Sequence[float],
     *,
     work_side: int = 320,
-    margin: float = 0.15,
+    margin: float = 0.3,
     iterations: int = 5,
     matting_radius: int = 2,
+    pin_rounds: int = 3,
     max_pixels: int = MAX_PIXELS,
     min_pixels: int = 64,
 ) -> Cutout:
@@ -120,21 +224,12 @@ def cut_out_photo(
     rx1, ry1 = int(np.floor((bx1 - cx1) * sx)), int(np.floor((by1 - cy1) * sy))
     rx2, ry2 = int(np.ceil((bx2 - cx1) * sx)), int(np.ceil((by2 - cy1) * sy))
     rx2, ry2 = max(rx2, rx1 + 2), max(ry2, ry1 + 2)
-    gc = np.zeros((wh, ww), np.uint8)
-    bgd = np.zeros((1, 65), np.float64)
-    fgd = np.zeros((1, 65), np.float64)
-    try:
-        cv2.grabCut(work, gc, (rx1, ry1, rx2 - rx1, ry2 - ry1), bgd, fgd, iterations,
-                    cv2.GC_INIT_WITH_RECT)
-        mask = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
-    except cv2.error as exc:  # a box covering the whole crop: no background sample
-        logger.debug("grabCut failed (%s); using the box", exc)
-        mask = np.zeros((wh, ww), bool)
-        mask[ry1:ry2, rx1:rx2] = True
+    rect = (rx1, ry1, rx2, ry2)
+    first, mask = _segment(work, rect, iterations=iterations, pin_rounds=pin_rounds)
     if not mask.any():
         return _fail("empty", "the segmentation kept no foreground in the box: nothing to "
                               "cut out; check the box")
-    quality = _photo_quality(mask, (rx1, ry1, rx2, ry2))
+    quality = _photo_quality(work, first, mask, rect)
     alpha_w, colours_w = _soft_alpha(work, mask, matting_radius=matting_radius)
     inside = np.zeros((wh, ww), bool)
     inside[ry1:ry2, rx1:rx2] = True
