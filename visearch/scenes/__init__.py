@@ -13,7 +13,14 @@ from visearch.scenes.compose import (
     procedural_background,
     synthesize_scenes,
 )
-from visearch.scenes.cutout import CUTOUT_STATUSES, Cutout, cut_out, cut_out_file, load_rgba
+from visearch.scenes.cutout import (
+    CUTOUT_STATUSES,
+    Cutout,
+    cut_out,
+    cut_out_file,
+    load_rgba,
+    plain_border,
+)
 from visearch.scenes.photo_cutout import cut_out_photo, cut_out_product
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "cut_out_product",
     "load_rgba",
     "main_categories",
+    "plain_border",
     "procedural_background",
     "synthesize_scenes",
 ]

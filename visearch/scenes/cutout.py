@@ -222,6 +222,22 @@ def _background(pixels: np.ndarray) -> _Background:
                        t_fg=max(30.0, 3.0 * t_bg))
 
 
+def plain_border(image: np.ndarray, *, border: int = 3, max_spread: float = 8.0,
+                 max_outliers: float = 0.35) -> bool:
+    """Whether the ``border`` px frame band of ``image`` (``uint8 [H, W, 3|4]``) is a plain
+    backdrop by :func:`cut_out`'s test without a bbox (same defaults): a median colour
+    distance to the band's median colour of at most ``max_spread``, and at most
+    ``max_outliers`` of the band far from it. An image too small for the band: False."""
+    rgb, _ = _check_image(image)
+    h, w = rgb.shape[:2]
+    if min(h, w) < 2 * border + 3:
+        return False
+    band = np.ones((h, w), bool)
+    band[border:h - border, border:w - border] = False
+    bg = _background(rgb[band].astype(np.float32))
+    return bg.spread <= max_spread and bg.outliers <= max_outliers
+
+
 def _frame_connected(mask: np.ndarray) -> np.ndarray:
     """Pixels of ``mask`` (bool) 4-connected to the image frame through ``mask``."""
     n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
