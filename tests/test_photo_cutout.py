@@ -231,6 +231,24 @@ def test_plain_shop_image_takes_the_shop_path(world: Path) -> None:
         assert np.array_equal(a.rgba, b.rgba)
 
 
+def test_a_large_shop_image_is_cut_at_the_working_scale(world: Path) -> None:
+    """A shop image 4x larger than ``work_side`` is cut at that scale: the alpha scaled
+    back matches the 4x drawn mask; a bad box is judged in the large image's pixels."""
+    rows = [json.loads(line) for line in (world / "catalog.jsonl").read_text().splitlines()]
+    row = rows[1]
+    image = cv2.resize(load_rgba(world / row["image"]), (384, 384),
+                       interpolation=cv2.INTER_CUBIC)
+    with Image.open(world / mask_path(row["image"])) as im:
+        mask = np.asarray(im.resize((384, 384), Image.Resampling.NEAREST)) >= 128
+    for bbox in (None, tuple(4 * v for v in row["bbox"])):
+        c = cut_out_product(image, bbox, work_side=96)
+        assert c.ok, c.reason
+        assert _iou(_full_alpha(c, (384, 384)) >= 128, mask) >= 0.9
+        assert np.abs(np.subtract(c.box, [4 * v for v in row["bbox"]])).max() <= 8
+    bad = cut_out_product(image, (390, 10, 500, 90), work_side=96)
+    assert bad.status == "bad_bbox" and "384 x 384" in bad.reason
+
+
 def test_rgba_with_its_own_alpha_is_kept_exactly() -> None:
     rng = np.random.default_rng(4)
     image = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)  # clutter, but own alpha
@@ -269,3 +287,5 @@ def test_caller_errors_raise() -> None:
         cut_out_photo(photo, box, max_pixels=128 * 127)
     with pytest.raises(ValueError, match="work_side"):
         cut_out_photo(photo, box, work_side=4)
+    with pytest.raises(ValueError, match="work_side"):
+        cut_out_product(photo, box, work_side=4)
