@@ -1,8 +1,10 @@
-"""Category voting: the detector's class scores and the query's nearest neighbours decide.
+"""Category voting: the detector's class scores, the query's nearest neighbours and the
+embedder's category head decide.
 
-The detector sees the object; the neighbours see what the gallery says similar objects are.
-Each source is turned into a distribution over categories, the two are mixed with
-configurable weights, and the top category wins:
+The detector sees the object; the neighbours see what the gallery says similar objects are;
+the category head (a classifier on the query's own embedding, trained with it) says what
+the embedding itself encodes. Each source is turned into a distribution over categories,
+they are mixed with configurable weights, and the top category wins:
 
 ``detector[c] = score_c / sum(scores)`` (the main object's per-class scores),
 ``neighbours[c] = sum(w_j for neighbours j of category c) / sum(w_j)``, similarity-weighted
@@ -11,8 +13,11 @@ temperature ``t`` is relative to their spread over the k neighbours: the weights
 same for a sharp trained model and a flat untrained one, where every similarity is ~0.98 and
 raw similarities would give every neighbour the same vote), or ``w_j = max(s_j, 0)`` when
 ``t`` is None,
-``combined[c] = (a * detector[c] + b * neighbours[c]) / (a + b)``, where a source that has
-nothing to say (no detector, a fallback box, no neighbours) drops out of the mix.
+``head[c] = p_c / sum(p)`` (the head's softmax over the index's categories),
+``combined[c] = (a * detector[c] + b * neighbours[c] + h * head[c]) / (a + b + h)``, where a
+source that has nothing to say (no detector, a fallback box, no neighbours, no head) drops
+out of the mix. ``combined`` sums to 1 over the categories: it is the "category top-k with
+probabilities" the responses carry.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ class VoteWeights:
     detector: float = 1.0
     neighbours: float = 1.0
     temperature: float | None = 0.25
+    head: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.detector < 0 or self.neighbours < 0 or self.detector + self.neighbours <= 0:
+        # The head alone cannot be the whole vote: a model without heads would have none.
+        if (min(self.detector, self.neighbours, self.head) < 0
+                or self.detector + self.neighbours <= 0):
             raise ValueError(
-                f"vote weights must be >= 0 with a positive sum, got {self.detector=}, "
-                f"{self.neighbours=}"
+                f"vote weights must be >= 0 with a positive sum of detector and neighbours, "
+                f"got {self.detector=}, {self.neighbours=}, {self.head=}"
             )
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (or None), got {self.temperature}")
@@ -50,14 +58,15 @@ class CategoryVote:
     detector: float
     neighbours: float
     combined: float
+    head: float = 0.0
 
 
 @dataclass(frozen=True)
 class CategoryDecision:
     """The chosen category, its combined score, where it came from, and every vote.
 
-    ``source`` is ``"vote"`` (detector + neighbours), ``"detector"``, ``"neighbours"`` (one
-    source only), ``"hint"`` (the client's category, votes kept for information) or
+    ``source`` is ``"vote"`` (two or three sources), ``"detector"``, ``"neighbours"``,
+    ``"head"`` (one source only), ``"hint"`` (the client's category, votes kept for information) or
     ``"none"`` (nothing to vote with: search the whole index).
     """
 
@@ -65,6 +74,10 @@ class CategoryDecision:
     score: float
     source: str
     votes: tuple[CategoryVote, ...]
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` best categories by combined score (probabilities), best first."""
+        return [(v.category, v.combined) for v in self.votes[: max(0, k)]]
 
 
 def vote_category(
@@ -74,8 +87,10 @@ def vote_category(
     *,
     weights: VoteWeights | None = None,
     hint: str | None = None,
+    head_scores: Mapping[str, float] | None = None,
 ) -> CategoryDecision:
-    """Combine the detector's class scores and the neighbours' categories into one category.
+    """Combine the detector's class scores, the neighbours' categories and the category
+    head's probabilities into one category.
 
     Args:
         detector_scores: category -> score (any non-negative scale, normalised here), or
@@ -84,6 +99,8 @@ def vote_category(
         neighbour_similarities: their cosine similarities, float [k].
         weights: the mix; defaults to equal weights.
         hint: a category given by the client; it wins, the votes are still reported.
+        head_scores: category -> the embedder's category-head probability (normalised
+            here), or None/empty when the model has no head.
 
     Returns:
         The decision, its votes sorted by combined score, descending (ties by name).
@@ -110,18 +127,25 @@ def vote_category(
             nn[category] = nn.get(category, 0.0) + float(wj)
         total = sum(nn.values())
         nn = {c: v / total for c, v in nn.items()}
+    hd: dict[str, float] = {}
+    if head_scores:
+        total = float(sum(max(v, 0.0) for v in head_scores.values()))
+        if total > 0:
+            hd = {c: max(v, 0.0) / total for c, v in head_scores.items()}
     a = weights.detector if det else 0.0
     b = weights.neighbours if nn else 0.0
+    h = weights.head if hd else 0.0
     votes = []
-    for category in sorted(set(det) | set(nn)):
-        d, n = det.get(category, 0.0), nn.get(category, 0.0)
-        combined = (a * d + b * n) / (a + b) if a + b > 0 else 0.0
-        votes.append(CategoryVote(category, d, n, combined))
+    for category in sorted(set(det) | set(nn) | set(hd)):
+        d, n, p = det.get(category, 0.0), nn.get(category, 0.0), hd.get(category, 0.0)
+        combined = (a * d + b * n + h * p) / (a + b + h) if a + b + h > 0 else 0.0
+        votes.append(CategoryVote(category, d, n, combined, p))
     votes.sort(key=lambda v: (-v.combined, v.category))
     if hint is not None:
         score = next((v.combined for v in votes if v.category == hint), 0.0)
         return CategoryDecision(hint, score, "hint", tuple(votes))
-    if a + b == 0:
+    if a + b + h == 0:
         return CategoryDecision(None, 0.0, "none", tuple(votes))
-    source = "vote" if a > 0 and b > 0 else ("detector" if a > 0 else "neighbours")
+    used = [name for name, w in (("detector", a), ("neighbours", b), ("head", h)) if w > 0]
+    source = "vote" if len(used) > 1 else used[0]
     return CategoryDecision(votes[0].category, votes[0].combined, source, tuple(votes))
