@@ -175,7 +175,7 @@ def cut_out_photo(
     work_side: int = 320,
     margin: float = 0.3,
     iterations: int = 5,
-    matting_radius: int = 2,
+    matting_radius: int = 1,
     pin_rounds: int = 3,
     max_pixels: int = MAX_PIXELS,
     min_pixels: int = 64,
