@@ -87,7 +87,9 @@ class Cutout:
     """The result of one cut-out.
 
     Attributes:
-        status: one of :data:`CUTOUT_STATUSES`; ``"ok"`` when ``rgba`` is set.
+        status: one of :data:`CUTOUT_STATUSES`; ``"ok"`` when ``rgba`` is set. (This
+            dataclass also carries the user-photo cut-outs of
+            :mod:`visearch.scenes.photo_cutout`.)
         reason: what was wrong and what to do about it; ``""`` when ok.
         rgba: ``uint8 [h, w, 4]``, the product cropped to ``box``: straight (not
             premultiplied) RGB, alpha 0..255 (255 = product). RGB under alpha 0 is the
