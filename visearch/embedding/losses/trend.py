@@ -11,9 +11,10 @@ validation loss, ``L_j(0)`` the first measurement):
 
 - trend ``r_j = L_j(t) / L_j(t - 1)`` (below 1: still improving; near or above 1: stalled);
 - difficulty ``d_j = L_j(t) / L_j(0)`` (the share of its first loss still left);
-- ``w_j = B * max(r_j * d_j, eps) / sum_i max(r_i * d_i, eps)``, then clipped to
-  ``[floor * B / n, B]`` and renormalised, ``B`` the sum of the auxiliary tasks' configured
-  weights (the budget stays what the fixed configuration gives them) and ``n`` their number.
+- ``w_j = lo + (B - n * lo) * s_j / sum_i s_i`` with ``s_j = max(r_j * d_j, eps)``, ``B``
+  the sum of the auxiliary tasks' configured weights (the budget stays what the fixed
+  configuration gives them), ``n`` their number and ``lo = floor * B / n`` the least any
+  task keeps (a task never drops out of training).
 
 No library implements this weighting (multi-task libraries ship uncertainty weighting or
 GradNorm, which learn weights from training gradients, not validation trends), so it is
@@ -84,10 +85,8 @@ class TrendWeights(nn.Module):
             difficulty = now / self.first
             score = (trend * difficulty).clamp(min=1e-6)
             budget = self.budget
-            w = budget * score / score.sum()
             lo = self.floor * budget / len(self.names)
-            w = w.clamp(min=lo, max=budget)
-            self.weights.copy_(budget * w / w.sum())
+            self.weights.copy_(lo + (budget - len(self.names) * lo) * score / score.sum())
         self.last.copy_(now)
         self.updates += 1
         return self.as_dict()
