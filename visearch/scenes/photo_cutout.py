@@ -179,6 +179,7 @@ def _segment(work: np.ndarray, rect: tuple[int, int, int, int], *, iterations: i
         for c in cols:
             gc[y1 + int(np.argmax(llr[:, c])), x1 + c] = cv2.GC_FGD
         # 2 iterations after a pin: as good as 5 (seed 7: IoU 0.831 either way), 40 % faster
+        cv2.setRNGSeed(0)
         cv2.grabCut(work, gc, None, bgd, fgd, min(2, iterations), cv2.GC_INIT_WITH_MASK)
     return first, ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)) & inside
 
