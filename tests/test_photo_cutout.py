@@ -210,6 +210,13 @@ def test_drawn_product_on_clutter_is_cut_out(seed: int) -> None:
     assert np.abs(np.subtract(c.box, box)).max() <= 3
 
 
+def test_a_box_covering_the_whole_photo_leaves_no_background() -> None:
+    photo, _, _ = _drawn_photo(2)
+    for box in ((0, 0, 128, 128), (-10, -10, 140, 140)):
+        c = cut_out_product(photo, box)
+        assert c.status == "not_plain" and c.rgba is None and "whole image" in c.reason
+
+
 def test_cluttered_photo_without_a_box_needs_one() -> None:
     photo, _, _ = _drawn_photo(0)
     c = cut_out_product(photo)

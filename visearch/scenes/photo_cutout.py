@@ -133,7 +133,7 @@ def _gmm_log_likelihood(model: np.ndarray, pixels: np.ndarray) -> np.ndarray:
 
 
 def _segment(work: np.ndarray, rect: tuple[int, int, int, int], *, iterations: int,
-             pin_rounds: int) -> np.ndarray:
+             pin_rounds: int) -> tuple[np.ndarray, np.ndarray] | None:
     """grabCut from the rectangle, with the tight-box prior enforced by pinpointing.
 
     A true product box is tight: the product crosses every row and column of it. grabCut
@@ -150,7 +150,8 @@ def _segment(work: np.ndarray, rect: tuple[int, int, int, int], *, iterations: i
 
     Returns:
         ``(first, final)``: grabCut's foreground before any pin and after the last
-        (bool ``[h, w]``, False outside ``rect``).
+        (bool ``[h, w]``, False outside ``rect``); None when grabCut cannot fit its colour
+        models (no background pixel outside ``rect``, or too few pixels).
     """
     h, w = work.shape[:2]
     x1, y1, x2, y2 = rect
@@ -163,11 +164,9 @@ def _segment(work: np.ndarray, rect: tuple[int, int, int, int], *, iterations: i
     try:
         cv2.grabCut(work, gc, (x1, y1, x2 - x1, y2 - y1), bgd, fgd, iterations,
                     cv2.GC_INIT_WITH_RECT)
-    except cv2.error as exc:  # a box covering the whole crop: no background sample
-        logger.debug("grabCut failed (%s); using the box", exc)
-        mask = np.zeros((h, w), bool)
-        mask[y1:y2, x1:x2] = True
-        return mask, mask
+    except cv2.error as exc:  # no background sample (the box covers the crop), or tiny
+        logger.debug("grabCut failed: %s", exc)
+        return None
     inside = np.zeros((h, w), bool)
     inside[y1:y2, x1:x2] = True
     first = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)) & inside
@@ -256,7 +255,12 @@ def cut_out_photo(
     # otherwise spread the colour models (+0.01 mean IoU on seed 7); the matting and the
     # colours use the photo itself.
     seg = cv2.bilateralFilter(work, 5, 30, 5)
-    first, mask = _segment(seg, rect, iterations=iterations, pin_rounds=pin_rounds)
+    segmented = _segment(seg, rect, iterations=iterations, pin_rounds=pin_rounds)
+    if segmented is None:
+        return _fail("not_plain", (
+            f"the box {box} leaves too few pixels of the {w} x {h} image around it to learn "
+            "the background from: pass the product's own box, not (nearly) the whole image"))
+    first, mask = segmented
     mask = _clean(mask, min_part=0.05, max_hole=0.03)
     if not mask.any():
         return _fail("empty", "the segmentation kept no foreground in the box: nothing to "
