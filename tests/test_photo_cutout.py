@@ -168,6 +168,37 @@ def test_a_large_photo_is_cut_at_the_working_scale(world: Path) -> None:
     assert max(c.box) > 96
 
 
+def test_gmm_log_likelihood_reads_opencv_models_right() -> None:
+    """The colour-model evaluation used for pinning reads OpenCV's [1, 65] layout: equal
+    to a mixture of scipy's multivariate normals built from the same numbers, and the
+    foreground model prefers the foreground's colour."""
+    from scipy.stats import multivariate_normal
+
+    from visearch.scenes.photo_cutout import _gmm_log_likelihood
+
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(60, 8, (40, 40, 3)), 0, 255).astype(np.uint8)
+    img[10:30, 10:30] = np.clip(rng.normal((200, 40, 40), 8, (20, 20, 3)), 0, 255)
+    gc = np.zeros((40, 40), np.uint8)
+    bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.setRNGSeed(0)
+    cv2.grabCut(img, gc, (8, 8, 24, 24), bgd, fgd, 3, cv2.GC_INIT_WITH_RECT)
+    pixels = rng.uniform(0, 255, (50, 3))
+    expect = np.zeros(50)
+    for k in range(5):
+        w = fgd[0, k]
+        if w > 0:
+            cov = fgd[0, 20 + 9 * k:29 + 9 * k].reshape(3, 3) + 1e-6 * np.eye(3)
+            expect += w * multivariate_normal(fgd[0, 5 + 3 * k:8 + 3 * k], cov).pdf(pixels)
+    got = _gmm_log_likelihood(fgd, pixels)
+    finite = expect > 1e-300
+    assert finite.sum() >= 5
+    np.testing.assert_allclose(got[finite], np.log(expect[finite]), rtol=1e-6, atol=1e-6)
+    red, grey = np.array([[200.0, 40, 40]]), np.array([[60.0, 60, 60]])
+    llr = _gmm_log_likelihood(fgd, red) - _gmm_log_likelihood(bgd, red)
+    assert llr[0] > 0 > (_gmm_log_likelihood(fgd, grey) - _gmm_log_likelihood(bgd, grey))[0]
+
+
 # ---- photos drawn here: a known mask -------------------------------------------------------
 
 
