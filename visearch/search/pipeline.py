@@ -29,7 +29,7 @@ from PIL import Image
 
 from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.device import choose_device
-from visearch.embedding import embed_arrays_with_heads
+from visearch.embedding import embed_arrays, embed_arrays_with_heads
 from visearch.embedding.heads import Prediction, softmax, top_k_prediction
 from visearch.imageio import MAX_PIXELS, crop, decode_image
 from visearch.index.blas import faiss_threads
@@ -382,6 +382,13 @@ class SearchPipeline:
         self, crops: list[np.ndarray]
     ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Per crop: (float32 [d] embedding, {head name: float32 [C] logits})."""
+        if not self.head_labels:  # heads off: the embedding alone, as before the heads
+            if not isinstance(self.embedder, torch.nn.Module):
+                vecs = self.embedder.embed_arrays(crops, batch_size=len(crops))
+            else:
+                vecs = embed_arrays(self.embedder, crops, batch_size=len(crops),
+                                    device=self.device)
+            return [(vecs[i], {}) for i in range(len(crops))]
         if not isinstance(self.embedder, torch.nn.Module):  # an ORT session
             vecs, logits = self.embedder.embed_arrays_with_heads(crops, batch_size=len(crops))
         else:
