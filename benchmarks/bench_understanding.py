@@ -114,17 +114,18 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
         if not on.head_labels:
             raise SystemExit(f"{on.version.version} has no heads: rebuild with "
                              "embedder.category_weight / attribute_weight > 0")
-        for image in images[:3]:  # warm-up: first calls allocate
-            on.search(image)
-            off.search(image)
+        boxes = [q.bbox if args.gt_box else None for q in queries]
+        for image, box in zip(images[:3], boxes[:3], strict=False):  # warm-up: allocations
+            on.search(image, bbox=box)
+            off.search(image, bbox=box)
         cat_rows, attr_preds, t_on, t_off = [], [], [], []
-        for q, image in zip(queries, images, strict=True):
+        for q, image, box in zip(queries, images, boxes, strict=True):
             # Interleaved, alternating which goes first, so drift and caches hit both alike.
             order = [(on, t_on), (off, t_off)] if len(t_on) % 2 == 0 else [(off, t_off),
                                                                             (on, t_on)]
             for pipe, times in order:
                 t0 = time.perf_counter()
-                res = pipe.search(image)
+                res = pipe.search(image, bbox=box)
                 times.append((time.perf_counter() - t0) * 1000.0)
                 if pipe is on:
                     votes = res.category.votes
@@ -133,6 +134,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
                     attr_preds.append({n: p.values for n, p in res.attributes.items()})
         report = {
             "version": on.version.version, "queries": len(queries),
+            "boxes": "true" if args.gt_box else "detector",
             "category": _accuracy_table(cat_rows),
             "attributes": _attribute_table(attr_preds, queries),
             "latency_ms": {"heads_on_median": statistics.median(t_on),
@@ -149,7 +151,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_serve(r: dict[str, Any]) -> None:
-    print(f"\n{r['queries']} user photos, index {r['version']}")
+    print(f"\n{r['queries']} user photos ({r['boxes']} boxes), index {r['version']}")
     print("\n| category source | top-1 | top-3 | top-5 |\n|---|---|---|---|")
     for source, acc in r["category"].items():
         print(f"| {source} | {acc['top1']:.3f} | {acc['top3']:.3f} | {acc['top5']:.3f} |")
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--version", help="default: the active one")
     s.add_argument("--world", type=Path, required=True, help="the world (queries.jsonl)")
     s.add_argument("--limit", type=int, default=0, help="first N photos (0: all)")
+    s.add_argument("--gt-box", action="store_true",
+                   help="search with each photo's true box instead of the detector's")
     w = sub.add_parser("weights", help="automatic vs fixed task weights")
     w.add_argument("--world", type=Path, required=True)
     w.add_argument("--out", type=Path, required=True)
