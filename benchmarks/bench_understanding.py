@@ -118,7 +118,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
         for image, box in zip(images[:3], boxes[:3], strict=False):  # warm-up: allocations
             on.search(image, bbox=box)
             off.search(image, bbox=box)
-        cat_rows, attr_preds, t_on, t_off = [], [], [], []
+        cat_rows, attr_preds, t_on, t_off, t_post = [], [], [], [], []
         for q, image, box in zip(queries, images, boxes, strict=True):
             # Interleaved, alternating which goes first, so drift and caches hit both alike.
             order = [(on, t_on), (off, t_off)] if len(t_on) % 2 == 0 else [(off, t_off),
@@ -128,6 +128,7 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
                 res = pipe.search(image, bbox=box)
                 times.append((time.perf_counter() - t0) * 1000.0)
                 if pipe is on:
+                    t_post.append(res.timings.get("heads", 0.0))
                     votes = res.category.votes
                     cat_rows.append({"truth": q.category,
                                      "ranked": {s: _ranked(votes, s) for s in SOURCES}})
@@ -140,7 +141,9 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
             "latency_ms": {"heads_on_median": statistics.median(t_on),
                            "heads_off_median": statistics.median(t_off),
                            "added_median": statistics.median(t_on) - statistics.median(t_off),
-                           "added_mean_paired": float(np.mean(np.subtract(t_on, t_off)))},
+                           "added_mean_paired": float(np.mean(np.subtract(t_on, t_off))),
+                           "heads_stage_median": statistics.median(t_post),
+                           "forward_added_median": _forward_cost(on, queries[0], images[0])},
             "machine": machine(),
         }
     finally:
@@ -148,6 +151,29 @@ def run_serve(args: argparse.Namespace) -> dict[str, Any]:
         off.close()
     _print_serve(report)
     return report
+
+
+def _forward_cost(pipe: Any, query: CatalogRow, image: bytes, reps: int = 200) -> float:
+    """Median extra ms of one crop's forward pass with the heads against without, the
+    two interleaved ``reps`` times (the Search medians above are too noisy on a shared
+    machine to resolve a fraction of a millisecond)."""
+    from visearch.embedding import embed_arrays, embed_arrays_with_heads
+    from visearch.imageio import crop, decode_image
+
+    region = np.array(crop(decode_image(image), query.bbox))
+    model = pipe.embedder
+    diffs = []
+    for rep in range(reps):  # alternate which goes first
+        t = {}
+        for heads in ((True, False) if rep % 2 == 0 else (False, True)):
+            t0 = time.perf_counter()
+            if heads:
+                embed_arrays_with_heads(model, [region], batch_size=1)
+            else:
+                embed_arrays(model, [region], batch_size=1)
+            t[heads] = time.perf_counter() - t0
+        diffs.append((t[True] - t[False]) * 1000.0)
+    return statistics.median(diffs)
 
 
 def _print_serve(r: dict[str, Any]) -> None:
@@ -160,8 +186,10 @@ def _print_serve(r: dict[str, Any]) -> None:
         print(f"| {name} | {acc['top1']:.3f} | {acc['top3']:.3f} | {acc['n']} |")
     lat = r["latency_ms"]
     print(f"\nSearch median {lat['heads_on_median']:.2f} ms with heads vs "
-          f"{lat['heads_off_median']:.2f} ms without: +{lat['added_median']:.3f} ms "
-          f"(paired mean +{lat['added_mean_paired']:.3f} ms)")
+          f"{lat['heads_off_median']:.2f} ms without: {lat['added_median']:+.3f} ms "
+          f"(paired mean {lat['added_mean_paired']:+.3f} ms); the heads' own cost: forward "
+          f"{lat['forward_added_median']:+.3f} ms (median of 200 interleaved pairs), "
+          f"post-processing (softmax, top-k) {lat['heads_stage_median']:.3f} ms")
 
 
 # ------------------------------------------------------------------------------ weights
