@@ -30,8 +30,8 @@ colour separation from the surroundings x agreement of the first cut with the bo
 Measured (``benchmarks/bench_cutout.py --skus 200 --seed 29``, 200 user photos at 128 px,
 a seed not tuned on; shared 2-core CPU): mean mask IoU 0.810 against the drawn mask of the
 product's visible part given the true box (plain grabCut from the rectangle: 0.766),
-SAD 0.50 (0.61), ~110 ms per photo; quality ranks IoU with Spearman rho 0.70. Given a box
-10 % too loose on each side: IoU 0.750.
+SAD 0.50 (0.61), 1.2x the plain grabCut's time (110-190 ms per photo); quality ranks IoU
+with Spearman rho 0.70. Given a box 10 % too loose on each side: IoU 0.750.
 
 What it cannot do: an occluder (a thumb over the product's edge) inside the box that
 looks like part of the product is kept, and a product part of the clutter's colours
