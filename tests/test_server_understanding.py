@@ -196,3 +196,10 @@ def test_bad_inputs_get_invalid_argument(client, indexed, tiny_world, call) -> N
         assert says in err.value.details()
     # The server is still up and answers a good call.
     assert client.describe(image).index_version
+
+
+def test_cutout_of_a_cluttered_photo_without_a_box_says_so(client) -> None:
+    noise = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    res = client.cutout(_png(noise))  # no detector here, no box: nothing to cut from
+    assert res.status == "needs_bbox"
+    assert res.rgba_png == b"" and res.mask_png == b"" and not res.HasField("box")
