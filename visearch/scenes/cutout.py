@@ -380,6 +380,9 @@ def _grabcut(rgb: np.ndarray, gc: np.ndarray, iterations: int, margin: int = 8) 
         return fg  # grabCut needs samples of both to fit its colour models
     bgd = np.zeros((1, 65), np.float64)
     fgd = np.zeros((1, 65), np.float64)
+    # grabCut seeds its k-means from OpenCV's global generator: seed it, or the same image
+    # can give another cut-out depending on what ran before.
+    cv2.setRNGSeed(0)
     try:
         cv2.grabCut(np.ascontiguousarray(rgb[y1:y2, x1:x2]), sub, None, bgd, fgd,
                     iterations, cv2.GC_INIT_WITH_MASK)
