@@ -26,7 +26,12 @@ from visearch.embedding.losses import (
     WeightedLoss,
 )
 from visearch.embedding.train import ImageSet, hold_out
-from visearch.search.voting import VoteWeights, vote_category
+from visearch.search.voting import (
+    AttributeWeights,
+    VoteWeights,
+    vote_attributes,
+    vote_category,
+)
 
 CATS = ["bag", "mug", "shoe"]
 ATTRS = {"color": ["blue", "red", "white", "black"], "pattern": ["dots", "solid"]}
@@ -185,6 +190,42 @@ def test_vote_with_the_category_head_matches_the_formula() -> None:
     assert only.source == "head" and only.category == "shoe"
     with pytest.raises(ValueError, match="positive sum"):
         VoteWeights(detector=0.0, neighbours=0.0, head=1.0)
+
+
+def test_attribute_vote_matches_a_hand_computed_vote() -> None:
+    # Three neighbours, similarities 0.9, 0.8, 0.5: spread 0.4, temperature 0.5, so
+    # w = exp(-(0.9 - s) / 0.2) = 1, e^-0.5, e^-2. The third has no pattern.
+    attrs = [{"color": "red", "pattern": "dots"}, {"color": "blue", "pattern": "solid"},
+             {"color": "red"}]
+    sims = [0.9, 0.8, 0.5]
+    head = {"color": {"red": 0.1, "blue": 0.3, "white": 0.6}}
+    weights = AttributeWeights(neighbours=1.0, head=0.5, temperature=0.5)
+    votes = vote_attributes(["color", "pattern", "material"], attrs, sims, head_scores=head,
+                            weights=weights)
+    w1, w2, w3 = 1.0, math.exp(-0.5), math.exp(-2.0)
+    nn_red, nn_blue = (w1 + w3) / (w1 + w2 + w3), w2 / (w1 + w2 + w3)
+    expect = {"red": (nn_red + 0.5 * 0.1) / 1.5, "blue": (nn_blue + 0.5 * 0.3) / 1.5,
+              "white": 0.5 * 0.6 / 1.5}
+    assert [v.value for v in votes["color"]] == sorted(expect, key=lambda v: -expect[v])
+    assert {v.value: v.combined for v in votes["color"]} == pytest.approx(expect)
+    assert {v.value: v.neighbours for v in votes["color"]} == pytest.approx(
+        {"red": nn_red, "blue": nn_blue, "white": 0.0})
+    assert {v.value: v.head for v in votes["color"]} == pytest.approx(head["color"])
+    # No head for pattern: the neighbours alone (the third neighbour has no vote on it);
+    # nobody knows the material: left out.
+    assert {v.value: v.combined for v in votes["pattern"]} == pytest.approx(
+        {"dots": w1 / (w1 + w2), "solid": w2 / (w1 + w2)})
+    assert "material" not in votes
+    # The head alone when there are no neighbours; raw similarities without a temperature.
+    alone = vote_attributes(["color"], [], [], head_scores=head, weights=weights)
+    assert [v.value for v in alone["color"]] == ["white", "blue", "red"]
+    raw = vote_attributes(["color"], attrs, sims, weights=AttributeWeights(temperature=None))
+    assert {v.value: v.combined for v in raw["color"]} == pytest.approx(
+        {"red": 1.4 / 2.2, "blue": 0.8 / 2.2})
+    with pytest.raises(ValueError, match="similarities"):
+        vote_attributes(["color"], attrs, sims[:2])
+    with pytest.raises(ValueError, match="positive sum"):
+        AttributeWeights(neighbours=0.0, head=0.0)
 
 
 def test_onnx_embedder_outputs_the_head_logits(tmp_path) -> None:

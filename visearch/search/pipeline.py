@@ -2,7 +2,8 @@
 
 decode and validate -> detect -> main object crop (or the caller's box) -> embed (+ the
 model's category and attribute heads, same forward pass) -> top-k neighbours over the whole
-index -> category vote (detector, neighbours, category head) -> search that category (or the
+index -> category vote (detector, neighbours, category head) and attribute vote (neighbours'
+catalog attributes, attribute heads) -> search that category (or the
 caller's hint) -> k-reciprocal re-ranking -> best item per SKU -> top-K.
 
 :meth:`SearchPipeline.describe` stops after the vote (category top-k and attributes, no
@@ -30,12 +31,19 @@ from PIL import Image
 from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.device import choose_device
 from visearch.embedding import embed_arrays, embed_arrays_with_heads
-from visearch.embedding.heads import Prediction, softmax, top_k_prediction
+from visearch.embedding.heads import Prediction, softmax
 from visearch.imageio import MAX_PIXELS, crop, decode_image
 from visearch.index.blas import faiss_threads
 from visearch.search.batching import MicroBatcher
 from visearch.search.rerank import KReciprocalReranker
-from visearch.search.voting import CategoryDecision, VoteWeights, vote_category
+from visearch.search.voting import (
+    AttributeVote,
+    AttributeWeights,
+    CategoryDecision,
+    VoteWeights,
+    vote_attributes,
+    vote_category,
+)
 
 if TYPE_CHECKING:
     from visearch.detection.main_object import MainObject
@@ -108,8 +116,11 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: the best categories after the vote with their combined probabilities, best first
     category_top: list[tuple[str, float]] = field(default_factory=list)
-    #: attribute name -> the attribute heads' top-k values (empty without heads)
+    #: attribute name -> its top-k values voted by the neighbours and the attribute heads
+    #: (empty without heads)
     attributes: dict[str, Prediction] = field(default_factory=dict)
+    #: attribute name -> every value's vote per source (what ``attributes`` is the top of)
+    attribute_votes: dict[str, tuple[AttributeVote, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +135,7 @@ class DescribeResult:
     attributes: dict[str, Prediction]
     index_version: str
     timings: dict[str, float] = field(default_factory=dict)
+    attribute_votes: dict[str, tuple[AttributeVote, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,6 +204,8 @@ class SearchPipeline:
         detector: the product detector (torch or :class:`~visearch.runtime.onnx.OrtDetector`);
             None embeds the whole image (or the caller's box).
         vote_weights: the category vote's mix (default: equal).
+        attribute_weights: the attribute vote's mix of the ``vote_k`` neighbours' catalog
+            attributes and the attribute heads (default: :class:`AttributeWeights`).
         rerank: k-reciprocal parameters; None disables re-ranking altogether.
         vote_k: neighbours over the whole index that vote on the category.
         detect_thresh: minimum score of a main object (else the whole image is used); the
@@ -205,7 +219,8 @@ class SearchPipeline:
             server's requests run in parallel on their own threads; None: faiss's default,
             every core, for one large index searched one query at a time).
         heads: use the embedder's category and attribute heads when it has them (the
-            category head joins the vote with ``vote_weights.head``); False ignores them.
+            category head joins the vote with ``vote_weights.head``; the attributes the
+            heads name are voted with the neighbours); False ignores them (no attributes).
         category_top_k, attribute_top_k: categories and values per attribute reported.
     """
 
@@ -216,6 +231,7 @@ class SearchPipeline:
         detector: ProductDetector | OrtDetector | None = None,
         *,
         vote_weights: VoteWeights | None = None,
+        attribute_weights: AttributeWeights | None = None,
         rerank: RerankParams | None = None,
         vote_k: int = 20,
         detect_thresh: float = MAIN_SCORE_THRESH,
@@ -253,6 +269,7 @@ class SearchPipeline:
             else "torch" if isinstance(detector, torch.nn.Module) else "onnx",
         }
         self.vote_weights = vote_weights or VoteWeights()
+        self.attribute_weights = attribute_weights or AttributeWeights()
         self.rerank_params = rerank
         self.vote_k = vote_k
         self.detect_thresh = detect_thresh
@@ -502,20 +519,40 @@ class SearchPipeline:
 
     def _understand(
         self, logits: dict[str, np.ndarray]
-    ) -> tuple[dict[str, float] | None, dict[str, Prediction]]:
+    ) -> tuple[dict[str, float] | None, dict[str, dict[str, float]]]:
         """The heads' logits -> (category head probabilities over the index's categories,
-        or None; attribute name -> top-k values)."""
+        or None; attribute name -> value -> the head's probability)."""
         head_scores = None
         if "category" in logits:
             p = softmax(logits["category"])
             head_scores = {c: float(v) for c, v in zip(self.head_labels["category"], p,
                                                        strict=True) if c in self.categories}
         attributes = {
-            name[len("attr."):]: top_k_prediction(v, self.head_labels[name],
-                                                  self.attribute_top_k)
+            name[len("attr."):]: dict(zip(self.head_labels[name],
+                                          softmax(v).reshape(-1).tolist(), strict=True))
             for name, v in logits.items() if name.startswith("attr.")
         }
         return head_scores, attributes
+
+    def _vote_attributes(
+        self, head_attributes: dict[str, dict[str, float]], nn_ids: np.ndarray,
+        nn_sims: np.ndarray,
+    ) -> tuple[dict[str, Prediction], dict[str, tuple[AttributeVote, ...]]]:
+        """The heads' attributes voted with the ``vote_k`` neighbours' catalog attributes
+        -> (name -> top-k values, name -> every value's votes)."""
+        if not head_attributes:
+            return {}, {}
+        ids = nn_ids[: self.vote_k]
+        metas = self.items.get_many(ids.tolist())
+        votes = vote_attributes(
+            list(head_attributes), [(m or {}).get("attributes") or {} for m in metas],
+            nn_sims[: self.vote_k], head_scores=head_attributes,
+            weights=self.attribute_weights,
+        )
+        top = {name: Prediction(tuple(v.value for v in vs[: self.attribute_top_k]),
+                                tuple(v.combined for v in vs[: self.attribute_top_k]))
+               for name, vs in votes.items()}
+        return top, votes
 
     def _vote(
         self, main: MainObject | None, nn_ids: np.ndarray, nn_sims: np.ndarray,
@@ -569,7 +606,7 @@ class SearchPipeline:
         clock.lap("detect")
         xq, logits = self._embed_crop(image, chosen.box, clock)
         clock.lap("embed")
-        head_scores, attributes = self._understand(logits)
+        head_scores, head_attributes = self._understand(logits)
         if self.head_labels:
             clock.lap("heads")
         with faiss_threads(self.search_threads):
@@ -577,9 +614,11 @@ class SearchPipeline:
         keep = I[0] >= 0
         clock.lap("search_all")
         decision = self._vote(main, I[0][keep], D[0][keep], head_scores, None)
+        attributes, attribute_votes = self._vote_attributes(head_attributes, I[0][keep],
+                                                            D[0][keep])
         clock.lap("vote")
         return DescribeResult(detections, chosen, decision, decision.top(self.category_top_k),
-                              attributes, self.version.version, clock.done())
+                              attributes, self.version.version, clock.done(), attribute_votes)
 
     def cutout(
         self, image_bytes: bytes, *, bbox: Sequence[float] | None = None,
@@ -676,7 +715,7 @@ class SearchPipeline:
         vec, logits = self._embed_crop(image, chosen.box, clock)
         xq = vec[None]
         clock.lap("embed")
-        head_scores, attributes = self._understand(logits)
+        head_scores, head_attributes = self._understand(logits)
         if self.head_labels:
             clock.lap("heads")
 
@@ -691,6 +730,7 @@ class SearchPipeline:
         clock.lap("search_all")
 
         decision = self._vote(main, nn_ids, nn_sims, head_scores, hint)
+        attributes, attribute_votes = self._vote_attributes(head_attributes, nn_ids, nn_sims)
         clock.lap("vote")
 
         clock.remaining("search_category")
@@ -716,7 +756,7 @@ class SearchPipeline:
         clock.lap("group")
         return SearchResult(detections, chosen, decision, hits, self.version.version,
                             bool(use_rerank), clock.done(), decision.top(self.category_top_k),
-                            attributes)
+                            attributes, attribute_votes)
 
     def _group(
         self, ids: np.ndarray, sims: np.ndarray, scores: np.ndarray, top_k: int
