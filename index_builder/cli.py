@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "index_builder.cmd_scenes",
     "index_builder.cmd_clean",
     "index_builder.cmd_review",
+    "index_builder.cmd_tag",
     "index_builder.cmd_rebuild",
 )
 

@@ -31,9 +31,10 @@ from visearch.embedding.losses import (
     LossTerm,
     NormFaceLoss,
     SoftmaxLoss,
+    TrendWeights,
     WeightedLoss,
 )
-from visearch.embedding.train import LabelVocab, train_embedder
+from visearch.embedding.train import LabelVocab, hold_out, train_embedder
 from visearch.registry import Registry
 from visearch.store import store_lookup
 from visearch.transforms import AUGMENTS, train_transform
@@ -46,6 +47,8 @@ _REPO = Path(__file__).resolve().parent.parent
 # name -> factory(dim, num_classes, margin | None, scale | None) -> loss module
 LossFactory = Callable[[int, int, float | None, float | None], nn.Module]
 LOSSES: Registry[LossFactory] = Registry("loss")
+#: how the auxiliary heads' loss weights are set: as configured, or from validation trends
+TASK_WEIGHTS = ("fixed", "auto")
 
 
 def _kw(margin: float | None, scale: float | None) -> dict[str, float]:
@@ -85,9 +88,14 @@ def build_loss(
     triplet_margin: float = 0.3,
     category_weight: float = 0.0,
     attribute_weight: float = 0.0,
+    task_weights: str = "fixed",
 ) -> WeightedLoss:
     """The training loss from CLI choices: ``name`` on SKUs (+ optional triplet on SKUs,
-    category head, attribute heads)."""
+    category head, attribute heads). ``task_weights="auto"`` lets the heads' weights follow
+    their validation-loss trends (:class:`TrendWeights`, starting from the given weights);
+    ``"fixed"`` keeps them."""
+    if task_weights not in TASK_WEIGHTS:
+        raise ValueError(f"task_weights must be one of {TASK_WEIGHTS}, got {task_weights!r}")
     terms = [LossTerm(name, LOSSES.get(name)(dim, len(vocab.skus), margin, scale))]
     if triplet_weight > 0:
         terms.append(LossTerm("triplet", BatchHardTripletLoss(triplet_margin), triplet_weight))
@@ -105,7 +113,11 @@ def build_loss(
         terms.append(
             LossTerm("attributes", AttributeLoss(dim, sizes), attribute_weight, target="attributes")
         )
-    return WeightedLoss(terms)
+    aux = [t for t in terms if t.name in ("category", "attributes")]
+    trend = None
+    if task_weights == "auto" and aux:
+        trend = TrendWeights([t.name for t in aux], [t.weight for t in aux])
+    return WeightedLoss(terms, trend=trend)
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,10 @@ class EmbedderTrainParams:
     attribute_weight: float = 0.0
     #: attribute names for the attribute heads (used when ``attribute_weight`` > 0)
     attributes: tuple[str, ...] = ("color", "pattern", "material")
+    #: "fixed" (the weights above) or "auto" (validation-loss trends on held-out images)
+    task_weights: str = "fixed"
+    trend_every: int = 50  # steps between two "auto" reweightings
+    trend_fraction: float = 0.05  # held-out share of the training images for "auto"
     erasing: float = 0.5
     augment: str = "strong"
     epochs: int = 10
@@ -196,6 +212,9 @@ def train_embedder_on_catalog(
     attr_names = list(params.attributes) if params.attribute_weight else []
     vocab = LabelVocab.from_rows(manifest.rows, attr_names)
     train = vocab.image_set(manifest.rows)
+    trend_set = None
+    if params.task_weights == "auto" and (params.category_weight or params.attribute_weight):
+        train, trend_set = hold_out(train, params.trend_fraction, seed=params.seed)
     val = None
     if val_queries:
         queries = read_manifest(val_queries, strict=not lenient)
@@ -221,6 +240,7 @@ def train_embedder_on_catalog(
         triplet_weight=params.triplet_weight,
         category_weight=params.category_weight,
         attribute_weight=params.attribute_weight,
+        task_weights=params.task_weights,
     )
     cfg = model.config
     transform = train_transform(
@@ -264,6 +284,9 @@ def train_embedder_on_catalog(
         num_workers=params.workers,
         progress=params.progress,
         callback=lambda r: print(_epoch_line(r), flush=True),
+        vocab=vocab,
+        trend_set=trend_set,
+        trend_every=params.trend_every,
     )
     seconds = time.perf_counter() - t0
     (out / "history.json").write_text(json.dumps(result.history, indent=1))
@@ -282,7 +305,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         pretrained=pretrained, image_size=args.image_size, loss=args.loss,
         margin=args.margin, scale=args.scale, triplet_weight=args.triplet_weight,
         category_weight=args.category_weight, attribute_weight=args.attribute_weight,
-        attributes=tuple(a for a in args.attributes.split(",") if a), erasing=args.erasing,
+        attributes=tuple(a for a in args.attributes.split(",") if a),
+        task_weights=args.task_weights, trend_every=args.trend_every, erasing=args.erasing,
         augment=args.augment, epochs=args.epochs, p=args.p, k=args.k,
         steps_per_epoch=args.steps_per_epoch, lr=args.lr,
         backbone_lr_mult=args.backbone_lr_mult, frozen_blocks=args.frozen_blocks,
@@ -300,6 +324,9 @@ def _epoch_line(r: dict) -> str:
     line = f"epoch {r['epoch']}: loss {r['loss']:.4f}, {r['images_per_s']:.1f} img/s"
     if "recall@1" in r:
         line += f", val R@1 {r['recall@1']:.4f} R@5 {r['recall@5']:.4f}"
+    if "task_weights" in r:
+        line += ", task weights " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                               r["task_weights"].items())
     return line
 
 
@@ -356,6 +383,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="color,pattern,material",
         help="comma-separated attribute names for the attribute heads",
     )
+    t.add_argument(
+        "--task-weights",
+        default="fixed",
+        choices=TASK_WEIGHTS,
+        help="the heads' loss weights: fixed (as given) or auto (from each head's "
+        "validation-loss trend on 5%% held-out training images; the SKU loss stays fixed)",
+    )
+    t.add_argument("--trend-every", type=int, default=50, help="steps between auto reweights")
     t.add_argument("--erasing", type=float, default=0.5, help="random erasing probability")
     t.add_argument(
         "--augment",

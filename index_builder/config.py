@@ -86,6 +86,7 @@ def _detector_backbones() -> list[str]:
 DetectorSource = Literal["auto", "coco", "catalog"]
 DetectorLabels = Literal["category", "product", "main"]
 MergeRule = Literal["calibrated", "confusion"]
+TaskWeights = Literal["fixed", "auto"]
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,15 @@ class EmbedderConfig:
     freeze_bn: bool = True  # keep the trunk's ImageNet BN statistics: +0.075 R@1
     #: local torchvision weights; when the file is missing: the backbone's shipped default
     pretrained: str | None = "weights/mobilenet_v2-b0353104.pth"
+    #: the served understanding heads (category and attribute classifiers on the embedding),
+    #: trained as auxiliary losses with these weights (0: no such head)
+    category_weight: float = _checked(0.1, ge=0)
+    attribute_weight: float = _checked(0.1, ge=0)
+    #: catalog attribute names that get a head
+    attributes: list[str] = field(default_factory=lambda: ["color", "pattern", "material"])
+    #: "fixed": the weights above; "auto": the heads' weights follow their validation-loss
+    #: trends on 5 % held-out training images (benchmarks/bench_understanding.py)
+    task_weights: TaskWeights = "fixed"
     #: the first-pass model whose embeddings drive denoising and merging
     cleaning_epochs: int = _checked(1, ge=1)
     #: 400, not 150: merge recall 0.82 vs 0.45 and denoise F1 0.94 vs 0.88 on the noisy world

@@ -43,8 +43,9 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="rendering processes")
     p.add_argument("--shop-masks", action="store_true",
-                   help="also write each shop image's drawn product mask as masks/<stem>.png "
-                   "(ground truth for cut-outs); other files are unchanged")
+                   help="also write each shop image's and user photo's drawn product mask "
+                   "(a photo's: the visible part of its product) as masks/<stem>.png, "
+                   "ground truth for cut-outs; other files are unchanged")
     p.add_argument("--photo-backgrounds", type=Path, default=None, metavar="DIR",
                    help="render the user photos on random crops of the .jpg/.png/.webp "
                    "photos in DIR (e.g. Debian's gnome-backgrounds) instead of procedural "

@@ -2,6 +2,8 @@
 
     visearch-query PHOTO --server HOST:PORT [--top-k 10] [--category shoe]
                    [--bbox x1,y1,x2,y2] [--no-rerank] [--json]
+    visearch-query PHOTO --mode describe      # category top-5 and attributes, no results
+    visearch-query PHOTO --mode cutout --out product.png   # + product.mask.png
 """
 
 from __future__ import annotations
@@ -101,6 +103,21 @@ class SearchClient:
             request.bbox.CopyFrom(search_pb2.Box(x1=bbox[0], y1=bbox[1], x2=bbox[2], y2=bbox[3]))
         return self.stub.Embed(request, timeout=timeout or self.timeout)
 
+    def describe(self, image: bytes, *, bbox: Sequence[float] | None = None,
+                 skip_detection: bool = False,
+                 timeout: float | None = None) -> search_pb2.DescribeResponse:
+        request = search_pb2.DescribeRequest(image=image, skip_detection=skip_detection)
+        if bbox is not None:
+            request.bbox.CopyFrom(search_pb2.Box(x1=bbox[0], y1=bbox[1], x2=bbox[2], y2=bbox[3]))
+        return self.stub.Describe(request, timeout=timeout or self.timeout)
+
+    def cutout(self, image: bytes, *, bbox: Sequence[float] | None = None,
+               timeout: float | None = None) -> search_pb2.CutoutResponse:
+        request = search_pb2.CutoutRequest(image=image)
+        if bbox is not None:
+            request.bbox.CopyFrom(search_pb2.Box(x1=bbox[0], y1=bbox[1], x2=bbox[2], y2=bbox[3]))
+        return self.stub.Cutout(request, timeout=timeout or self.timeout)
+
     def index_info(self, *, timeout: float | None = None) -> search_pb2.IndexInfo:
         return self.stub.GetIndexInfo(search_pb2.GetIndexInfoRequest(),
                                       timeout=timeout or self.timeout)
@@ -131,9 +148,9 @@ class SearchClient:
         return sorted(names)
 
 
-def format_response(res: search_pb2.SearchResponse) -> str:
-    """A readable report of one search: object, category vote, results table, timings."""
-    lines = [f"index version: {res.index_version}   re-ranked: {'yes' if res.reranked else 'no'}"]
+def _understanding(res: search_pb2.SearchResponse | search_pb2.DescribeResponse) -> list[str]:
+    """The main object, the category vote, its top-5 and the predicted attributes."""
+    lines = []
     mo = res.main_object
     b = mo.box
     lines.append(f"main object: [{b.x1:.0f}, {b.y1:.0f}, {b.x2:.0f}, {b.y2:.0f}] from "
@@ -146,16 +163,54 @@ def format_response(res: search_pb2.SearchResponse) -> str:
     lines.append(f"category: {cat.category or '(all)'} {cat.score:.2f} by {cat.source}")
     for v in cat.votes[:5]:
         lines.append(f"    {v.category:<14} detector {v.detector:.2f}  neighbours "
-                     f"{v.neighbours:.2f}  combined {v.combined:.2f}")
+                     f"{v.neighbours:.2f}  head {v.head:.2f}  combined {v.combined:.2f}")
+    if res.category_top:
+        lines.append("category top-5: " + ", ".join(
+            f"{c.category} {c.score:.2f}" for c in res.category_top))
+    if res.attributes:
+        lines.append("attributes:")
+        for a in res.attributes:
+            lines.append(f"    {a.name:<10} " + ", ".join(
+                f"{v.value} {v.score:.2f}" for v in a.values))
+    return lines
+
+
+def format_response(res: search_pb2.SearchResponse) -> str:
+    """A readable report of one search: object, category vote and top-5, attributes,
+    results table (with each item's catalog attributes), timings."""
+    lines = [f"index version: {res.index_version}   re-ranked: {'yes' if res.reranked else 'no'}"]
+    lines += _understanding(res)
     lines.append("")
     header = f"{'rank':>4}  {'sku':<12} {'score':>6} {'sim':>6}  {'category':<12} title"
     lines += [header, "-" * len(header)]
     for rank, r in enumerate(res.results, 1):
         lines.append(f"{rank:>4}  {r.sku:<12} {r.score:>6.3f} {r.similarity:>6.3f}  "
                      f"{r.category:<12} {r.title}")
+        if r.attributes:
+            attrs = sorted(r.attributes.items())
+            lines.append(f"{'':>6}" + ", ".join(f"{k}={v}" for k, v in attrs))
     lines.append("")
     lines.append("timings (ms): " + "  ".join(f"{t.stage} {t.ms:.1f}" for t in res.timings))
     return "\n".join(lines)
+
+
+def format_describe(res: search_pb2.DescribeResponse) -> str:
+    """A readable report of one Describe call."""
+    lines = [f"index version: {res.index_version}", *_understanding(res), ""]
+    lines.append("timings (ms): " + "  ".join(f"{t.stage} {t.ms:.1f}" for t in res.timings))
+    return "\n".join(lines)
+
+
+def write_cutout(res: search_pb2.CutoutResponse, out: Path) -> list[Path]:
+    """Write the RGBA PNG to ``out`` and the mask to ``<out stem>.mask.png`` beside it;
+    returns the paths written (none unless the cut-out's status is "ok")."""
+    if res.status != "ok":
+        return []
+    mask = out.with_name(out.stem + ".mask.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(res.rgba_png)
+    mask.write_bytes(res.mask_png)
+    return [out, mask]
 
 
 def _bbox(text: str) -> tuple[float, float, float, float]:
@@ -176,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-detect", action="store_true", help="embed the whole image")
     p.add_argument("--all-categories", action="store_true",
                    help="search the whole index, not only the voted category")
+    p.add_argument("--mode", choices=("search", "describe", "cutout"), default="search",
+                   help="search (SKUs), describe (category top-5 and attributes only) or "
+                   "cutout (write the product's RGBA PNG and alpha mask to --out)")
+    p.add_argument("--out", type=Path, default=Path("cutout.png"),
+                   help="cutout mode: the RGBA PNG; the mask goes to <stem>.mask.png")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline, seconds")
     p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) for a TLS server")
@@ -187,18 +247,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with SearchClient(args.server, timeout=args.timeout, tls_ca=args.tls_ca) as client:
         try:
-            res = client.search(image, top_k=args.top_k, category=args.category, bbox=args.bbox,
-                                rerank=False if args.no_rerank else None,
-                                skip_detection=args.no_detect,
-                                all_categories=args.all_categories)
+            if args.mode == "describe":
+                res = client.describe(image, bbox=args.bbox, skip_detection=args.no_detect)
+            elif args.mode == "cutout":
+                res = client.cutout(image, bbox=args.bbox)
+            else:
+                res = client.search(image, top_k=args.top_k, category=args.category,
+                                    bbox=args.bbox, rerank=False if args.no_rerank else None,
+                                    skip_detection=args.no_detect,
+                                    all_categories=args.all_categories)
         except grpc.RpcError as e:
             print(f"visearch-query: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+    if args.mode == "cutout":
+        written = write_cutout(res, args.out)
+        b = res.box
+        print(f"cut-out {res.status}: quality {res.quality:.3f}, box [{b.x1:.0f}, {b.y1:.0f}, "
+              f"{b.x2:.0f}, {b.y2:.0f}]" + (f" -> {', '.join(map(str, written))}" if written
+                                             else ""))
+        return 0 if written else 1
     if args.json:
         print(json.dumps(json_format.MessageToDict(res, preserving_proto_field_name=True),
                          indent=2))
     else:
-        print(format_response(res))
+        print(format_describe(res) if args.mode == "describe" else format_response(res))
     return 0
 
 

@@ -21,9 +21,11 @@ import grpc
 
 from server._proto import search_pb2, search_pb2_grpc
 from server.metrics import ServerMetrics
+from visearch.embedding.heads import Prediction
 from visearch.errors import IndexFormatError
 from visearch.index import IndexRoot, IndexVersion
 from visearch.search.pipeline import ChosenObject, Detection, SearchPipeline
+from visearch.search.voting import CategoryDecision
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,29 @@ def _timings(timings: dict[str, float]) -> list[search_pb2.StageTiming]:
     return [search_pb2.StageTiming(stage=k, ms=v) for k, v in timings.items()]
 
 
-def _request_box(message: search_pb2.SearchRequest | search_pb2.EmbedRequest):
+def _decision(decision: CategoryDecision) -> search_pb2.CategoryDecision:
+    return search_pb2.CategoryDecision(
+        category=decision.category or "", score=decision.score, source=decision.source,
+        votes=[search_pb2.CategoryVote(category=v.category, detector=v.detector,
+                                       neighbours=v.neighbours, combined=v.combined,
+                                       head=v.head)
+               for v in decision.votes],
+    )
+
+
+def _category_top(top: list[tuple[str, float]]) -> list[search_pb2.CategoryScore]:
+    return [search_pb2.CategoryScore(category=c, score=s) for c, s in top]
+
+
+def _attributes(attributes: dict[str, Prediction]) -> list[search_pb2.AttributePrediction]:
+    return [search_pb2.AttributePrediction(
+        name=name, values=[search_pb2.AttributeValue(value=v, score=s)
+                           for v, s in zip(p.values, p.scores, strict=True)])
+        for name, p in attributes.items()]
+
+
+def _request_box(message: search_pb2.SearchRequest | search_pb2.EmbedRequest
+                 | search_pb2.DescribeRequest | search_pb2.CutoutRequest):
     if not message.HasField("bbox"):
         return None
     b = message.bbox
@@ -246,24 +270,20 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
                            skip_detection=opts.skip_detection,
                            all_categories=opts.all_categories, deadline=deadline)
             self._observe("Search", res.timings)
-            decision = res.category
             return search_pb2.SearchResponse(
                 detections=_detections(res.detections),
                 main_object=_main_object(res.main_object),
-                category=search_pb2.CategoryDecision(
-                    category=decision.category or "", score=decision.score,
-                    source=decision.source,
-                    votes=[search_pb2.CategoryVote(category=v.category, detector=v.detector,
-                                                   neighbours=v.neighbours, combined=v.combined)
-                           for v in decision.votes],
-                ),
+                category=_decision(res.category),
                 results=[search_pb2.SearchResult(
                     sku=h.sku, score=h.score, item_id=h.item_id, category=h.category,
-                    title=h.title, image_key=h.image_key, similarity=h.similarity)
+                    title=h.title, image_key=h.image_key, similarity=h.similarity,
+                    attributes=h.attributes)
                     for h in res.results],
                 index_version=res.index_version,
                 timings=_timings(res.timings),
                 reranked=res.reranked,
+                category_top=_category_top(res.category_top),
+                attributes=_attributes(res.attributes),
             )
 
         return self._call(context, run)
@@ -291,6 +311,36 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
             return search_pb2.EmbedResponse(embedding=vec.tolist(), box=_box(chosen.box),
                                             index_version=p.version.version,
                                             timings=_timings(timings))
+
+        return self._call(context, run)
+
+    def Describe(self, request: search_pb2.DescribeRequest, context: grpc.ServicerContext):
+        deadline = self._deadline(context)
+
+        def run(p: SearchPipeline) -> search_pb2.DescribeResponse:
+            res = p.describe(request.image, bbox=_request_box(request),
+                             skip_detection=request.skip_detection, deadline=deadline)
+            self._observe("Describe", res.timings)
+            return search_pb2.DescribeResponse(
+                detections=_detections(res.detections),
+                main_object=_main_object(res.main_object),
+                category=_decision(res.category),
+                category_top=_category_top(res.category_top),
+                attributes=_attributes(res.attributes),
+                index_version=res.index_version, timings=_timings(res.timings))
+
+        return self._call(context, run)
+
+    def Cutout(self, request: search_pb2.CutoutRequest, context: grpc.ServicerContext):
+        deadline = self._deadline(context)
+
+        def run(p: SearchPipeline) -> search_pb2.CutoutResponse:
+            res = p.cutout(request.image, bbox=_request_box(request), deadline=deadline)
+            self._observe("Cutout", res.timings)
+            return search_pb2.CutoutResponse(
+                rgba_png=res.rgba_png, mask_png=res.mask_png, quality=res.quality,
+                box=_box(res.box) if res.box is not None else None, status=res.status,
+                index_version=res.index_version, timings=_timings(res.timings))
 
         return self._call(context, run)
 

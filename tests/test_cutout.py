@@ -367,4 +367,4 @@ def test_caller_errors_raise() -> None:
 
 def test_statuses_are_the_documented_ones() -> None:
     assert CUTOUT_STATUSES == ("ok", "decode_error", "bad_bbox", "empty", "transparent",
-                               "not_plain", "too_small")
+                               "not_plain", "too_small", "needs_bbox")

@@ -25,4 +25,5 @@ def test_generated_modules_are_our_package_not_the_library() -> None:
     assert search_pb2.DESCRIPTOR.name == "visearch/v1/search.proto"
     assert search_pb2.DESCRIPTOR.package == "visearch.v1"
     methods = [m.name for m in search_pb2.DESCRIPTOR.services_by_name["VisualSearch"].methods]
-    assert methods == ["Search", "Detect", "Embed", "GetIndexInfo", "ReloadIndex"]
+    assert methods == ["Search", "Detect", "Embed", "GetIndexInfo", "ReloadIndex", "Describe",
+                       "Cutout"]

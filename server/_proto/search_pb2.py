@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18visearch/v1/search.proto\x12\x0bvisearch.v1\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"_\n\rSearchOptions\x12\x13\n\x06rerank\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\x0eskip_detection\x18\x02 \x01(\x08\x12\x16\n\x0e\x61ll_categories\x18\x03 \x01(\x08\x42\t\n\x07_rerank\"\x91\x01\n\rSearchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x15\n\rcategory_hint\x18\x03 \x01(\t\x12\x1e\n\x04\x62\x62ox\x18\x04 \x01(\x0b\x32\x10.visearch.v1.Box\x12+\n\x07options\x18\x05 \x01(\x0b\x32\x1a.visearch.v1.SearchOptions\"K\n\tDetection\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"n\n\nMainObject\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\"X\n\x0c\x43\x61tegoryVote\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\x02\x12\x12\n\nneighbours\x18\x03 \x01(\x02\x12\x10\n\x08\x63ombined\x18\x04 \x01(\x02\"m\n\x10\x43\x61tegoryDecision\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06source\x18\x03 \x01(\t\x12(\n\x05votes\x18\x04 \x03(\x0b\x32\x19.visearch.v1.CategoryVote\"\x83\x01\n\x0cSearchResult\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0f\n\x07item_id\x18\x03 \x01(\x03\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12\x11\n\timage_key\x18\x06 \x01(\t\x12\x12\n\nsimilarity\x18\x07 \x01(\x02\"(\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\"\x9b\x02\n\x0eSearchResponse\x12*\n\ndetections\x18\x01 \x03(\x0b\x32\x16.visearch.v1.Detection\x12,\n\x0bmain_object\x18\x02 \x01(\x0b\x32\x17.visearch.v1.MainObject\x12/\n\x08\x63\x61tegory\x18\x03 \x01(\x0b\x32\x1d.visearch.v1.CategoryDecision\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.visearch.v1.SearchResult\x12\x15\n\rindex_version\x18\x05 \x01(\t\x12)\n\x07timings\x18\x06 \x03(\x0b\x32\x18.visearch.v1.StageTiming\x12\x10\n\x08reranked\x18\x07 \x01(\x08\"\x1e\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\"\xb4\x01\n\x0e\x44\x65tectResponse\x12*\n\ndetections\x18\x01 \x03(\x0b\x32\x16.visearch.v1.Detection\x12,\n\x0bmain_object\x18\x02 \x01(\x0b\x32\x17.visearch.v1.MainObject\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12)\n\x07timings\x18\x05 \x03(\x0b\x32\x18.visearch.v1.StageTiming\"U\n\x0c\x45mbedRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1e\n\x04\x62\x62ox\x18\x02 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x16\n\x0eskip_detection\x18\x03 \x01(\x08\"\x83\x01\n\rEmbedResponse\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x1d\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12)\n\x07timings\x18\x04 \x03(\x0b\x32\x18.visearch.v1.StageTiming\"\x15\n\x13GetIndexInfoRequest\"0\n\rCategoryCount\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xa9\x01\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06ntotal\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12.\n\ncategories\x18\x04 \x03(\x0b\x32\x1a.visearch.v1.CategoryCount\x12\x14\n\x0chas_detector\x18\x05 \x01(\x08\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\x12\x11\n\tmax_top_k\x18\x07 \x01(\x05\"%\n\x12ReloadIndexRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"Q\n\x13ReloadIndexResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x32\xf0\x02\n\x0cVisualSearch\x12\x41\n\x06Search\x12\x1a.visearch.v1.SearchRequest\x1a\x1b.visearch.v1.SearchResponse\x12\x41\n\x06\x44\x65tect\x12\x1a.visearch.v1.DetectRequest\x1a\x1b.visearch.v1.DetectResponse\x12>\n\x05\x45mbed\x12\x19.visearch.v1.EmbedRequest\x1a\x1a.visearch.v1.EmbedResponse\x12H\n\x0cGetIndexInfo\x12 .visearch.v1.GetIndexInfoRequest\x1a\x16.visearch.v1.IndexInfo\x12P\n\x0bReloadIndex\x12\x1f.visearch.v1.ReloadIndexRequest\x1a .visearch.v1.ReloadIndexResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18visearch/v1/search.proto\x12\x0bvisearch.v1\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"_\n\rSearchOptions\x12\x13\n\x06rerank\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\x0eskip_detection\x18\x02 \x01(\x08\x12\x16\n\x0e\x61ll_categories\x18\x03 \x01(\x08\x42\t\n\x07_rerank\"\x91\x01\n\rSearchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x15\n\rcategory_hint\x18\x03 \x01(\t\x12\x1e\n\x04\x62\x62ox\x18\x04 \x01(\x0b\x32\x10.visearch.v1.Box\x12+\n\x07options\x18\x05 \x01(\x0b\x32\x1a.visearch.v1.SearchOptions\"K\n\tDetection\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"n\n\nMainObject\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\"f\n\x0c\x43\x61tegoryVote\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\x02\x12\x12\n\nneighbours\x18\x03 \x01(\x02\x12\x10\n\x08\x63ombined\x18\x04 \x01(\x02\x12\x0c\n\x04head\x18\x05 \x01(\x02\"m\n\x10\x43\x61tegoryDecision\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06source\x18\x03 \x01(\t\x12(\n\x05votes\x18\x04 \x03(\x0b\x32\x19.visearch.v1.CategoryVote\"\xf5\x01\n\x0cSearchResult\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0f\n\x07item_id\x18\x03 \x01(\x03\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12\x11\n\timage_key\x18\x06 \x01(\t\x12\x12\n\nsimilarity\x18\x07 \x01(\x02\x12=\n\nattributes\x18\x08 \x03(\x0b\x32).visearch.v1.SearchResult.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\rCategoryScore\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\".\n\x0e\x41ttributeValue\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"P\n\x13\x41ttributePrediction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x06values\x18\x02 \x03(\x0b\x32\x1b.visearch.v1.AttributeValue\"(\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\"\x83\x03\n\x0eSearchResponse\x12*\n\ndetections\x18\x01 \x03(\x0b\x32\x16.visearch.v1.Detection\x12,\n\x0bmain_object\x18\x02 \x01(\x0b\x32\x17.visearch.v1.MainObject\x12/\n\x08\x63\x61tegory\x18\x03 \x01(\x0b\x32\x1d.visearch.v1.CategoryDecision\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.visearch.v1.SearchResult\x12\x15\n\rindex_version\x18\x05 \x01(\t\x12)\n\x07timings\x18\x06 \x03(\x0b\x32\x18.visearch.v1.StageTiming\x12\x10\n\x08reranked\x18\x07 \x01(\x08\x12\x30\n\x0c\x63\x61tegory_top\x18\x08 \x03(\x0b\x32\x1a.visearch.v1.CategoryScore\x12\x34\n\nattributes\x18\t \x03(\x0b\x32 .visearch.v1.AttributePrediction\"\x1e\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\"\xb4\x01\n\x0e\x44\x65tectResponse\x12*\n\ndetections\x18\x01 \x03(\x0b\x32\x16.visearch.v1.Detection\x12,\n\x0bmain_object\x18\x02 \x01(\x0b\x32\x17.visearch.v1.MainObject\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12)\n\x07timings\x18\x05 \x03(\x0b\x32\x18.visearch.v1.StageTiming\"U\n\x0c\x45mbedRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1e\n\x04\x62\x62ox\x18\x02 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x16\n\x0eskip_detection\x18\x03 \x01(\x08\"\x83\x01\n\rEmbedResponse\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x1d\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12)\n\x07timings\x18\x04 \x03(\x0b\x32\x18.visearch.v1.StageTiming\"\x15\n\x13GetIndexInfoRequest\"0\n\rCategoryCount\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xa9\x01\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06ntotal\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12.\n\ncategories\x18\x04 \x03(\x0b\x32\x1a.visearch.v1.CategoryCount\x12\x14\n\x0chas_detector\x18\x05 \x01(\x08\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\x12\x11\n\tmax_top_k\x18\x07 \x01(\x05\"%\n\x12ReloadIndexRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"Q\n\x13ReloadIndexResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"X\n\x0f\x44\x65scribeRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1e\n\x04\x62\x62ox\x18\x02 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x16\n\x0eskip_detection\x18\x03 \x01(\x08\"\xc7\x02\n\x10\x44\x65scribeResponse\x12*\n\ndetections\x18\x01 \x03(\x0b\x32\x16.visearch.v1.Detection\x12,\n\x0bmain_object\x18\x02 \x01(\x0b\x32\x17.visearch.v1.MainObject\x12/\n\x08\x63\x61tegory\x18\x03 \x01(\x0b\x32\x1d.visearch.v1.CategoryDecision\x12\x30\n\x0c\x63\x61tegory_top\x18\x04 \x03(\x0b\x32\x1a.visearch.v1.CategoryScore\x12\x34\n\nattributes\x18\x05 \x03(\x0b\x32 .visearch.v1.AttributePrediction\x12\x15\n\rindex_version\x18\x06 \x01(\t\x12)\n\x07timings\x18\x07 \x03(\x0b\x32\x18.visearch.v1.StageTiming\">\n\rCutoutRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1e\n\x04\x62\x62ox\x18\x02 \x01(\x0b\x32\x10.visearch.v1.Box\"\xb6\x01\n\x0e\x43utoutResponse\x12\x10\n\x08rgba_png\x18\x01 \x01(\x0c\x12\x10\n\x08mask_png\x18\x02 \x01(\x0c\x12\x0f\n\x07quality\x18\x03 \x01(\x02\x12\x1d\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x10.visearch.v1.Box\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x15\n\rindex_version\x18\x06 \x01(\t\x12)\n\x07timings\x18\x07 \x03(\x0b\x32\x18.visearch.v1.StageTiming2\xfc\x03\n\x0cVisualSearch\x12\x41\n\x06Search\x12\x1a.visearch.v1.SearchRequest\x1a\x1b.visearch.v1.SearchResponse\x12\x41\n\x06\x44\x65tect\x12\x1a.visearch.v1.DetectRequest\x1a\x1b.visearch.v1.DetectResponse\x12>\n\x05\x45mbed\x12\x19.visearch.v1.EmbedRequest\x1a\x1a.visearch.v1.EmbedResponse\x12H\n\x0cGetIndexInfo\x12 .visearch.v1.GetIndexInfoRequest\x1a\x16.visearch.v1.IndexInfo\x12P\n\x0bReloadIndex\x12\x1f.visearch.v1.ReloadIndexRequest\x1a .visearch.v1.ReloadIndexResponse\x12G\n\x08\x44\x65scribe\x12\x1c.visearch.v1.DescribeRequest\x1a\x1d.visearch.v1.DescribeResponse\x12\x41\n\x06\x43utout\x12\x1a.visearch.v1.CutoutRequest\x1a\x1b.visearch.v1.CutoutResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'visearch.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SEARCHRESULT_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_SEARCHRESULT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_BOX']._serialized_start=41
   _globals['_BOX']._serialized_end=94
   _globals['_SEARCHOPTIONS']._serialized_start=96
@@ -42,33 +44,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MAINOBJECT']._serialized_start=418
   _globals['_MAINOBJECT']._serialized_end=528
   _globals['_CATEGORYVOTE']._serialized_start=530
-  _globals['_CATEGORYVOTE']._serialized_end=618
-  _globals['_CATEGORYDECISION']._serialized_start=620
-  _globals['_CATEGORYDECISION']._serialized_end=729
-  _globals['_SEARCHRESULT']._serialized_start=732
-  _globals['_SEARCHRESULT']._serialized_end=863
-  _globals['_STAGETIMING']._serialized_start=865
-  _globals['_STAGETIMING']._serialized_end=905
-  _globals['_SEARCHRESPONSE']._serialized_start=908
-  _globals['_SEARCHRESPONSE']._serialized_end=1191
-  _globals['_DETECTREQUEST']._serialized_start=1193
-  _globals['_DETECTREQUEST']._serialized_end=1223
-  _globals['_DETECTRESPONSE']._serialized_start=1226
-  _globals['_DETECTRESPONSE']._serialized_end=1406
-  _globals['_EMBEDREQUEST']._serialized_start=1408
-  _globals['_EMBEDREQUEST']._serialized_end=1493
-  _globals['_EMBEDRESPONSE']._serialized_start=1496
-  _globals['_EMBEDRESPONSE']._serialized_end=1627
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=1629
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=1650
-  _globals['_CATEGORYCOUNT']._serialized_start=1652
-  _globals['_CATEGORYCOUNT']._serialized_end=1700
-  _globals['_INDEXINFO']._serialized_start=1703
-  _globals['_INDEXINFO']._serialized_end=1872
-  _globals['_RELOADINDEXREQUEST']._serialized_start=1874
-  _globals['_RELOADINDEXREQUEST']._serialized_end=1911
-  _globals['_RELOADINDEXRESPONSE']._serialized_start=1913
-  _globals['_RELOADINDEXRESPONSE']._serialized_end=1994
-  _globals['_VISUALSEARCH']._serialized_start=1997
-  _globals['_VISUALSEARCH']._serialized_end=2365
+  _globals['_CATEGORYVOTE']._serialized_end=632
+  _globals['_CATEGORYDECISION']._serialized_start=634
+  _globals['_CATEGORYDECISION']._serialized_end=743
+  _globals['_SEARCHRESULT']._serialized_start=746
+  _globals['_SEARCHRESULT']._serialized_end=991
+  _globals['_SEARCHRESULT_ATTRIBUTESENTRY']._serialized_start=942
+  _globals['_SEARCHRESULT_ATTRIBUTESENTRY']._serialized_end=991
+  _globals['_CATEGORYSCORE']._serialized_start=993
+  _globals['_CATEGORYSCORE']._serialized_end=1041
+  _globals['_ATTRIBUTEVALUE']._serialized_start=1043
+  _globals['_ATTRIBUTEVALUE']._serialized_end=1089
+  _globals['_ATTRIBUTEPREDICTION']._serialized_start=1091
+  _globals['_ATTRIBUTEPREDICTION']._serialized_end=1171
+  _globals['_STAGETIMING']._serialized_start=1173
+  _globals['_STAGETIMING']._serialized_end=1213
+  _globals['_SEARCHRESPONSE']._serialized_start=1216
+  _globals['_SEARCHRESPONSE']._serialized_end=1603
+  _globals['_DETECTREQUEST']._serialized_start=1605
+  _globals['_DETECTREQUEST']._serialized_end=1635
+  _globals['_DETECTRESPONSE']._serialized_start=1638
+  _globals['_DETECTRESPONSE']._serialized_end=1818
+  _globals['_EMBEDREQUEST']._serialized_start=1820
+  _globals['_EMBEDREQUEST']._serialized_end=1905
+  _globals['_EMBEDRESPONSE']._serialized_start=1908
+  _globals['_EMBEDRESPONSE']._serialized_end=2039
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=2041
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=2062
+  _globals['_CATEGORYCOUNT']._serialized_start=2064
+  _globals['_CATEGORYCOUNT']._serialized_end=2112
+  _globals['_INDEXINFO']._serialized_start=2115
+  _globals['_INDEXINFO']._serialized_end=2284
+  _globals['_RELOADINDEXREQUEST']._serialized_start=2286
+  _globals['_RELOADINDEXREQUEST']._serialized_end=2323
+  _globals['_RELOADINDEXRESPONSE']._serialized_start=2325
+  _globals['_RELOADINDEXRESPONSE']._serialized_end=2406
+  _globals['_DESCRIBEREQUEST']._serialized_start=2408
+  _globals['_DESCRIBEREQUEST']._serialized_end=2496
+  _globals['_DESCRIBERESPONSE']._serialized_start=2499
+  _globals['_DESCRIBERESPONSE']._serialized_end=2826
+  _globals['_CUTOUTREQUEST']._serialized_start=2828
+  _globals['_CUTOUTREQUEST']._serialized_end=2890
+  _globals['_CUTOUTRESPONSE']._serialized_start=2893
+  _globals['_CUTOUTRESPONSE']._serialized_end=3075
+  _globals['_VISUALSEARCH']._serialized_start=3078
+  _globals['_VISUALSEARCH']._serialized_end=3586
 # @@protoc_insertion_point(module_scope)

@@ -67,16 +67,18 @@ class MainObject(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., category: _Optional[str] = ..., score: _Optional[float] = ..., fallback: _Optional[bool] = ..., source: _Optional[str] = ...) -> None: ...
 
 class CategoryVote(_message.Message):
-    __slots__ = ("category", "detector", "neighbours", "combined")
+    __slots__ = ("category", "detector", "neighbours", "combined", "head")
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     COMBINED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
     category: str
     detector: float
     neighbours: float
     combined: float
-    def __init__(self, category: _Optional[str] = ..., detector: _Optional[float] = ..., neighbours: _Optional[float] = ..., combined: _Optional[float] = ...) -> None: ...
+    head: float
+    def __init__(self, category: _Optional[str] = ..., detector: _Optional[float] = ..., neighbours: _Optional[float] = ..., combined: _Optional[float] = ..., head: _Optional[float] = ...) -> None: ...
 
 class CategoryDecision(_message.Message):
     __slots__ = ("category", "score", "source", "votes")
@@ -91,7 +93,14 @@ class CategoryDecision(_message.Message):
     def __init__(self, category: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., votes: _Optional[_Iterable[_Union[CategoryVote, _Mapping]]] = ...) -> None: ...
 
 class SearchResult(_message.Message):
-    __slots__ = ("sku", "score", "item_id", "category", "title", "image_key", "similarity")
+    __slots__ = ("sku", "score", "item_id", "category", "title", "image_key", "similarity", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SKU_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +108,7 @@ class SearchResult(_message.Message):
     TITLE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     sku: str
     score: float
     item_id: int
@@ -106,7 +116,32 @@ class SearchResult(_message.Message):
     title: str
     image_key: str
     similarity: float
-    def __init__(self, sku: _Optional[str] = ..., score: _Optional[float] = ..., item_id: _Optional[int] = ..., category: _Optional[str] = ..., title: _Optional[str] = ..., image_key: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, sku: _Optional[str] = ..., score: _Optional[float] = ..., item_id: _Optional[int] = ..., category: _Optional[str] = ..., title: _Optional[str] = ..., image_key: _Optional[str] = ..., similarity: _Optional[float] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CategoryScore(_message.Message):
+    __slots__ = ("category", "score")
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    category: str
+    score: float
+    def __init__(self, category: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class AttributeValue(_message.Message):
+    __slots__ = ("value", "score")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    value: str
+    score: float
+    def __init__(self, value: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class AttributePrediction(_message.Message):
+    __slots__ = ("name", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedCompositeFieldContainer[AttributeValue]
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[_Union[AttributeValue, _Mapping]]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage", "ms")
@@ -117,7 +152,7 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("detections", "main_object", "category", "results", "index_version", "timings", "reranked")
+    __slots__ = ("detections", "main_object", "category", "results", "index_version", "timings", "reranked", "category_top", "attributes")
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     MAIN_OBJECT_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +160,8 @@ class SearchResponse(_message.Message):
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     RERANKED_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_TOP_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     detections: _containers.RepeatedCompositeFieldContainer[Detection]
     main_object: MainObject
     category: CategoryDecision
@@ -132,7 +169,9 @@ class SearchResponse(_message.Message):
     index_version: str
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     reranked: bool
-    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., main_object: _Optional[_Union[MainObject, _Mapping]] = ..., category: _Optional[_Union[CategoryDecision, _Mapping]] = ..., results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., index_version: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., reranked: _Optional[bool] = ...) -> None: ...
+    category_top: _containers.RepeatedCompositeFieldContainer[CategoryScore]
+    attributes: _containers.RepeatedCompositeFieldContainer[AttributePrediction]
+    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., main_object: _Optional[_Union[MainObject, _Mapping]] = ..., category: _Optional[_Union[CategoryDecision, _Mapping]] = ..., results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., index_version: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., reranked: _Optional[bool] = ..., category_top: _Optional[_Iterable[_Union[CategoryScore, _Mapping]]] = ..., attributes: _Optional[_Iterable[_Union[AttributePrediction, _Mapping]]] = ...) -> None: ...
 
 class DetectRequest(_message.Message):
     __slots__ = ("image",)
@@ -221,3 +260,57 @@ class ReloadIndexResponse(_message.Message):
     version: str
     changed: bool
     def __init__(self, previous_version: _Optional[str] = ..., version: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ("image", "bbox", "skip_detection")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    BBOX_FIELD_NUMBER: _ClassVar[int]
+    SKIP_DETECTION_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    bbox: Box
+    skip_detection: bool
+    def __init__(self, image: _Optional[bytes] = ..., bbox: _Optional[_Union[Box, _Mapping]] = ..., skip_detection: _Optional[bool] = ...) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("detections", "main_object", "category", "category_top", "attributes", "index_version", "timings")
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAIN_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_TOP_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    detections: _containers.RepeatedCompositeFieldContainer[Detection]
+    main_object: MainObject
+    category: CategoryDecision
+    category_top: _containers.RepeatedCompositeFieldContainer[CategoryScore]
+    attributes: _containers.RepeatedCompositeFieldContainer[AttributePrediction]
+    index_version: str
+    timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., main_object: _Optional[_Union[MainObject, _Mapping]] = ..., category: _Optional[_Union[CategoryDecision, _Mapping]] = ..., category_top: _Optional[_Iterable[_Union[CategoryScore, _Mapping]]] = ..., attributes: _Optional[_Iterable[_Union[AttributePrediction, _Mapping]]] = ..., index_version: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+
+class CutoutRequest(_message.Message):
+    __slots__ = ("image", "bbox")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    BBOX_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    bbox: Box
+    def __init__(self, image: _Optional[bytes] = ..., bbox: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
+
+class CutoutResponse(_message.Message):
+    __slots__ = ("rgba_png", "mask_png", "quality", "box", "status", "index_version", "timings")
+    RGBA_PNG_FIELD_NUMBER: _ClassVar[int]
+    MASK_PNG_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    rgba_png: bytes
+    mask_png: bytes
+    quality: float
+    box: Box
+    status: str
+    index_version: str
+    timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    def __init__(self, rgba_png: _Optional[bytes] = ..., mask_png: _Optional[bytes] = ..., quality: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., status: _Optional[str] = ..., index_version: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...

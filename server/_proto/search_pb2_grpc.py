@@ -59,6 +59,16 @@ class VisualSearchStub:
                 request_serializer=visearch_dot_v1_dot_search__pb2.ReloadIndexRequest.SerializeToString,
                 response_deserializer=visearch_dot_v1_dot_search__pb2.ReloadIndexResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/visearch.v1.VisualSearch/Describe',
+                request_serializer=visearch_dot_v1_dot_search__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=visearch_dot_v1_dot_search__pb2.DescribeResponse.FromString,
+                _registered_method=True)
+        self.Cutout = channel.unary_unary(
+                '/visearch.v1.VisualSearch/Cutout',
+                request_serializer=visearch_dot_v1_dot_search__pb2.CutoutRequest.SerializeToString,
+                response_deserializer=visearch_dot_v1_dot_search__pb2.CutoutResponse.FromString,
+                _registered_method=True)
 
 
 class VisualSearchServicer:
@@ -100,6 +110,22 @@ class VisualSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """What the product is: detect + embed + the model's heads + the category vote, without
+        retrieval results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cutout(self, request, context):
+        """The product cut out of the photo (the given box, or the detector's main object): an
+        RGBA PNG and its 8-bit alpha mask, refined by alpha matting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisualSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +153,16 @@ def add_VisualSearchServicer_to_server(servicer, server):
                     servicer.ReloadIndex,
                     request_deserializer=visearch_dot_v1_dot_search__pb2.ReloadIndexRequest.FromString,
                     response_serializer=visearch_dot_v1_dot_search__pb2.ReloadIndexResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=visearch_dot_v1_dot_search__pb2.DescribeRequest.FromString,
+                    response_serializer=visearch_dot_v1_dot_search__pb2.DescribeResponse.SerializeToString,
+            ),
+            'Cutout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cutout,
+                    request_deserializer=visearch_dot_v1_dot_search__pb2.CutoutRequest.FromString,
+                    response_serializer=visearch_dot_v1_dot_search__pb2.CutoutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +300,60 @@ class VisualSearch:
             '/visearch.v1.VisualSearch/ReloadIndex',
             visearch_dot_v1_dot_search__pb2.ReloadIndexRequest.SerializeToString,
             visearch_dot_v1_dot_search__pb2.ReloadIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.v1.VisualSearch/Describe',
+            visearch_dot_v1_dot_search__pb2.DescribeRequest.SerializeToString,
+            visearch_dot_v1_dot_search__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cutout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.v1.VisualSearch/Cutout',
+            visearch_dot_v1_dot_search__pb2.CutoutRequest.SerializeToString,
+            visearch_dot_v1_dot_search__pb2.CutoutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,9 @@ Three kinds of proposal become ``ReviewItem``s, each with a stable ``id``:
 
 - ``merge:<a>|<b>``: two SKUs merged or proposed for merging (calibrated merging);
 - ``duplicate:<image a>|<image b>``: one image under two SKUs (dedup never removes these);
-- ``denoise:<image>``: an image denoising removed from its SKU.
+- ``denoise:<image>``: an image denoising removed from its SKU;
+- ``tag:<image>``: categories/attributes ``visearch-index tag`` predicted with low
+  confidence for a catalog row that lacked them.
 
 A decision is one JSON object per line of a JSONL file, ``{"id", "decision", "kind", ...}``
 with ``decision`` "accept" or "reject"; the last line for an id wins. The pipeline applies
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 DECISIONS = ("accept", "reject")
-KINDS = ("merge", "duplicate", "denoise")
+KINDS = ("merge", "duplicate", "denoise", "tag")
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def parse_item_id(item_id: str) -> tuple[str, tuple[str, ...]]:
     """``(kind, subjects)`` of an item id; ValueError naming the valid forms otherwise."""
     kind, sep, rest = item_id.partition(":")
     subjects = tuple(rest.split("|")) if rest else ()
-    want = 1 if kind == "denoise" else 2
+    want = 1 if kind in ("denoise", "tag") else 2
     if not sep or kind not in KINDS or len(subjects) != want or not all(subjects):
         raise ValueError(
             f"bad review item id {item_id!r}; expected 'merge:<sku>|<sku>', "
@@ -178,6 +180,20 @@ def denoise_items(removed: Iterable[Mapping[str, Any]],
         {"distance": r["distance"]},
         {f"{r['sku']} (removed)": [r["image"]],
          r["sku"]: [i for i in images.get(r["sku"], []) if i != r["image"]]}) for r in removed]
+
+
+def tag_items(proposals: Iterable[Mapping[str, Any]]) -> list[ReviewItem]:
+    """Items of low-confidence auto-tags (``{"image", "sku", "fields": {name: {"value",
+    "score", "written"}}}``): accepting one writes every proposed value on the next
+    ``tag`` run; rejecting one leaves the attributes missing (a category, which a catalog
+    row needs, keeps the best guess)."""
+    return [ReviewItem(
+        "tag", (p["image"],),
+        "written" if all(f["written"] for f in p["fields"].values()) else "proposed",
+        "auto-tagged with low confidence: " + ", ".join(
+            f"{n}={f['value']}" for n, f in p["fields"].items()),
+        {n: float(f["score"]) for n, f in p["fields"].items()},
+        {p["sku"]: [p["image"]]}) for p in proposals]
 
 
 # ---- the page ---------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ The package exports the model and inference API; training is imported by path
 
 from visearch.embedding.attention import SpatialAttention
 from visearch.embedding.backbones import BACKBONES
+from visearch.embedding.heads import Prediction, TaskHeads
 from visearch.embedding.infer import (
     embed_arrays,
+    embed_arrays_with_heads,
     embed_items,
     load_crop,
     model_device,
@@ -29,12 +31,15 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "POOLINGS",
+    "Prediction",
+    "TaskHeads",
     "AvgPool",
     "Embedder",
     "GeM",
     "SpatialAttention",
     "build_embedder",
     "embed_arrays",
+    "embed_arrays_with_heads",
     "embed_items",
     "load_crop",
     "load_embedder",

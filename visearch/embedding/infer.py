@@ -87,6 +87,37 @@ def embed_arrays(
     return out
 
 
+def embed_arrays_with_heads(
+    model: Embedder,
+    images: Sequence[np.ndarray],
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """As :func:`embed_arrays`, plus the model's head logits (one forward pass):
+    ``(float32 [N, dim] L2-normalised, {head name: float32 [N, C]})``; the dict is empty
+    when the model has no heads (:class:`~visearch.embedding.heads.TaskHeads`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    transform = model_transform(model)
+    out = np.zeros((len(images), model.dim), dtype=np.float32)
+    logits: dict[str, list[np.ndarray]] = {}
+    with _eval_on(model, device) as dev:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            x = crops_to_batch(transform, chunk).to(dev)
+            autocast = (torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda"
+                        else contextlib.nullcontext())
+            with torch.inference_mode(), autocast:
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                emb, heads = model.forward_with_heads(x)
+            out[start : start + len(chunk)] = emb.cpu().numpy()
+            for name, v in heads.items():
+                logits.setdefault(name, []).append(v.float().cpu().numpy())
+    return out, {k: np.concatenate(v).astype(np.float32, copy=False) for k, v in logits.items()}
+
+
 def crops_to_batch(
     transform: Callable[[np.ndarray], torch.Tensor], images: Sequence[np.ndarray]
 ) -> torch.Tensor:

@@ -3,6 +3,8 @@
 ``Embedder.forward`` returns L2-normalised embeddings, so inner product is cosine similarity
 (the index searches by inner product). ``forward_features`` returns the same vectors before
 normalisation, which is what the losses take (they normalise where their formula says so).
+A model may carry :class:`~visearch.embedding.heads.TaskHeads` (category and attribute
+classifiers, :meth:`Embedder.set_heads`); ``forward_with_heads`` returns both.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from visearch.embedding.attention import SpatialAttention
 from visearch.embedding.backbones import BACKBONES
+from visearch.embedding.heads import TaskHeads
 from visearch.embedding.pooling import POOLINGS
 from visearch.fileio import atomic_open
 
@@ -56,6 +59,16 @@ class Embedder(nn.Module):
         self.neck = nn.BatchNorm1d(dim)
         self.neck.bias.requires_grad_(False)
         self.config = dict(config)
+        self.heads: TaskHeads | None = None
+
+    def set_heads(self, heads: TaskHeads | None) -> None:
+        """Attach (or, with None, remove) the category/attribute heads; the config records
+        their classes so :func:`save_embedder` / :func:`load_embedder` round-trip them."""
+        self.heads = heads
+        if heads is None:
+            self.config.pop("heads", None)
+        else:
+            self.config["heads"] = heads.config()
 
     @property
     def dim(self) -> int:
@@ -76,6 +89,13 @@ class Embedder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings ``float [B, dim]``."""
         return F.normalize(self.forward_features(x).float(), dim=1)
+
+    def forward_with_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(embeddings float [B, dim] L2-normalised, {head name: logits float [B, C]})``;
+        the dict is empty when the model has no heads."""
+        z = self.forward_features(x).float()
+        logits = self.heads(z) if self.heads is not None else {}
+        return F.normalize(z, dim=1), logits
 
 
 def build_embedder(
@@ -157,6 +177,8 @@ def load_embedder(path: str | os.PathLike[str], device: str | torch.device = "cp
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
     )
+    if cfg.get("heads"):
+        model.set_heads(TaskHeads.from_config(int(cfg["dim"]), cfg["heads"]))
     model.load_state_dict(blob["state_dict"], strict=True)
     model.config = dict(cfg)
     logger.debug("loaded embedder %s from %s", cfg["backbone"], path)

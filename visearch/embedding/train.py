@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from visearch.catalog import CatalogRow
 from visearch.device import choose_device
 from visearch.embedding import embed_arrays, load_crop, model_device, model_transform
+from visearch.embedding.heads import TaskHeads
 from visearch.embedding.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss
 from visearch.embedding.model import Embedder, save_embedder
 from visearch.embedding.sampler import PKSampler
@@ -75,6 +76,32 @@ class ImageSet:
     def crops(self) -> list[np.ndarray]:
         """All images decoded and cropped, ``uint8 [h, w, 3]`` each."""
         return [load_crop(s, b) for s, b in zip(self.sources, self.boxes, strict=True)]
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> ImageSet:
+        """The images at ``index`` (positions), with their labels."""
+        idx = [int(i) for i in index]
+        return ImageSet([self.sources[i] for i in idx], [self.boxes[i] for i in idx],
+                        {k: np.asarray(v)[idx] for k, v in self.labels.items()})
+
+
+def hold_out(images: ImageSet, fraction: float, *, max_images: int = 256, min_per_sku: int = 3,
+             seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """Split ``images`` into (train, held-out): a seeded ``fraction`` of the images (at most
+    ``max_images``), drawn only from SKUs with at least ``min_per_sku`` images and at most
+    one per SKU, so every SKU keeps training images. The held-out images measure the
+    auxiliary tasks' validation-loss trends (:class:`~visearch.embedding.losses.TrendWeights`)
+    without touching the evaluation queries."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    sku = np.asarray(images.labels["sku"])
+    labels, counts = np.unique(sku, return_counts=True)
+    eligible = labels[counts >= min_per_sku]
+    n = min(max_images, int(round(fraction * len(images))), len(eligible))
+    chosen = rng.choice(eligible, size=n, replace=False) if n else np.empty(0, sku.dtype)
+    held = np.sort([int(rng.choice(np.flatnonzero(sku == lab))) for lab in chosen]).astype(int)
+    keep = np.setdiff1d(np.arange(len(images)), held)
+    return images.subset(keep), images.subset(held)
 
 
 @dataclass
@@ -340,6 +367,9 @@ def train_embedder(
     amp: bool = True,
     progress: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    vocab: LabelVocab | None = None,
+    trend_set: ImageSet | None = None,
+    trend_every: int = 50,
 ) -> TrainResult:
     """Train ``model`` with ``loss`` on ``train`` using P x K batches; write checkpoints.
 
@@ -377,6 +407,13 @@ def train_embedder(
         amp: fp16 autocast + GradScaler on CUDA (ignored on CPU).
         progress: show a tqdm bar with loss and images/s (for CLIs).
         callback: called after each epoch with that epoch's history dict.
+        vocab: the label vocabulary of ``train``; when given, the trained category and
+            attribute classifiers of ``loss`` are copied into the saved model as its
+            :class:`~visearch.embedding.heads.TaskHeads` (served with it).
+        trend_set: held-out images (labels as ``train``'s) on which the terms governed by
+            ``loss.trend`` are measured every ``trend_every`` steps to update their weights
+            (:class:`~visearch.embedding.losses.TrendWeights`); each epoch's history records
+            the weights (``"task_weights"``).
 
     Raises:
         ValueError: ``device`` asks for CUDA but none is visible; bad ``p``/``k``/
@@ -391,6 +428,8 @@ def train_embedder(
     cfg = model.config
     if transform is None:
         transform = train_transform(int(cfg["input_size"]), mean=cfg["mean"], std=cfg["std"])
+    if trend_every < 1:
+        raise ValueError(f"trend_every must be >= 1, got {trend_every}")
     targets_all = _labels_to_tensors(train.labels)
     sampler = PKSampler(train.labels["sku"], p, k, seed=seed, steps_per_epoch=steps_per_epoch)
     total_steps = epochs * len(sampler)
@@ -475,6 +514,27 @@ def train_embedder(
         persistent_workers=False,
     )
     val_crops = (val[0].crops(), val[1].crops()) if val is not None else None
+    trend_data = None
+    if loss.trend is not None and trend_set is not None and len(trend_set):
+        tf = model_transform(model)
+        trend_data = (torch.stack([tf(c) for c in trend_set.crops()]),
+                      _labels_to_tensors(trend_set.labels))
+    step_count = [0]
+
+    def update_trend() -> None:
+        assert loss.trend is not None and trend_data is not None
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        x_all, labels = trend_data
+        with torch.no_grad():
+            feats = torch.cat([model.forward_features(x_all[i : i + 64].to(dev)).float()
+                               for i in range(0, len(x_all), 64)])
+            vals = {n: float(loss.losses[n](feats, labels[loss.targets[n]].to(dev)))
+                    for n in loss.trend.names}
+        for m, mode in modes.items():
+            m.train(mode)
+        weights = loss.trend.update(vals)
+        logger.debug("task weights %s from validation losses %s", weights, vals)
 
     def batches(epoch: int) -> DataLoader:
         sampler.set_epoch(epoch)
@@ -495,6 +555,9 @@ def train_embedder(
         batch: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         x, idx = batch
+        if trend_data is not None and step_count[0] % trend_every == 0:
+            update_trend()
+        step_count[0] += 1
         x = x.to(dev, non_blocking=True)
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -514,6 +577,8 @@ def train_embedder(
             "seconds": stats.seconds,
             "lr": engine.scheduler.get_last_lr()[-1],
         }
+        if loss.trend is not None:
+            record["task_weights"] = loss.trend.as_dict()
         if val is not None and val_crops is not None:
             # Val queries of labels absent from the gallery count as misses.
             record.update(
@@ -548,5 +613,8 @@ def train_embedder(
         desc="train-embedder",
     )
     model_path = out / MODEL_FILE
+    if vocab is not None:
+        heads = TaskHeads.from_loss(model.dim, loss, vocab.categories, vocab.attributes)
+        model.set_heads(heads.to(dev) if heads is not None else None)
     save_embedder(model, model_path)
     return TrainResult(model_path, ckpt_path, history, step_losses)

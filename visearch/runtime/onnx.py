@@ -3,8 +3,11 @@
 What is exported:
 
 - the embedder whole: ``float32 [B, 3, S, S]`` (the batch :func:`crops_to_batch` makes:
-  resized to S = ``config["input_size"]``, normalised) -> ``float32 [B, dim]`` L2-normalised;
-  preprocessing stays in numpy/torch, shared with the torch path;
+  resized to S = ``config["input_size"]``, normalised) -> ``float32 [B, dim]`` L2-normalised,
+  plus one logits output per head when the model has
+  :class:`~visearch.embedding.heads.TaskHeads` (``"category"``, ``"attr.<name>"``: the same
+  forward pass, so the heads cost the server no second run); preprocessing stays in
+  numpy/torch, shared with the torch path;
 - the detector's tensor part only (:class:`~visearch.detection.model.HeadMaps`: backbone +
   FPN + head convolutions -> per-level logit and box-regression maps), with dynamic batch,
   height and width. torchvision's transform, anchors, box decoding and NMS keep running in
@@ -113,6 +116,20 @@ def make_session(
 
 
 # ------------------------------------------------------------------------------ export
+class _EmbedderWithHeads(torch.nn.Module):
+    """``Embedder.forward_with_heads`` as a tuple (exporters need a fixed output list):
+    ``(embeddings float [B, dim], *logits float [B, C] in heads.names order)``."""
+
+    def __init__(self, model: Embedder) -> None:
+        super().__init__()
+        self.model = model
+        self.names = model.heads.names if model.heads is not None else []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        emb, logits = self.model.forward_with_heads(x)
+        return (emb, *[logits[n] for n in self.names])
+
+
 @contextlib.contextmanager
 def _quiet_loggers() -> Iterator[None]:
     # The exporter's IR passes log every rewrite at INFO; keep the build log readable.
@@ -173,7 +190,9 @@ def export_embedder(
     """Export ``model`` (any device; a CPU copy is exported) to ``path``, atomically.
 
     The graph maps ``images float32 [B, 3, S, S]`` (dynamic B) to ``embeddings float32
-    [B, dim]``, L2-normalised, exactly ``Embedder.forward``. With ``int8``, the written file
+    [B, dim]``, L2-normalised, exactly ``Embedder.forward``, and, for a model with heads, to
+    one more output per head (``model.heads.names``: logits ``float32 [B, C]``, exactly
+    ``Embedder.forward_with_heads``'s). With ``int8``, the written file
     is the int8-quantised graph (:func:`quantize_embedder`; static with ``calibration``,
     else dynamic). Returns the exporter used.
     """
@@ -182,7 +201,12 @@ def export_embedder(
     size = int(cpu.config["input_size"])
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=4096)
-    exporter = _export(cpu, example, path, output_names=["embeddings"], dynamic={0: batch},
+    module: torch.nn.Module = cpu
+    names = ["embeddings"]
+    if cpu.heads is not None:
+        module = _EmbedderWithHeads(cpu).eval()
+        names += cpu.heads.names
+    exporter = _export(module, example, path, output_names=names, dynamic={0: batch},
                        dynamic_names={0: "batch"})
     if int8:
         quantize_embedder(path, path, calibration=calibration)
@@ -269,17 +293,35 @@ def embedder_parity(
 ) -> dict[str, float | int]:
     """Embed a seeded ``float32 [batch, 3, S, S]`` input with ``model`` (torch, on the CPU)
     and ``session``; returns ``max_abs_diff`` (over all embedding components) and
-    ``min_cosine`` (worst row's cosine between the two embeddings)."""
+    ``min_cosine`` (worst row's cosine between the two embeddings), and for a model with
+    heads ``heads_max_abs_diff`` (over every head's logits) and ``heads_argmax_agree`` (the
+    share of (row, head) pairs whose top class is the same); a head missing from the
+    session's outputs makes ``heads_max_abs_diff`` infinite."""
     cpu = copy.deepcopy(model).cpu().eval()
     size = int(cpu.config["input_size"])
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
-        ref = cpu(x).numpy()
-    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        ref_t, ref_heads = cpu.forward_with_heads(x)
+    ref = ref_t.numpy()
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    out = outputs[0]
     cos = np.sum(ref * out, axis=1) / (
         np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-12)
-    return {"max_abs_diff": float(np.abs(ref - out).max()), "min_cosine": float(cos.min()),
-            "batch": batch, "seed": seed}
+    result: dict[str, float | int] = {
+        "max_abs_diff": float(np.abs(ref - out).max()), "min_cosine": float(cos.min()),
+        "batch": batch, "seed": seed}
+    if ref_heads:
+        got = dict(zip([o.name for o in session.get_outputs()], outputs, strict=True))
+        diffs, agree = [], []
+        for name, logits in ref_heads.items():
+            if name not in got:
+                diffs.append(float("inf"))
+                continue
+            diffs.append(float(np.abs(logits.numpy() - got[name]).max()))
+            agree.extend(logits.numpy().argmax(1) == got[name].argmax(1))
+        result["heads_max_abs_diff"] = max(diffs)
+        result["heads_argmax_agree"] = float(np.mean(agree)) if agree else 0.0
+    return result
 
 
 def _parity_images(model: ProductDetector, seed: int) -> list[np.ndarray]:
@@ -379,6 +421,8 @@ class OrtEmbedder:
         self.session = make_session(self.path, providers=providers,
                                     intra_op_threads=intra_op_threads)
         self._input = self.session.get_inputs()[0].name
+        #: the head outputs this graph has (``"category"``, ``"attr.<name>"``), in order
+        self.head_names = [o.name for o in self.session.get_outputs()[1:]]
         self.transform = eval_transform(int(self.config["input_size"]),
                                         mean=self.config["mean"], std=self.config["std"])
 
@@ -403,6 +447,26 @@ class OrtEmbedder:
             out[start : start + len(chunk)] = self.run(
                 crops_to_batch(self.transform, chunk).numpy())
         return out
+
+    def embed_arrays_with_heads(
+        self, images: Sequence[np.ndarray], *, batch_size: int = 64
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """As :func:`visearch.embedding.embed_arrays_with_heads`: ``(float32 [N, dim],
+        {head name: float32 [N, C]})`` (empty dict for a graph without head outputs)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        logits: dict[str, list[np.ndarray]] = {n: [] for n in self.head_names}
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch = np.ascontiguousarray(crops_to_batch(self.transform, chunk).numpy(),
+                                         np.float32)
+            outputs = self.session.run(None, {self._input: batch})
+            out[start : start + len(chunk)] = outputs[0]
+            for name, v in zip(self.head_names, outputs[1:], strict=True):
+                logits[name].append(np.asarray(v, np.float32))
+        return out, {n: np.concatenate(v) if v else np.zeros((0, 0), np.float32)
+                     for n, v in logits.items()}
 
 
 class OrtDetector:
@@ -484,6 +548,9 @@ def export_version_models(
         parity = embedder_parity(model, make_session(dest, providers=cpu))
         ok = (parity["min_cosine"] >= INT8_MIN_COSINE if int8
               else parity["max_abs_diff"] <= EMBED_TOL)
+        if "heads_max_abs_diff" in parity:  # int8 moves logits; the top class must hold
+            ok = ok and (parity["heads_argmax_agree"] >= INT8_MIN_COSINE if int8
+                         else parity["heads_max_abs_diff"] <= MAP_TOL)
         return exporter, parity if ok else _parity_failed("embedder", parity)
 
     def detector(dest: Path) -> tuple[str, dict[str, Any]]:

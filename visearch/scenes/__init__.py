@@ -1,5 +1,6 @@
 """Detector and query-domain training data made from shop images alone: product cut-outs
-(``cutout``) and copy-paste scene synthesis (``compose``)."""
+(``cutout``; ``photo_cutout`` for user photos and ``cut_out_product``, the entry point
+for both) and copy-paste scene synthesis (``compose``)."""
 
 from visearch.scenes.compose import (
     Pasted,
@@ -12,7 +13,15 @@ from visearch.scenes.compose import (
     procedural_background,
     synthesize_scenes,
 )
-from visearch.scenes.cutout import CUTOUT_STATUSES, Cutout, cut_out, cut_out_file, load_rgba
+from visearch.scenes.cutout import (
+    CUTOUT_STATUSES,
+    Cutout,
+    cut_out,
+    cut_out_file,
+    load_rgba,
+    plain_border,
+)
+from visearch.scenes.photo_cutout import cut_out_photo, cut_out_product
 
 __all__ = [
     "CUTOUT_STATUSES",
@@ -25,8 +34,11 @@ __all__ = [
     "compose_scene",
     "cut_out",
     "cut_out_file",
+    "cut_out_photo",
+    "cut_out_product",
     "load_rgba",
     "main_categories",
+    "plain_border",
     "procedural_background",
     "synthesize_scenes",
 ]

@@ -72,8 +72,10 @@ from visearch.imageio import MAX_PIXELS, ImageSource, decode_image
 
 logger = logging.getLogger(__name__)
 
+#: ``"needs_bbox"``: a cluttered photo given without the product's box
+#: (:func:`visearch.scenes.cut_out_product` only).
 CUTOUT_STATUSES = ("ok", "decode_error", "bad_bbox", "empty", "transparent", "not_plain",
-                   "too_small")
+                   "too_small", "needs_bbox")
 
 #: RGB -> (Y, Cb - 128, Cr - 128), ITU-R BT.601 as JPEG uses it.
 _YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
@@ -85,7 +87,9 @@ class Cutout:
     """The result of one cut-out.
 
     Attributes:
-        status: one of :data:`CUTOUT_STATUSES`; ``"ok"`` when ``rgba`` is set.
+        status: one of :data:`CUTOUT_STATUSES`; ``"ok"`` when ``rgba`` is set. (This
+            dataclass also carries the user-photo cut-outs of
+            :mod:`visearch.scenes.photo_cutout`.)
         reason: what was wrong and what to do about it; ``""`` when ok.
         rgba: ``uint8 [h, w, 4]``, the product cropped to ``box``: straight (not
             premultiplied) RGB, alpha 0..255 (255 = product). RGB under alpha 0 is the
@@ -218,6 +222,22 @@ def _background(pixels: np.ndarray) -> _Background:
     t_bg = max(6.0, 1.5 * noise)
     return _Background(color=color, spread=spread, outliers=outliers, t_bg=t_bg,
                        t_fg=max(30.0, 3.0 * t_bg))
+
+
+def plain_border(image: np.ndarray, *, border: int = 3, max_spread: float = 8.0,
+                 max_outliers: float = 0.35) -> bool:
+    """Whether the ``border`` px frame band of ``image`` (``uint8 [H, W, 3|4]``) is a plain
+    backdrop by :func:`cut_out`'s test without a bbox (same defaults): a median colour
+    distance to the band's median colour of at most ``max_spread``, and at most
+    ``max_outliers`` of the band far from it. An image too small for the band: False."""
+    rgb, _ = _check_image(image)
+    h, w = rgb.shape[:2]
+    if min(h, w) < 2 * border + 3:
+        return False
+    band = np.ones((h, w), bool)
+    band[border:h - border, border:w - border] = False
+    bg = _background(rgb[band].astype(np.float32))
+    return bg.spread <= max_spread and bg.outliers <= max_outliers
 
 
 def _frame_connected(mask: np.ndarray) -> np.ndarray:
@@ -360,6 +380,9 @@ def _grabcut(rgb: np.ndarray, gc: np.ndarray, iterations: int, margin: int = 8) 
         return fg  # grabCut needs samples of both to fit its colour models
     bgd = np.zeros((1, 65), np.float64)
     fgd = np.zeros((1, 65), np.float64)
+    # grabCut seeds its k-means from OpenCV's global generator: seed it, or the same image
+    # can give another cut-out depending on what ran before.
+    cv2.setRNGSeed(0)
     try:
         cv2.grabCut(np.ascontiguousarray(rgb[y1:y2, x1:x2]), sub, None, bgd, fgd,
                     iterations, cv2.GC_INIT_WITH_MASK)

@@ -1,8 +1,14 @@
 """The query pipeline, usable without gRPC.
 
-decode and validate -> detect -> main object crop (or the caller's box) -> embed ->
-top-k neighbours over the whole index -> category vote -> search that category (or the
+decode and validate -> detect -> main object crop (or the caller's box) -> embed (+ the
+model's category and attribute heads, same forward pass) -> top-k neighbours over the whole
+index -> category vote (detector, neighbours, category head) and attribute vote (neighbours'
+catalog attributes, attribute heads) -> search that category (or the
 caller's hint) -> k-reciprocal re-ranking -> best item per SKU -> top-K.
+
+:meth:`SearchPipeline.describe` stops after the vote (category top-k and attributes, no
+retrieval); :meth:`SearchPipeline.cutout` cuts the product out of the photo
+(:func:`visearch.scenes.cut_out_product`).
 
 Model inference goes through :class:`~visearch.search.batching.MicroBatcher` workers, so concurrent
 searches share forward passes (and the models, which are not thread-safe, see one caller).
@@ -10,6 +16,7 @@ searches share forward passes (and the models, which are not thread-safe, see on
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -19,15 +26,24 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 
 from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.device import choose_device
-from visearch.embedding import embed_arrays
+from visearch.embedding import embed_arrays, embed_arrays_with_heads
+from visearch.embedding.heads import Prediction, softmax
 from visearch.imageio import MAX_PIXELS, crop, decode_image
 from visearch.index.blas import faiss_threads
 from visearch.search.batching import MicroBatcher
 from visearch.search.rerank import KReciprocalReranker
-from visearch.search.voting import CategoryDecision, VoteWeights, vote_category
+from visearch.search.voting import (
+    AttributeVote,
+    AttributeWeights,
+    CategoryDecision,
+    VoteWeights,
+    vote_attributes,
+    vote_category,
+)
 
 if TYPE_CHECKING:
     from visearch.detection.main_object import MainObject
@@ -84,6 +100,7 @@ class Hit:
     title: str
     image_key: str
     similarity: float
+    attributes: dict[str, str] = field(default_factory=dict)  # the item's catalog attributes
 
 
 @dataclass
@@ -96,6 +113,46 @@ class SearchResult:
     results: list[Hit]
     index_version: str
     reranked: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    #: the best categories after the vote with their combined probabilities, best first
+    category_top: list[tuple[str, float]] = field(default_factory=list)
+    #: attribute name -> its top-k values voted by the neighbours and the attribute heads
+    #: (empty without heads)
+    attributes: dict[str, Prediction] = field(default_factory=dict)
+    #: attribute name -> every value's vote per source (what ``attributes`` is the top of)
+    attribute_votes: dict[str, tuple[AttributeVote, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class DescribeResult:
+    """What the product is, without retrieval: detections, the described region, the
+    category vote, its top-k and the predicted attributes; timings in milliseconds."""
+
+    detections: list[Detection]
+    main_object: ChosenObject
+    category: CategoryDecision
+    category_top: list[tuple[str, float]]
+    attributes: dict[str, Prediction]
+    index_version: str
+    timings: dict[str, float] = field(default_factory=dict)
+    attribute_votes: dict[str, tuple[AttributeVote, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class CutoutResult:
+    """A product cut-out: ``rgba_png`` (the product cropped to ``box``, straight alpha) and
+    ``mask_png`` (its 8-bit alpha) as PNG bytes, both empty unless ``status == "ok"``;
+    ``reason`` says why not. ``box`` is in the photo's pixels (the tight box of the mask
+    when ok, else the box that was tried); timings in milliseconds."""
+
+    status: str
+    reason: str
+    rgba_png: bytes
+    mask_png: bytes
+    quality: float
+    box: Box | None
+    source: str  # where the box came from: "request", "detector" or "image"
+    index_version: str
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -147,6 +204,8 @@ class SearchPipeline:
         detector: the product detector (torch or :class:`~visearch.runtime.onnx.OrtDetector`);
             None embeds the whole image (or the caller's box).
         vote_weights: the category vote's mix (default: equal).
+        attribute_weights: the attribute vote's mix of the ``vote_k`` neighbours' catalog
+            attributes and the attribute heads (default: :class:`AttributeWeights`).
         rerank: k-reciprocal parameters; None disables re-ranking altogether.
         vote_k: neighbours over the whole index that vote on the category.
         detect_thresh: minimum score of a main object (else the whole image is used); the
@@ -159,6 +218,10 @@ class SearchPipeline:
         search_threads: faiss OpenMP threads per query search, in the calling thread (1: a
             server's requests run in parallel on their own threads; None: faiss's default,
             every core, for one large index searched one query at a time).
+        heads: use the embedder's category and attribute heads when it has them (the
+            category head joins the vote with ``vote_weights.head``; the attributes the
+            heads name are voted with the neighbours); False ignores them (no attributes).
+        category_top_k, attribute_top_k: categories and values per attribute reported.
     """
 
     def __init__(
@@ -168,6 +231,7 @@ class SearchPipeline:
         detector: ProductDetector | OrtDetector | None = None,
         *,
         vote_weights: VoteWeights | None = None,
+        attribute_weights: AttributeWeights | None = None,
         rerank: RerankParams | None = None,
         vote_k: int = 20,
         detect_thresh: float = MAIN_SCORE_THRESH,
@@ -178,6 +242,9 @@ class SearchPipeline:
         batch_window_ms: float = 2.0,
         search_threads: int | None = 1,
         device: str | torch.device | None = None,
+        heads: bool = True,
+        category_top_k: int = 5,
+        attribute_top_k: int = 3,
     ) -> None:
         if vote_k < 1 or not 1 <= default_top_k <= max_top_k:
             raise ValueError(
@@ -202,6 +269,7 @@ class SearchPipeline:
             else "torch" if isinstance(detector, torch.nn.Module) else "onnx",
         }
         self.vote_weights = vote_weights or VoteWeights()
+        self.attribute_weights = attribute_weights or AttributeWeights()
         self.rerank_params = rerank
         self.vote_k = vote_k
         self.detect_thresh = detect_thresh
@@ -211,6 +279,19 @@ class SearchPipeline:
         self.device = device
         self.search_threads = search_threads
         self.categories = list(self.index.categories)
+        if category_top_k < 1 or attribute_top_k < 1:
+            raise ValueError(f"need category_top_k, attribute_top_k >= 1, got "
+                             f"{category_top_k}, {attribute_top_k}")
+        self.category_top_k = category_top_k
+        self.attribute_top_k = attribute_top_k
+        #: head output name ("category", "attr.<name>") -> its classes; {} without heads
+        self.head_labels: dict[str, list[str]] = {}
+        head_cfg = embedder.config.get("heads") if heads else None
+        if head_cfg:
+            if head_cfg.get("categories"):
+                self.head_labels["category"] = list(head_cfg["categories"])
+            for name, values in head_cfg.get("attributes", {}).items():
+                self.head_labels[f"attr.{name}"] = list(values)
         self.reranker: KReciprocalReranker | None = None
         if rerank is not None and self.index.ntotal > 1:
             graph = version.graph
@@ -314,10 +395,24 @@ class SearchPipeline:
         return emb, det
 
     # ------------------------------------------------------------------ batched models
-    def _embed_batch(self, crops: list[np.ndarray]) -> np.ndarray:
+    def _embed_batch(
+        self, crops: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Per crop: (float32 [d] embedding, {head name: float32 [C] logits})."""
+        if not self.head_labels:  # heads off: the embedding alone, as before the heads
+            if not isinstance(self.embedder, torch.nn.Module):
+                vecs = self.embedder.embed_arrays(crops, batch_size=len(crops))
+            else:
+                vecs = embed_arrays(self.embedder, crops, batch_size=len(crops),
+                                    device=self.device)
+            return [(vecs[i], {}) for i in range(len(crops))]
         if not isinstance(self.embedder, torch.nn.Module):  # an ORT session
-            return self.embedder.embed_arrays(crops, batch_size=len(crops))
-        return embed_arrays(self.embedder, crops, batch_size=len(crops), device=self.device)
+            vecs, logits = self.embedder.embed_arrays_with_heads(crops, batch_size=len(crops))
+        else:
+            vecs, logits = embed_arrays_with_heads(self.embedder, crops, batch_size=len(crops),
+                                                   device=self.device)
+        logits = {k: v for k, v in logits.items() if k in self.head_labels}
+        return [(vecs[i], {k: v[i] for k, v in logits.items()}) for i in range(len(crops))]
 
     def _detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
         assert self.detector is not None
@@ -415,9 +510,62 @@ class SearchPipeline:
                               "image" if main.fallback else "detector")
         return detections, chosen, main
 
-    def _embed_crop(self, image: np.ndarray, box: Box, clock: _Clock) -> np.ndarray:
+    def _embed_crop(
+        self, image: np.ndarray, box: Box, clock: _Clock
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         region = np.array(crop(image, box))  # a writable copy for torch
-        return np.asarray(self._embed(region, timeout=clock.remaining("embed")), np.float32)
+        vec, logits = self._embed(region, timeout=clock.remaining("embed"))
+        return np.asarray(vec, np.float32), logits
+
+    def _understand(
+        self, logits: dict[str, np.ndarray]
+    ) -> tuple[dict[str, float] | None, dict[str, dict[str, float]]]:
+        """The heads' logits -> (category head probabilities over the index's categories,
+        or None; attribute name -> value -> the head's probability)."""
+        head_scores = None
+        if "category" in logits:
+            p = softmax(logits["category"])
+            head_scores = {c: float(v) for c, v in zip(self.head_labels["category"], p,
+                                                       strict=True) if c in self.categories}
+        attributes = {
+            name[len("attr."):]: dict(zip(self.head_labels[name],
+                                          softmax(v).reshape(-1).tolist(), strict=True))
+            for name, v in logits.items() if name.startswith("attr.")
+        }
+        return head_scores, attributes
+
+    def _vote_attributes(
+        self, head_attributes: dict[str, dict[str, float]], nn_ids: np.ndarray,
+        nn_sims: np.ndarray,
+    ) -> tuple[dict[str, Prediction], dict[str, tuple[AttributeVote, ...]]]:
+        """The heads' attributes voted with the ``vote_k`` neighbours' catalog attributes
+        -> (name -> top-k values, name -> every value's votes)."""
+        if not head_attributes:
+            return {}, {}
+        ids = nn_ids[: self.vote_k]
+        metas = self.items.get_many(ids.tolist())
+        votes = vote_attributes(
+            list(head_attributes), [(m or {}).get("attributes") or {} for m in metas],
+            nn_sims[: self.vote_k], head_scores=head_attributes,
+            weights=self.attribute_weights,
+        )
+        top = {name: Prediction(tuple(v.value for v in vs[: self.attribute_top_k]),
+                                tuple(v.combined for v in vs[: self.attribute_top_k]))
+               for name, vs in votes.items()}
+        return top, votes
+
+    def _vote(
+        self, main: MainObject | None, nn_ids: np.ndarray, nn_sims: np.ndarray,
+        head_scores: dict[str, float] | None, hint: str | None,
+    ) -> CategoryDecision:
+        vote_ids = nn_ids[: self.vote_k]
+        det_scores = None
+        if main is not None and not main.fallback:
+            det_scores = {c: s for c, s in main.category_scores.items() if c in self.categories}
+        return vote_category(
+            det_scores, self.index.categories_of(vote_ids), nn_sims[: self.vote_k],
+            weights=self.vote_weights, hint=hint, head_scores=head_scores,
+        )
 
     # ------------------------------------------------------------------ public API
     def detect(self, image_bytes: bytes, *, deadline: float | None = None) -> DetectResult:
@@ -440,9 +588,88 @@ class SearchPipeline:
         clock.lap("decode")
         _, chosen, _ = self._locate(image, bbox, skip_detection, clock)
         clock.lap("detect")
-        vec = self._embed_crop(image, chosen.box, clock)
+        vec, _ = self._embed_crop(image, chosen.box, clock)
         clock.lap("embed")
         return vec, chosen, clock.done()
+
+    def describe(
+        self, image_bytes: bytes, *, bbox: Sequence[float] | None = None,
+        skip_detection: bool = False, deadline: float | None = None,
+    ) -> DescribeResult:
+        """What the product in a photo is: detect, embed, the heads and the category vote
+        (over the neighbours of the whole index), without retrieval results. Raises as
+        :meth:`search`."""
+        clock = _Clock(deadline)
+        image = self._decode(image_bytes)
+        clock.lap("decode")
+        detections, chosen, main = self._locate(image, bbox, skip_detection, clock)
+        clock.lap("detect")
+        xq, logits = self._embed_crop(image, chosen.box, clock)
+        clock.lap("embed")
+        head_scores, head_attributes = self._understand(logits)
+        if self.head_labels:
+            clock.lap("heads")
+        with faiss_threads(self.search_threads):
+            D, I = self.index.search(xq[None], self.vote_k)  # noqa: E741
+        keep = I[0] >= 0
+        clock.lap("search_all")
+        decision = self._vote(main, I[0][keep], D[0][keep], head_scores, None)
+        attributes, attribute_votes = self._vote_attributes(head_attributes, I[0][keep],
+                                                            D[0][keep])
+        clock.lap("vote")
+        return DescribeResult(detections, chosen, decision, decision.top(self.category_top_k),
+                              attributes, self.version.version, clock.done(), attribute_votes)
+
+    def cutout(
+        self, image_bytes: bytes, *, bbox: Sequence[float] | None = None,
+        deadline: float | None = None,
+    ) -> CutoutResult:
+        """Cut the product out of a photo: the caller's ``bbox``, else the detector's main
+        object (without one, or when nothing is detected, the cut-out module decides from
+        the whole image: a plain background works, a cluttered one answers
+        ``"needs_bbox"``). The alpha is refined by pymatting
+        (:func:`visearch.scenes.cut_out_product`).
+
+        Raises:
+            ImageDecodeError (a ValueError): empty, broken, non-image or oversized input.
+            ValueError: a bbox outside the image, or one the cut-out module rejects.
+            TimeoutError: the deadline passed.
+        """
+        from visearch.scenes import cut_out_product
+
+        clock = _Clock(deadline)
+        if not image_bytes:
+            from visearch.errors import ImageDecodeError
+
+            raise ImageDecodeError("empty image: send the encoded bytes of a photo")
+        # Keep the photo's own transparency: a PNG with alpha is its own best cut-out.
+        image = decode_image(bytes(image_bytes), max_pixels=self.max_pixels, keep_alpha=True)
+        clock.lap("decode")
+        rgb = image[..., :3] if image.shape[2] == 4 else image
+        box: Box | None
+        if bbox is not None:
+            h, w = image.shape[:2]
+            box, source = self.check_box(bbox, w, h), "request"
+        else:
+            _, chosen, _ = self._locate(np.ascontiguousarray(rgb), None, False, clock)
+            box = None if chosen.source == "image" else chosen.box
+            source = chosen.source
+        clock.lap("detect")
+        clock.remaining("cutout")
+        result = cut_out_product(image, box)
+        clock.lap("cutout")
+        if result.status == "bad_bbox":
+            raise ValueError(result.reason)
+        if not result.ok or result.rgba is None or result.box is None:
+            return CutoutResult(result.status, result.reason, b"", b"", 0.0, box, source,
+                                self.version.version, clock.done())
+        rgba_png = _png(result.rgba)
+        mask_png = _png(result.rgba[..., 3])
+        clock.lap("encode")
+        out_box = tuple(float(v) for v in result.box)
+        return CutoutResult("ok", "", rgba_png, mask_png, float(result.quality),
+                            out_box, source, self.version.version,  # type: ignore[arg-type]
+                            clock.done())
 
     def search(
         self,
@@ -485,8 +712,12 @@ class SearchPipeline:
         clock.lap("decode")
         detections, chosen, main = self._locate(image, bbox, skip_detection, clock)
         clock.lap("detect")
-        xq = self._embed_crop(image, chosen.box, clock)[None]
+        vec, logits = self._embed_crop(image, chosen.box, clock)
+        xq = vec[None]
         clock.lap("embed")
+        head_scores, head_attributes = self._understand(logits)
+        if self.head_labels:
+            clock.lap("heads")
 
         use_rerank = rerank and self.reranker is not None
         k_all = self.vote_k
@@ -498,14 +729,8 @@ class SearchPipeline:
         nn_ids, nn_sims = I[0][I[0] >= 0], D[0][I[0] >= 0]
         clock.lap("search_all")
 
-        vote_ids = nn_ids[: self.vote_k]
-        det_scores = None
-        if main is not None and not main.fallback:
-            det_scores = {c: s for c, s in main.category_scores.items() if c in self.categories}
-        decision = vote_category(
-            det_scores, self.index.categories_of(vote_ids), nn_sims[: self.vote_k],
-            weights=self.vote_weights, hint=hint,
-        )
+        decision = self._vote(main, nn_ids, nn_sims, head_scores, hint)
+        attributes, attribute_votes = self._vote_attributes(head_attributes, nn_ids, nn_sims)
         clock.lap("vote")
 
         clock.remaining("search_category")
@@ -530,7 +755,8 @@ class SearchPipeline:
         hits = self._group(cand_ids, cand_sims, scores, top_k)
         clock.lap("group")
         return SearchResult(detections, chosen, decision, hits, self.version.version,
-                            bool(use_rerank), clock.done())
+                            bool(use_rerank), clock.done(), decision.top(self.category_top_k),
+                            attributes, attribute_votes)
 
     def _group(
         self, ids: np.ndarray, sims: np.ndarray, scores: np.ndarray, top_k: int
@@ -547,9 +773,17 @@ class SearchPipeline:
             if sku in seen:
                 continue
             seen.add(sku)
+            attrs = meta.get("attributes") or {}
             hits.append(Hit(sku, float(score), int(item_id), str(meta.get("category", "")),
                             str(meta.get("title", "")), str(meta.get("image_key", "")),
-                            float(sim)))
+                            float(sim), {str(k): str(v) for k, v in attrs.items()}))
             if len(hits) == top_k:
                 break
         return hits
+
+
+def _png(array: np.ndarray) -> bytes:
+    """``uint8 [H, W, 4]`` (RGBA) or ``[H, W]`` (8-bit grey) -> PNG bytes (Pillow)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -178,7 +178,8 @@ def render_scene(
     distractors: Sequence[int] | None = None,
     max_distractors: int = 3,
     background: Image.Image | None = None,
-) -> tuple[Image.Image, list[Placed]]:
+    return_mask: bool = False,
+) -> tuple[Image.Image, list[Placed]] | tuple[Image.Image, list[Placed], Image.Image]:
     """A phone-style photo of product ``main`` among distractors of other categories.
 
     Returns the RGB image (``size`` x ``size``) and the placed products, main first, each
@@ -187,6 +188,11 @@ def render_scene(
     than ``main``) are placed so that at most a quarter of either box overlaps another.
     ``background`` (RGB, ``size`` x ``size``) replaces the procedural clutter, e.g. a crop of
     a real photo for an evaluation the generator's own backgrounds cannot bias.
+
+    With ``return_mask``, returns ``(image, placed, mask)``: ``mask`` is the visible part of
+    the main product (PIL ``L``, ``size`` x ``size``, 255 = product; the occluder drawn over
+    it removed; after the same perspective as the image). The random draws are the same
+    either way, so the image is too.
     """
     image = _clutter(size, rng) if background is None else background.convert("RGB").copy()
     main_cat = products[main].category
@@ -222,6 +228,7 @@ def render_scene(
             squash=float(rng.uniform(0.72, 1.0)),
         )
         masks.append((idx, mask))
+    visible = masks[-1][1].copy() if return_mask else None  # the main product, drawn last
     # Occlusion: a thumb, a cup, a hand-held object over an edge of the main product.
     if rng.uniform() < 0.35:
         d = ImageDraw.Draw(image)
@@ -235,6 +242,8 @@ def render_scene(
         ex = (mcx - edge, mcy, mcx + edge, mcy)[side]
         ey = (mcy, mcy - edge, mcy, mcy + edge)[side]
         d.ellipse((ex - ow, ey - oh, ex + ow, ey + oh), fill=col)
+        if visible is not None:
+            ImageDraw.Draw(visible).ellipse((ex - ow, ey - oh, ex + ow, ey + oh), fill=0)
     # Camera perspective: the output samples a quad inside the frame, so no empty borders.
     corners = np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64)
     jitter = rng.uniform(0.0, 0.12, size=(4, 2)) * size
@@ -249,6 +258,10 @@ def render_scene(
         box = mask_box(warped)
         if box is not None and (box[2] - box[0]) >= 4 and (box[3] - box[1]) >= 4:
             placed.append(Placed(idx, box))
+    if visible is not None:
+        main_mask = visible.transform((size, size), Image.Transform.PERSPECTIVE, coeffs,
+                                           Image.Resampling.BILINEAR)
+        return _camera(image, rng), placed, main_mask
     return _camera(image, rng), placed
 
 

@@ -90,7 +90,7 @@ class _Renderer:
         out: the world folder.
         size: image side in pixels.
         seed: the world seed.
-        shop_masks: also write each shop image's drawn mask (see ``mask_path``).
+        shop_masks: also write each shop image's and user photo's drawn mask (mask_path).
         photos: decoded background photos for the user photos (empty: procedural clutter).
         distractors: category -> indices of the products of every other category.
     """
@@ -149,11 +149,15 @@ class _Renderer:
                 # its own generator, so the scene's other draws do not depend on the photos
                 bg_rng = self._rng(_KIND_BACKGROUND, job.key)
                 background = photo_crop(photos[int(bg_rng.integers(len(photos)))], size, bg_rng)
-            image, placed = render_scene(
+            with_mask = self.shop_masks and job.kind == "photo"
+            image, placed, *mask = render_scene(
                 self.products, job.product, size, rng,
                 distractors=self.distractors[self.products[job.product].category],
                 max_distractors=3 if job.kind == "photo" else 4, background=background,
+                return_mask=with_mask,
             )
+            if with_mask:
+                mask[0].save(self.out / mask_path(job.path), format="PNG")
             quality = int(rng.integers(25, 76))
             data = to_jpeg(image, quality)
             boxes = [(p.product, p.box) for p in placed]
@@ -192,9 +196,9 @@ def _load_photo(path: Path, max_side: int) -> Image.Image:
 
 
 def mask_path(image: str) -> str:
-    """Where ``generate_world(shop_masks=True)`` writes the drawn mask of shop image
-    ``image`` (both relative to the world folder): ``shop/S00012_1.jpg`` ->
-    ``masks/S00012_1.png``."""
+    """Where ``generate_world(shop_masks=True)`` writes the drawn mask of shop image or
+    user photo ``image`` (both relative to the world folder): ``shop/S00012_1.jpg`` ->
+    ``masks/S00012_1.png``, ``photos/Q000003.jpg`` -> ``masks/Q000003.png``."""
     return f"masks/{Path(image).stem}.png"
 
 
@@ -251,7 +255,9 @@ def generate_world(
         shop_masks: also write the drawn alpha mask of every original shop image (not of
             the near-duplicate rows) as ``masks/<image stem>.png`` (8-bit grey, 255 =
             product, the floor shadow excluded; its tight box of pixels >= 128 is the
-            catalog bbox), see :func:`mask_path`. Every other file is byte-identical
+            catalog bbox), and of every user photo the visible part of its product (the
+            occluder removed, after the photo's perspective; the query bbox is the box of
+            the whole product), see :func:`mask_path`. Every other file is byte-identical
             either way; ``world.json`` records ``"shop_masks": true`` in its params only
             when set.
         photo_backgrounds: image files: the user photos (queries) are rendered on random
@@ -400,7 +406,8 @@ def generate_world(
         for f in (out / sub).glob("*.jpg"):
             if f"{sub}/{f.name}" not in wanted:
                 f.unlink()
-    wanted_masks = {mask_path(j.path) for j in shop_jobs} if shop_masks else set()
+    wanted_masks = ({mask_path(j.path) for j in shop_jobs + photo_jobs} if shop_masks
+                    else set())
     if shop_masks:
         (out / "masks").mkdir(exist_ok=True)
     if (out / "masks").is_dir():

@@ -7,6 +7,7 @@ from visearch.embedding.losses.attributes import AttributeLoss
 from visearch.embedding.losses.cosface import CosFaceLoss
 from visearch.embedding.losses.normface import NormFaceLoss
 from visearch.embedding.losses.softmax import SoftmaxLoss
+from visearch.embedding.losses.trend import TrendWeights
 from visearch.embedding.losses.triplet import BatchHardTripletLoss
 from visearch.embedding.losses.weighted import LossTerm, WeightedLoss
 
@@ -19,5 +20,6 @@ __all__ = [
     "LossTerm",
     "NormFaceLoss",
     "SoftmaxLoss",
+    "TrendWeights",
     "WeightedLoss",
 ]

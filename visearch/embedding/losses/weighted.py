@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from visearch.embedding.losses.trend import TrendWeights
+
 
 @dataclass(frozen=True)
 class LossTerm:
@@ -27,9 +29,13 @@ class WeightedLoss(nn.Module):
 
     ``forward(embeddings float [B, D], targets {name: tensor}) -> (total float [], parts)``,
     ``parts`` mapping each term's name to its unweighted value (a detached float tensor).
+
+    With ``trend`` (a :class:`TrendWeights` over some of the terms, usually the auxiliary
+    heads), those terms' weights are the trend's current ones, updated during training from
+    validation losses; the other terms keep their fixed weights.
     """
 
-    def __init__(self, terms: Sequence[LossTerm]) -> None:
+    def __init__(self, terms: Sequence[LossTerm], *, trend: TrendWeights | None = None) -> None:
         super().__init__()
         if not terms:
             raise ValueError("WeightedLoss needs at least one LossTerm")
@@ -39,6 +45,15 @@ class WeightedLoss(nn.Module):
         self.losses = nn.ModuleDict({t.name: t.loss for t in terms})
         self.weights = {t.name: float(t.weight) for t in terms}
         self.targets = {t.name: t.target for t in terms}
+        if trend is not None and not set(trend.names) <= set(names):
+            raise ValueError(f"trend weights name unknown terms {trend.names}; terms: {names}")
+        self.trend = trend
+
+    def weight(self, name: str) -> float:
+        """Term ``name``'s current weight."""
+        if self.trend is not None and name in self.trend.names:
+            return self.trend.weight(name)
+        return self.weights[name]
 
     def forward(
         self, embeddings: torch.Tensor, targets: Mapping[str, torch.Tensor]
@@ -51,5 +66,5 @@ class WeightedLoss(nn.Module):
                 raise KeyError(f"loss term {name!r} needs target {key!r}; got {sorted(targets)}")
             value = loss(embeddings, targets[key])
             parts[name] = value.detach()
-            total = total + self.weights[name] * value
+            total = total + self.weight(name) * value
         return total, parts
