@@ -124,7 +124,7 @@ def test_ingest_cutouts_and_scenes_are_identical_to_the_local_runner(ray_runner,
     from visearch.synth import generate_world
 
     world = tmp_path / "world"
-    generate_world(world, skus=5, seed=3, image_size=96, scenes=0, photos_per_sku=0,
+    generate_world(world, skus=30, seed=3, image_size=96, scenes=0, photos_per_sku=0,
                    dup_rate=0.0, mislabel_rate=0.0, split_rate=0.0)
     catalog = world / "catalog.jsonl"
     first = json.loads(catalog.read_text().splitlines()[0])
@@ -142,7 +142,7 @@ def test_ingest_cutouts_and_scenes_are_identical_to_the_local_runner(ray_runner,
             stores[name] = list(st.iter_items())
     assert reports["ray"] == reports["local"]
     assert stores["ray"] == stores["local"]
-    assert len(stores["local"]) == len(rows) - 1 >= 10
+    assert len(stores["local"]) == len(rows) - 1 >= 100
     assert [f.line for f in reports["local"].failed] == [len(rows)]  # the truncated JPEG
 
     out = {}
@@ -151,7 +151,7 @@ def test_ingest_cutouts_and_scenes_are_identical_to_the_local_runner(ray_runner,
                                images=store_lookup(tmp_path / f"store-{name}")).rows
         cut = cut_out_catalog(stored, tmp_path / f"cut-{name}", runner=runner)
         synthesize_catalog_scenes(tmp_path / f"cut-{name}", tmp_path / f"scenes-{name}",
-                                  scenes_per_object=1.5, image_size=64, seed=5,
+                                  scenes_per_object=0.3, image_size=64, seed=5,
                                   val_fraction=0.2, runner=runner)
         out[name] = {p.relative_to(tmp_path / f"{kind}-{name}"): p.read_bytes()
                      for kind in ("cut", "scenes")
@@ -160,5 +160,6 @@ def test_ingest_cutouts_and_scenes_are_identical_to_the_local_runner(ray_runner,
     assert out["ray"].keys() == out["local"].keys()
     for key, value in out["local"].items():
         assert out["ray"][key] == value, key  # the same bytes, file by file
-    assert out["local"]["summary"].objects >= 5
+    # many shards per actor: without a per-image seed grabCut's masks would differ
+    assert out["local"]["summary"].objects >= 100
     assert sum(str(k).startswith("scenes/") for k in out["local"]) >= 5
