@@ -14,6 +14,9 @@ embedder in this process with ``--workers`` torch threads and DataLoader decoder
 - gallery embedding (``Runner.embed``, an actor pool holding the model): max |difference|;
 - the neighbour graph (``build_neighbour_graph(runner=...)``, exact, k1 = 21) of the same
   vectors (the local runner's embeddings): rows must be identical.
+- with ``--stages ingest,cutout,...``: ingest's decode check (``ImageStore.ingest``) and the
+  product cut-outs (``cut_out_catalog``), today's path in this process against Ray: the
+  stores' items and every cut-out file must be identical.
 
 Ray's start-up (``ray.init``) is timed apart: a cluster pays it once, not per stage. The
 per-worker rates printed here are what docs/scale.md extrapolates to N workers.
@@ -34,11 +37,13 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine
+from index_builder.cmd_scenes import cut_out_catalog
 from visearch.catalog import read_manifest
 from visearch.cleaning.dedup import hash_images
 from visearch.embedding import build_embedder, save_embedder
 from visearch.index import build_neighbour_graph
 from visearch.parallel import LocalRunner, RayRunner
+from visearch.store import ImageStore
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "mobilenet_v2-b0353104.pth"
@@ -84,6 +89,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results: dict[str, dict[str, Any]] = {}
             for name, runner in (("local", local), ("ray", ray)):
                 r: dict[str, Any] = {}
+                via = None if runner is local else runner
+                if "ingest" in stages:
+                    with ImageStore(Path(tmp) / f"store-{name}") as st:
+                        _, r["ingest_s"] = _timed(lambda st=st, via=via: st.ingest(
+                            rows, runner=via))
+                        r["ingest"] = list(st.iter_items())
+                if "cutout" in stages:
+                    cut = Path(tmp) / f"cut-{name}"
+                    _, r["cutout_s"] = _timed(lambda cut=cut, via=via: cut_out_catalog(
+                        rows, cut, runner=via))
+                    r["cutout"] = {p.relative_to(cut): p.read_bytes()
+                                   for p in sorted(cut.rglob("*")) if p.is_file()}
                 r["hash"], r["hash_s"] = _timed(lambda runner=runner: hash_images(
                     paths, kind="dhash", workers=args.workers,
                     runner=None if runner is local else runner))
@@ -104,8 +121,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                         batch_size=256,
                                                                         runner=runner))
                 results[name] = r
-                print(f"{name}: hash {r['hash_s']:.1f} s, embed {r.get('embed_s', 0):.1f} s, "
-                      f"graph {r['graph_s']:.1f} s", flush=True)
+                print(f"{name}: ingest {r.get('ingest_s', 0):.1f} s, cut-outs "
+                      f"{r.get('cutout_s', 0):.1f} s, hash {r['hash_s']:.1f} s, embed "
+                      f"{r.get('embed_s', 0):.1f} s, graph {r['graph_s']:.1f} s", flush=True)
         finally:
             ray.close()
     a, b = results["local"], results["ray"]
@@ -116,13 +134,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     same_graph = np.array_equal(a["graph"].I, b["graph"].I) and np.array_equal(
         a["graph"].D, b["graph"].D)
     n = len(rows)
-    for stage in [s for s in ("hash", "embed", "graph") if s in stages]:
+    for stage in [s for s in ("ingest", "cutout", "hash", "embed", "graph") if s in stages]:
         out["stages"][stage] = {
             "local_s": round(a[f"{stage}_s"], 2), "ray_s": round(b[f"{stage}_s"], 2),
             "ray_per_worker_per_s": round(n / b[f"{stage}_s"] / args.workers, 1)}
     out["identical"] = {"hashes": bool(same_hash), "graph": bool(same_graph),
                         "ids": bool(np.array_equal(a["ids"], b["ids"])),
                         "embedding_max_abs_diff": emb_diff}
+    for stage in ("ingest", "cutout"):
+        if stage in stages:
+            out["identical"][stage] = bool(a[stage] == b[stage]) and len(a[stage]) > 0
     out["total_s"] = {"local": round(sum(a[f"{s}_s"] for s in out["stages"]), 1),
                       "ray": round(sum(b[f"{s}_s"] for s in out["stages"]), 1)}
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1), flush=True)
@@ -139,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--stages", default="hash,embed,graph",
                    help="stages to run (hash and graph always; without embed the graph "
-                   "is built over seeded vectors)")
+                   "is built over seeded vectors; add ingest, cutout)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     result = run(args)

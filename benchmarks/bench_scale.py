@@ -4,14 +4,17 @@ synthetic vectors, beside exact search (Flat) as the baseline.
 
     .venv/bin/python -m benchmarks.bench_scale --n 1000000
     .venv/bin/python -m benchmarks.bench_scale --n 1000000 --replicate 10  # + timing at 10M
-    .venv/bin/python -m benchmarks.bench_scale --n 10000000 --nlist 4096 --nprobe 128 \
-        --train-per-list 39 --refines SQ8 --no-flat --chunk 500000     # ~6 GB of RAM
+    .venv/bin/python -m benchmarks.bench_scale --n 10000000 --nlist 2048 --nprobe 128 \
+        --no-pq --no-flat --chunk 500000                   # IVF-SQ8 at 10M: ~6 GB of RAM
 
 The gallery is ``bench_index``'s clustered mixture, generated in chunks (``--chunk``) from
 fixed centres, so N can exceed memory as float32: the indexes are filled chunk by chunk and
 the exact top-k of the queries is merged chunk by chunk (the Recall@10 oracle). Both indexes
-share one coarse quantizer (k-means on ``--train-per-list`` points per list) and each chunk's
-list assignment, as Milvus shares nothing but the cost is what a shard build pays.
+share one coarse quantizer and each chunk's list assignment, as Milvus shares nothing but
+the cost is what a shard build pays. The quantizer's k-means trains on a sample of
+``--train-per-list`` points per list (visearch's own rule, 64; faiss itself caps k-means at
+256 per centroid), never on all N: at 10M the cost of a build is the coarse assignment of
+every vector (N x nlist x d), not the training.
 
 Memory per vector is the serialized index size / N (codes, ids, lists, quantizer: what the
 shard holds in RAM). Queries/s are at batch 1 on ``--threads`` faiss threads (default 1:
@@ -53,7 +56,10 @@ class MixtureStream:
         rng = np.random.default_rng([self.seed, index + (1 << 20)])
         c = rng.integers(0, len(self.centres), n)
         z = rng.standard_normal((n, self.bases.shape[1]), dtype=np.float32)
-        out = self.centres[c] + np.einsum("nr,nrd->nd", z, self.bases[c])
+        out = self.centres[c]
+        for s in range(0, n, 20_000):  # bases[c] is n x intrinsic x d: bound it to ~330 MB
+            out[s:s + 20_000] += np.einsum("nr,nrd->nd", z[s:s + 20_000],
+                                           self.bases[c[s:s + 20_000]])
         out += 0.05 * rng.standard_normal((n, self.d), dtype=np.float32)
         faiss.normalize_L2(out)
         return out
@@ -88,10 +94,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                            faiss.METRIC_INNER_PRODUCT)
     ivf_sq.by_residual = False  # as GalleryIndex builds it
     ivf_sq.cp.max_points_per_centroid = args.train_per_list
+    ivf_sq.cp.niter = args.train_iters
     ivf_sq.train(xtrain)
     ivf_pq = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
     ivf_pq.do_polysemous_training = False
-    ivf_pq.train(xtrain)  # the quantizer is trained: PQ codebooks only
+    if args.pq:
+        ivf_pq.train(xtrain)  # the quantizer is trained: PQ codebooks only
+    else:
+        refines = []
     refine = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit,
                                         faiss.METRIC_INNER_PRODUCT)
     refine.train(xtrain)
@@ -104,6 +114,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flat = faiss.IndexFlatIP(d) if args.flat else None
     D_ref = np.full((len(xq), k), -np.inf, dtype=np.float32)
     I_ref = np.full((len(xq), k), -1, dtype=np.int64)
+    # The baseline in the same run: IVF-SQ8 over the gallery's first --baseline-n vectors
+    # (same quantizer, nlist, nprobe), with its own exact top-k, timed beside the full one.
+    base_n = args.baseline_n if 0 < args.baseline_n < n else 0
+    base_sq = faiss.clone_index(ivf_sq) if base_n else None
+    D_base, I_base = D_ref.copy(), I_ref.copy()
     t0 = time.perf_counter()
     add_s = {"sq8": 0.0, "pq": 0.0, "assign": 0.0}
     for ci, start in enumerate(range(0, n, args.chunk)):
@@ -116,7 +131,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ivf_sq.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
         add_s["sq8"] += time.perf_counter() - t
         t = time.perf_counter()
-        ivf_pq.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+        if args.pq:
+            ivf_pq.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids),
+                            faiss.swig_ptr(assign))
         if "SQ8" in refines:
             refine.add(x)
         if "SQ4" in refines:
@@ -126,6 +143,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flat.add(x)
         Dc, Ic = faiss.knn(xq, x, k, metric=faiss.METRIC_INNER_PRODUCT)
         D_ref, I_ref = _merge_topk(D_ref, I_ref, Dc, Ic + start, k)
+        if base_sq is not None and start < base_n:
+            m_n = min(len(x), base_n - start)
+            base_sq.add_core(m_n, faiss.swig_ptr(x), faiss.swig_ptr(ids),
+                             faiss.swig_ptr(assign))
+            Dc, Ic = faiss.knn(xq, x[:m_n], k, metric=faiss.METRIC_INNER_PRODUCT)
+            D_base, I_base = _merge_topk(D_base, I_base, Dc, Ic + start, k)
         print(f"  {start + len(x)}/{n} added ({time.perf_counter() - t0:.0f} s)", flush=True)
     out["build_s"] = {"train": round(train_s, 1), **{k2: round(v, 1) for k2, v in add_s.items()}}
     # The refine index is filled in the same id order as the IVF-PQ ids (0..N-1).
@@ -133,24 +156,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ivf_pqr.k_factor = args.k_factor
     ivf_pq.nprobe = ivf_sq.nprobe = nprobe
 
-    def row(label: str, index: faiss.Index, nbytes: int, search: Any) -> None:
+    def row(label: str, index: faiss.Index, nbytes: int, search: Any, *, size: int = n,
+            truth: np.ndarray = I_ref) -> None:
         _, I = search(xq, k)  # noqa: E741
         qps = time_search(search, xq, k, 1, args.max_queries)
-        r = {"index": label, "bytes_per_vector": round(nbytes / n, 1),
-             "gb_per_100m": round(nbytes / n * 1e8 / 1e9, 1),
-             "recall_at_10": round(recall_at(I, I_ref, k), 4), "qps_batch1": round(qps, 1)}
+        r = {"index": label, "n": size, "bytes_per_vector": round(nbytes / size, 1),
+             "gb_per_100m": round(nbytes / size * 1e8 / 1e9, 1),
+             "recall_at_10": round(recall_at(I, truth, k), 4), "qps_batch1": round(qps, 1)}
         out["rows"].append(r)
         print(json.dumps(r), flush=True)
+
+    if base_sq is not None:
+        base_sq.nprobe = nprobe
+        row(f"IVF{nlist},SQ8 nprobe={nprobe} at the first {base_n} (baseline)", base_sq,
+            faiss.serialize_index(base_sq).nbytes, base_sq.search, size=base_n,
+            truth=I_base)
+        del base_sq
 
     if flat is not None:
         row("Flat (exact)", flat, d * 4 * n, flat.search)
         del flat
     row(f"IVF{nlist},SQ8 nprobe={nprobe}", ivf_sq,
         faiss.serialize_index(ivf_sq).nbytes, ivf_sq.search)
-    params = faiss.SearchParametersIVF(nprobe=nprobe)
-    row(f"IVF{nlist},PQ{m} nprobe={nprobe}", ivf_pq, faiss.serialize_index(ivf_pq).nbytes,
-        lambda q, kk: ivf_pq.search(q, kk, params=params))
-    pq_bytes = faiss.serialize_index(ivf_pq).nbytes
+    if args.pq:
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        row(f"IVF{nlist},PQ{m} nprobe={nprobe}", ivf_pq, faiss.serialize_index(ivf_pq).nbytes,
+            lambda q, kk: ivf_pq.search(q, kk, params=params))
+        pq_bytes = faiss.serialize_index(ivf_pq).nbytes
     if "SQ8" in refines:
         row(f"IVF{nlist},PQ{m}+refine SQ8 (k_factor {args.k_factor})", ivf_pqr,
             pq_bytes + faiss.serialize_index(refine).nbytes, ivf_pqr.search)
@@ -206,15 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pq-m", type=int, help="PQ bytes per vector (default d/4)")
     p.add_argument("--k-factor", type=int, default=4, help="IVF-PQ candidates re-scored, x k")
     p.add_argument("--train-per-list", type=int, default=IVF_TRAIN_POINTS_PER_LIST)
+    p.add_argument("--train-iters", type=int, default=faiss.ClusteringParameters().niter,
+                   help="k-means iterations of the coarse quantizer")
+    p.add_argument("--no-pq", dest="pq", action="store_false",
+                   help="IVF-SQ8 only (PQ encoding is the slowest part of a build)")
     p.add_argument("--chunk", type=int, default=250_000)
     p.add_argument("--replicate", type=int, default=1,
                    help="also time search at R x N: each list holding R copies of its entries")
+    p.add_argument("--baseline-n", type=int, default=0,
+                   help="also build and time IVF-SQ8 over the first B vectors (same run)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--no-flat", dest="flat", action="store_false",
                    help="no exact Flat baseline row (it holds N x d float32 in memory)")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
+    if args.replicate > 1 and not args.pq:
+        p.error("--replicate times the IVF-PQ copies too: drop --no-pq")
     result = run(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

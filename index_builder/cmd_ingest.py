@@ -13,6 +13,7 @@ from pathlib import Path
 
 from visearch.catalog import read_manifest
 from visearch.errors import ManifestError
+from visearch.parallel import Runner, make_runner
 from visearch.progress import progress_bar
 from visearch.store import ImageStore
 
@@ -36,7 +37,8 @@ class IngestResult:
                 f"holds {self.total_items} item(s), {self.total_images} image(s)")
 
 
-def ingest_catalog(catalog: Path, store: Path, *, lenient: bool = False) -> IngestResult:
+def ingest_catalog(catalog: Path, store: Path, *, lenient: bool = False,
+                   runner: Runner | None = None) -> IngestResult:
     """Validate every row of ``catalog`` and store each image once (by MD5) in the LMDB
     store at ``store`` (created); idempotent, a re-run adds only what is missing. Shows a
     progress bar (:func:`visearch.progress.progress_bar`).
@@ -48,7 +50,8 @@ def ingest_catalog(catalog: Path, store: Path, *, lenient: bool = False) -> Inge
     with ImageStore(store) as st, progress_bar(
         total=len(manifest.rows), desc="ingest", unit="img"
     ) as bar:
-        report = st.ingest(manifest.rows, strict=not lenient, progress=bar.update)
+        report = st.ingest(manifest.rows, strict=not lenient, progress=bar.update,
+                           runner=runner)
         total_items, total_images = len(st), st.num_images
     return IngestResult(
         added_items=report.added_items, present_items=report.present_items,
@@ -82,14 +85,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip bad rows (written to <catalog>.rejects.jsonl) instead of failing",
     )
+    from index_builder.cmd_index import add_scale_arguments  # cmd_index imports this module
+
+    add_scale_arguments(p)
     p.set_defaults(func=run_ingest)
 
 
 def run_ingest(args: argparse.Namespace) -> int:
+    runner = make_runner(args.ray, workers=None) if args.ray else None
     try:
-        result = ingest_catalog(args.catalog, args.store, lenient=args.lenient)
+        result = ingest_catalog(args.catalog, args.store, lenient=args.lenient, runner=runner)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if runner is not None:
+            runner.close()
     print(result.line())
     return 0

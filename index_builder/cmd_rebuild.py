@@ -115,7 +115,7 @@ class RebuildInputs:
     backgrounds: Path | None = None  # photos to paste cut-outs on (else procedural)
     unlabelled_photos: Path | None = None  # adds pseudo-labelling rounds to the detector
     # Where it runs, not what it computes (outputs do not depend on it: no fingerprint).
-    ray: str | None = None  # Ray Data for dedup hashing, embedding, graph: local|auto|ADDRESS
+    ray: str | None = None  # Ray Data for the offline stages: local|auto|ADDRESS
     milvus: MilvusBackend | None = None  # the index's vectors in Milvus (None: the root's)
 
 
@@ -374,7 +374,8 @@ class Pipeline:
         }
 
         def work(out: Path) -> None:
-            print(ingest_catalog(catalog, out / "store", lenient=lenient).line())
+            print(ingest_catalog(catalog, out / "store", lenient=lenient,
+                                 runner=self.runner).line())
 
         ingest = self._stage("ingest", base, work)
         self.upstream = {**base, "ingest": recorded_digest(ingest.out_dir)}
@@ -417,7 +418,7 @@ class Pipeline:
             "cutouts", {**self.upstream, "min_quality": sc.min_quality},
             lambda out: cut_out_catalog(manifest.rows, out, rejects=manifest.rejects,
                                         exclude=removed, min_quality=sc.min_quality,
-                                        progress=True).to_dict(),
+                                        progress=True, runner=self.runner).to_dict(),
         )
         self.cutouts_summary = cut.summary
         print(f"cut-outs: {cut.summary.get('objects')} usable of {cut.summary.get('rows')} "
@@ -436,7 +437,7 @@ class Pipeline:
                 image_size=sc.image_size, seed=self.cfg.seed, backgrounds=backgrounds,
                 max_distractors=sc.max_distractors, crops_per_scene=sc.crops_per_scene,
                 crop_jitter=sc.crop_jitter, val_fraction=sc.val_fraction,
-                workers=self.cfg.workers, progress=True).to_dict(),
+                workers=self.cfg.workers, progress=True, runner=self.runner).to_dict(),
         )
         self.scenes_summary = scenes.summary
         self.upstream["scenes"] = recorded_digest(scenes.out_dir)

@@ -20,10 +20,11 @@ The typed functions :func:`cut_out_catalog` and :func:`synthesize_catalog_scenes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from index_builder.cmd_index import add_scale_arguments
 from index_builder.cmd_ingest import add_store_argument
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.imageio import image_files
+from visearch.parallel import Runner, make_runner
 from visearch.store import store_lookup
 
 logger = logging.getLogger(__name__)
@@ -89,6 +92,7 @@ def cut_out_catalog(
     exclude: Iterable[str] = (),
     min_quality: float = 0.0,
     progress: bool = False,
+    runner: Runner | None = None,
 ) -> CutoutSummary:
     """Cut the product out of every row's image; write the report, objects and PNGs.
 
@@ -103,12 +107,13 @@ def cut_out_catalog(
         min_quality: usable cut-outs need at least this quality score (else status
             ``"low_quality"``).
         progress: a progress bar (:func:`visearch.progress.progress_bar`).
+        runner: a ``visearch.parallel`` runner (e.g. Ray Data) cutting out shards of rows;
+            None: this process. The same files either way.
 
     Returns:
         The rows reported, usable objects and the count of each status.
     """
     from visearch.progress import progress_bar
-    from visearch.scenes import cut_out_file
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "png").mkdir(exist_ok=True)
@@ -118,13 +123,14 @@ def cut_out_catalog(
          "reason": str(r.reason), "quality": 0.0, "box": None} for r in rejects
     ]
     objects: list[dict[str, Any]] = []
+    cuts = _cut_outs([(r.source, r.bbox) for r in rows if r.image not in skip], runner)
     for row in progress_bar(rows, desc="cut-outs", unit="img", disable=not progress):
         entry: dict[str, Any] = {"line": row.line, "image": row.image, "sku": row.sku}
         if row.image in skip:
             report.append({**entry, "status": "excluded", "reason": "removed by dedup",
                            "quality": 0.0, "box": None})
             continue
-        cut = cut_out_file(row.source, row.bbox)
+        cut = next(cuts)
         status, reason = cut.status, cut.reason
         if cut.ok and cut.quality < min_quality:
             status = "low_quality"
@@ -153,6 +159,28 @@ def cut_out_catalog(
                          statuses=dict(sorted(counts.items())))
 
 
+def _cut_out_shard(todo: list[tuple[Any, Any]]) -> list[Any]:
+    """A runner's task: ``cut_out_file`` of each ``(image source, bbox)``. A cut-out depends
+    on its image alone (``cut_out`` seeds grabCut's generator itself), so every runner
+    writes the same PNGs."""
+    from visearch.scenes import cut_out_file
+
+    return [cut_out_file(src, bbox) for src, bbox in todo]
+
+
+def _cut_outs(todo: list[tuple[Any, Any]], runner: Runner | None) -> Iterator[Any]:
+    """The cut-outs of ``todo`` in order: here one by one, or by ``runner`` in shards of 16
+    (blocks of 4096 rows, so that memory holds at most a block of RGBA cut-outs)."""
+    if runner is None:
+        yield from (_cut_out_shard([t])[0] for t in todo)
+        return
+    for b in range(0, len(todo), 4096):
+        block = todo[b:b + 4096]
+        for part in runner.map(_cut_out_shard, [block[s:s + 16]
+                                                for s in range(0, len(block), 16)]):
+            yield from part
+
+
 def read_cutout_boxes(cutouts: Path) -> dict[str, tuple[float, float, float, float]]:
     """``image`` field -> the product box found by the cut-out, for the usable cut-outs."""
     return {o["image"]: tuple(o["box"]) for o in _read_jsonl(cutouts / OBJECTS_FILE)}
@@ -177,6 +205,7 @@ def synthesize_catalog_scenes(
     val_fraction: float = 0.1,
     workers: int = 1,
     progress: bool = False,
+    runner: Runner | None = None,
 ) -> ScenesSummary:
     """Scenes and query-domain crops from the usable cut-outs of :func:`cut_out_catalog`.
 
@@ -199,7 +228,7 @@ def synthesize_catalog_scenes(
         objects, out, scenes_per_object=scenes_per_object, image_size=image_size, seed=seed,
         backgrounds=list(backgrounds), max_distractors=max_distractors,
         crops_per_scene=crops_per_scene, crop_jitter=crop_jitter, val_fraction=val_fraction,
-        workers=workers, progress=progress,
+        workers=workers, progress=progress, runner=runner,
     )
     photos = result.counts.get("backgrounds", 0)
     return ScenesSummary(counts=dict(result.counts), objects=len(objects),
@@ -209,23 +238,38 @@ def synthesize_catalog_scenes(
 # -- CLI ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _runner(args: argparse.Namespace) -> Iterator[Runner | None]:
+    """The Ray runner ``--ray`` selects, closed afterwards; None: this process (or pool)."""
+    runner = make_runner(args.ray, workers=None) if args.ray else None
+    try:
+        yield runner
+    finally:
+        if runner is not None:
+            runner.close()
+
+
 def cmd_cutout(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.catalog, strict=not args.lenient,
                              images=store_lookup(args.store))
-    summary = cut_out_catalog(manifest.rows, Path(args.out), rejects=manifest.rejects,
-                              min_quality=args.min_quality, progress=not args.quiet)
+    with _runner(args) as runner:
+        summary = cut_out_catalog(manifest.rows, Path(args.out), rejects=manifest.rejects,
+                                  min_quality=args.min_quality, progress=not args.quiet,
+                                  runner=runner)
     print(json.dumps({"out": str(args.out), **summary.to_dict()}))
     return 0
 
 
 def cmd_synth_scenes(args: argparse.Namespace) -> int:
-    summary = synthesize_catalog_scenes(
-        Path(args.cutouts), Path(args.out), scenes_per_object=args.scenes_per_object,
-        image_size=args.image_size, seed=args.seed,
-        backgrounds=background_files(args.backgrounds), max_distractors=args.max_distractors,
-        crops_per_scene=args.crops_per_scene, crop_jitter=args.crop_jitter,
-        val_fraction=args.val_fraction, workers=args.workers, progress=not args.quiet,
-    )
+    with _runner(args) as runner:
+        summary = synthesize_catalog_scenes(
+            Path(args.cutouts), Path(args.out), scenes_per_object=args.scenes_per_object,
+            image_size=args.image_size, seed=args.seed,
+            backgrounds=background_files(args.backgrounds),
+            max_distractors=args.max_distractors, crops_per_scene=args.crops_per_scene,
+            crop_jitter=args.crop_jitter, val_fraction=args.val_fraction,
+            workers=args.workers, progress=not args.quiet, runner=runner,
+        )
     print(json.dumps({"out": str(args.out), **summary.to_dict()}))
     return 0
 
@@ -246,6 +290,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lenient", action="store_true", help="skip (and report) bad catalog rows")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_store_argument(p)
+    add_scale_arguments(p)
     p.set_defaults(func=cmd_cutout)
 
     p = sub.add_parser(
@@ -269,4 +314,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="rendering processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_scale_arguments(p)
     p.set_defaults(func=cmd_synth_scenes)

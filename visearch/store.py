@@ -28,13 +28,16 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 
 from visearch.catalog import CatalogRow, ImageLookup, Reject
 from visearch.errors import DamagedStoreError, ImageDecodeError, ManifestError
 from visearch.imageio import decode_pil, image_size
+
+if TYPE_CHECKING:
+    from visearch.parallel import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +139,32 @@ class IngestReport:
     shared_images: int = 0
     failed: list[Reject] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+
+
+def _check_image(data: bytes) -> tuple[int, int, str]:
+    """``(width, height, "")`` of an encoded image, or ``(0, 0, reason)`` when it does not
+    decode. The draft decode checks the whole stream at a fraction of the cost."""
+    try:
+        decode_pil(data, draft=(64, 64))
+        width, height = image_size(data)
+    except ImageDecodeError as exc:
+        return 0, 0, str(exc)
+    return width, height, ""
+
+
+def check_image_files(paths: list[str]) -> list[tuple[str, int, int, str]]:
+    """A runner's shard of :meth:`ImageStore.ingest`: ``(md5 of the bytes, width, height,
+    reason)`` per file, reason ``""`` when it decodes. An unreadable file gives md5 ``""``
+    (ingest then reads and reports it itself)."""
+    out = []
+    for p in paths:
+        try:
+            data = Path(p).read_bytes()
+        except OSError:
+            out.append(("", 0, 0, ""))
+            continue
+        out.append((hashlib.md5(data).hexdigest(), *_check_image(data)))
+    return out
 
 
 class ImageStore:
@@ -308,6 +337,7 @@ class ImageStore:
         *,
         strict: bool = False,
         progress: Any = None,
+        runner: Runner | None = None,
         _fail_after: int | None = None,
     ) -> IngestReport:
         """Store the images and items of ``rows`` that are not stored yet.
@@ -323,6 +353,10 @@ class ImageStore:
                 instead of recording it in ``failed``.
             progress: an optional callable ``progress(n)`` called with the number of rows
                 handled since the last call (e.g. a tqdm bar's ``update``).
+            runner: a ``visearch.parallel`` runner (a process pool, Ray Data) that reads
+                and decodes every row's image in shards first (:func:`check_image_files`);
+                this process then stores them in row order, as without one. None: decode
+                here, row by row.
 
         Returns:
             An ``IngestReport``; ``keys`` lists the item key of every stored row in order.
@@ -334,6 +368,13 @@ class ImageStore:
         batch_images: set[str] = set()
         batch_keys: set[str] = set()
         batch_sources: dict[str, dict[str, Any]] = {}
+        checked: dict[str, tuple[str, int, int, str]] = {}
+        if runner is not None:
+            rows = list(rows)
+            paths = sorted({str(r.path) for r in rows})
+            parts = runner.map(check_image_files, [paths[s:s + 64]
+                                                   for s in range(0, len(paths), 64)])
+            checked = dict(zip(paths, (c for part in parts for c in part), strict=True))
         for handled, row in enumerate(rows, start=1):
             reason = ""
             try:
@@ -349,12 +390,11 @@ class ImageStore:
                 width, height = image_size(data)  # validated when it was stored
                 batch_sources[str(row.path)] = {"md5": md5, "width": width, "height": height}
             elif data is not None:
-                try:
-                    # The draft decode checks the whole stream at a fraction of the cost.
-                    decode_pil(data, draft=(64, 64))
-                    width, height = image_size(data)
-                except ImageDecodeError as exc:
-                    reason = str(exc)
+                pre = checked.get(str(row.path))
+                if pre is not None and pre[0] == md5:  # the runner decoded these bytes
+                    width, height, reason = pre[1], pre[2], pre[3]
+                else:
+                    width, height, reason = _check_image(data)
                 if not reason:
                     stored = md5 in batch_images or self._has_image(md5)
                     report.shared_images += int(stored)

@@ -92,9 +92,16 @@ def _new_client(uri: str) -> Any:
     except ImportError as e:  # pragma: no cover - the extra is in dev installs
         raise ImportError("the milvus backend needs pymilvus (and milvus-lite for a local "
                           "file): pip install 'visearch[scale]'") from e
+    from pymilvus.exceptions import MilvusException
+
     if "://" not in uri:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)  # Milvus Lite wants the folder
-    return MilvusClient(uri)
+    try:
+        return MilvusClient(uri)
+    except MilvusException as e:
+        # An OSError: the CLIs print it as one line, the server's watcher logs and retries.
+        raise ConnectionError(f"cannot reach Milvus at {uri}: {e.message}; check the URI "
+                              "and that the Milvus server is up") from e
 
 
 def normalise_uri(uri: str | os.PathLike[str]) -> str:

@@ -1019,6 +1019,11 @@ def _render_in_pool_worker(job: _SceneJob) -> _RenderedScene:
     return _pool_renderer.render(job)
 
 
+def _render_job(job: _SceneJob, renderer: _SceneRenderer) -> _RenderedScene:
+    """A runner's task (``visearch.parallel``): the renderer is its shared data."""
+    return renderer.render(job)
+
+
 def _jitter_box(box: Box, jitter: float, size: int, rng: np.random.Generator) -> Box:
     """``box`` with each side moved by up to ``jitter`` x the box's width (x sides) or
     height (y sides), clipped to the frame and at least 2 px wide and high."""
@@ -1032,10 +1037,15 @@ def _jitter_box(box: Box, jitter: float, size: int, rng: np.random.Generator) ->
     return nx1, ny1, nx2, ny2
 
 
-def _run(jobs: list[_SceneJob], renderer: _SceneRenderer, workers: int, progress: bool
-         ) -> Iterator[_RenderedScene]:
+def _run(jobs: list[_SceneJob], renderer: _SceneRenderer, workers: int, progress: bool,
+         runner: Any = None) -> Iterator[_RenderedScene]:
     bar = tqdm(total=len(jobs), desc="scenes", unit="scene", disable=not progress)
     try:
+        if runner is not None:
+            for res in runner.map(_render_job, jobs, shared=renderer):
+                yield res
+                bar.update()
+            return
         if workers == 1:
             for job in jobs:
                 yield renderer.render(job)
@@ -1086,6 +1096,7 @@ def synthesize_scenes(
     photo_fraction: float = 0.8,
     occlusion: float = 0.35,
     min_visible: float = 0.25,
+    runner: Any = None,
 ) -> SceneSet:
     """Write a copy-paste detection set and query-domain crops of ``objects``.
 
@@ -1126,6 +1137,8 @@ def synthesize_scenes(
         photo_fraction: probability that a scene uses a background photo (when any).
         occlusion: probability of an occluder over the main object.
         min_visible: smallest visible fraction for an annotation.
+        runner: a ``visearch.parallel`` runner (e.g. Ray Data) rendering the scenes instead
+            of ``workers`` processes; the same bytes.
 
     Raises:
         ValueError: no objects, an argument out of range, or no scene to make.
@@ -1186,7 +1199,7 @@ def synthesize_scenes(
     rows: list[dict[str, Any]] = []
     without_main = 0
     n_ann = 0
-    for i, data, anns, crops in _run(jobs, renderer, workers, progress):
+    for i, data, anns, crops in _run(jobs, renderer, workers, progress, runner):
         name = f"scenes/S{i + 1:0{width}d}.jpg"
         (out / name).write_bytes(data)
         split = splits["val" if is_val[i] else "train"]
