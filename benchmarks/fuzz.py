@@ -457,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
             client.wait_ready(30)
             info = client.index_info()
             categories = tuple(c.category for c in info.categories)
-        from tqdm import tqdm
+        from visearch.progress import progress_bar
 
-        with tqdm(total=args.n, desc="fuzz", unit="req", file=sys.stderr) as bar:
+        with progress_bar(total=args.n, desc="fuzz", unit="req", file=sys.stderr) as bar:
             report = run_fuzz(proc, target, generate_cases(
                 args.n, args.seed, max_message_mb=args.max_message_mb, categories=categories),
                 timeout=args.timeout, warmup=min(args.warmup, args.n // 5),
