@@ -258,8 +258,7 @@ def summarise(report: dict[str, Any]) -> str:
             f"{sum(k['final_verified'] for k in kills)}; all ok: {report['ok']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.crash", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kills", type=int, default=20, help="kills per command")
     p.add_argument("--commands", default="rebuild,add", help="comma-separated: rebuild,add")
     p.add_argument("--seed", type=int, default=0, help="the world's and the kill delays' seed")
@@ -267,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/visearch-crash"),
                    help="scratch folder (world, roots, logs)")
     p.add_argument("--json", type=Path, help="write the report here")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Kill each command ``--kills`` times, print a line per kill and a summary; 0 when every
+    check passed."""
     commands = [c.strip() for c in args.commands.split(",") if c.strip()]
     m = machine()
     print(f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, cuda {m['cuda']}", flush=True)
@@ -285,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
                                          "reports": reports, "ok": ok}, indent=2))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.crash", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -431,8 +431,7 @@ def format_table(report: dict[str, Any], key: str = "table") -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.fuzz", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-root", type=Path, required=True,
                    help="serve this index root (a child visearch-serve, with the active "
                         "version's detector when it ships one)")
@@ -446,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's message limit")
     p.add_argument("--workers", type=int, default=4, help="server RPC threads")
     p.add_argument("--json", type=Path, help="write the report here")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
+    """Serve, send the hostile inputs, print the report; 0 when it passed."""
     proc, target = spawn_server(args.index_root, max_message_mb=args.max_message_mb,
                                 workers=args.workers, detector=not args.no_detector)
     try:
@@ -492,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2))
     print("PASS" if report["ok"] else "FAIL")
     return 0 if report["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.fuzz", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

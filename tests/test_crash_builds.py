@@ -76,3 +76,17 @@ def test_a_version_with_many_exact_duplicates_verifies(tmp_path: Path) -> None:
     report = version.verify()
     assert report.ok and report.checks["self_search_rate"] == 1.0
     assert report.checks["self_search_depth"] == 1  # exact (Flat): rank 1, ties counted
+
+
+def test_visearch_bench_runs_the_reliability_benchmarks() -> None:
+    """``visearch-bench fuzz|crash|soak`` parse their flags and call the benchmarks' entries."""
+    from benchmarks import crash, fuzz, soak
+    from benchmarks.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["crash", "--kills", "3", "--commands", "add"])
+    assert args.func is crash.run and args.kills == 3 and args.commands == "add"
+    args = parser.parse_args(["fuzz", "--index-root", "/r", "--n", "300"])
+    assert args.func is fuzz.run and args.n == 300 and str(args.index_root) == "/r"
+    args = parser.parse_args(["soak", "--duration", "30"])
+    assert args.func is soak.report_and_exit_code and args.duration == 30.0
