@@ -37,6 +37,7 @@ so each version it publishes has the same size. Exit status 1 when any check fai
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
 import subprocess
@@ -180,13 +181,16 @@ def run_command(cmd: list[str], log: Path, *, kill_after: float | None = None,
 
 def add_spans(lines: list[tuple[float, str]]) -> list[float]:
     """The seconds each of ``add``'s stages but the last (:data:`ADD_STAGES`) took, from a
-    run's ``lines`` (:func:`run_command`): from the line that starts it to the next one's."""
+    run's ``lines`` (:func:`run_command`): from the line that starts it to the next one's,
+    by the log lines' own timestamps (milliseconds; on a loaded machine lines can reach
+    this process in bursts, so their arrival times would squash the short stages)."""
     starts = []
     for pattern, _ in ADD_STAGES:
-        t = next((t for t, line in lines if re.search(pattern, line)), None)
-        if t is None:
+        line = next((line for _, line in lines if re.search(pattern, line)), None)
+        if line is None:
             raise RuntimeError(f"the timed add logged no line like {pattern!r}")
-        starts.append(t)
+        stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        starts.append(stamp.timestamp())
     return [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
