@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import signal
 import struct
 import subprocess
@@ -460,6 +461,8 @@ def run(args: argparse.Namespace) -> int:
             categories = tuple(c.category for c in info.categories)
         from visearch.progress import progress_bar
 
+        # Off a terminal the bar is log lines (INFO): shown even when the rest logs WARNING.
+        logging.getLogger("visearch.progress").setLevel(logging.INFO)
         with progress_bar(total=args.n, desc="fuzz", unit="req", file=sys.stderr) as bar:
             report = run_fuzz(proc, target, generate_cases(
                 args.n, args.seed, max_message_mb=args.max_message_mb, categories=categories),
@@ -498,7 +501,10 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.fuzz", description=__doc__.splitlines()[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
 
 
 if __name__ == "__main__":
