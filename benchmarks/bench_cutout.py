@@ -57,9 +57,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from benchmarks.machine import machine
+from visearch.progress import progress_bar
 from visearch.scenes import CUTOUT_STATUSES, Cutout, cut_out, cut_out_product, load_rgba
 from visearch.synth import generate_world
 from visearch.synth.world import mask_path
@@ -200,7 +200,7 @@ def evaluate(method: Method, items: list[dict], use_bbox: bool, *, progress: boo
     statuses: Counter[str] = Counter()
     close_ok, close_iou = 0, []
     elapsed = 0.0
-    for it in tqdm(items, desc=desc, unit="img", disable=not progress, leave=False):
+    for it in progress_bar(items, desc=desc, unit="img", disable=not progress, leave=False):
         bbox = it["bbox"] if use_bbox else None
         start = time.perf_counter()
         status, alpha, q = method(it["image"], bbox)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import signal
 import struct
 import subprocess
@@ -431,8 +432,7 @@ def format_table(report: dict[str, Any], key: str = "table") -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.fuzz", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-root", type=Path, required=True,
                    help="serve this index root (a child visearch-serve, with the active "
                         "version's detector when it ships one)")
@@ -446,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's message limit")
     p.add_argument("--workers", type=int, default=4, help="server RPC threads")
     p.add_argument("--json", type=Path, help="write the report here")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
+    """Serve, send the hostile inputs, print the report; 0 when it passed."""
     proc, target = spawn_server(args.index_root, max_message_mb=args.max_message_mb,
                                 workers=args.workers, detector=not args.no_detector)
     try:
@@ -457,9 +459,11 @@ def main(argv: list[str] | None = None) -> int:
             client.wait_ready(30)
             info = client.index_info()
             categories = tuple(c.category for c in info.categories)
-        from tqdm import tqdm
+        from visearch.progress import progress_bar
 
-        with tqdm(total=args.n, desc="fuzz", unit="req", file=sys.stderr) as bar:
+        # Off a terminal the bar is log lines (INFO): shown even when the rest logs WARNING.
+        logging.getLogger("visearch.progress").setLevel(logging.INFO)
+        with progress_bar(total=args.n, desc="fuzz", unit="req", file=sys.stderr) as bar:
             report = run_fuzz(proc, target, generate_cases(
                 args.n, args.seed, max_message_mb=args.max_message_mb, categories=categories),
                 timeout=args.timeout, warmup=min(args.warmup, args.n // 5),
@@ -492,6 +496,15 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2))
     print("PASS" if report["ok"] else "FAIL")
     return 0 if report["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.fuzz", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from benchmarks.machine import machine
 from visearch.catalog import CatalogRow, read_manifest
 from visearch.detection.evaluate import main_object_hit_rate
 from visearch.metrics import accuracy, retrieval_metrics
+from visearch.progress import progress_bar
 from visearch.search.voting import VoteWeights, vote_category
 
 KS = (1, 5, 10, 20)
@@ -144,7 +144,7 @@ def run_ablation(
     """One record per query for ablation ``name``."""
     records = []
     for i, (q, data) in enumerate(
-        tqdm(list(zip(queries, images, strict=True)), desc=name, unit="q", leave=False)
+        progress_bar(list(zip(queries, images, strict=True)), desc=name, unit="q", leave=False)
     ):
         kw: dict[str, Any] = {"top_k": top_k}
         if name == "no_rerank":

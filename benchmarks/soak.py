@@ -330,16 +330,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the report here")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.soak", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
+def report_and_exit_code(args: argparse.Namespace) -> int:
+    """:func:`run`, printed (and written to ``--json``); 0 when the soak passed."""
     report = run(args)
     print_report(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str))
     return 0 if report["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.soak", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return report_and_exit_code(p.parse_args(argv))
 
 
 if __name__ == "__main__":

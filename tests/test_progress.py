@@ -121,3 +121,21 @@ def test_trainer_fit_logs_its_progress_when_not_on_a_terminal(
     assert {(m["desc"], m["total"], m["unit"]) for m in lines} == {("train-toy", "40", "step")}
     last = caplog.records[-1].getMessage()
     assert "epoch=4" in last and f"loss={losses[-1]:.3f}" in last
+
+
+def test_no_module_but_progress_imports_tqdm() -> None:
+    """Every long loop goes through ``progress_bar`` (a raw tqdm bar writes carriage-return
+    frames into logs): no library, CLI or benchmark module imports tqdm itself."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    allowed = {repo / "visearch" / "progress.py"}
+    pattern = re.compile(r"^\s*(from\s+tqdm[\w.]*\s+import|import\s+tqdm)", re.M)
+    sources = [p for d in ("visearch", "benchmarks", "server", "index_builder", "scripts")
+               if (repo / d).is_dir() for p in (repo / d).rglob("*.py")]
+    assert len(sources) > 50 and allowed <= set(sources)  # the scan sees the real tree
+    offenders = sorted(str(p.relative_to(repo)) for p in sources
+                       if p not in allowed and pattern.search(p.read_text(encoding="utf-8")))
+    assert offenders == []
+    # The scan would catch one: progress.py itself matches.
+    assert pattern.search((repo / "visearch" / "progress.py").read_text(encoding="utf-8"))

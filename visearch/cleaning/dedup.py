@@ -33,10 +33,10 @@ import faiss
 import imagehash
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from visearch.errors import ImageDecodeError
 from visearch.imageio import ImageSource, decode_pil, read_source
+from visearch.progress import progress_bar
 from visearch.unionfind import UnionFind
 
 if TYPE_CHECKING:
@@ -292,7 +292,7 @@ def hash_images(
         (list(paths[i : i + chunk_size]), hash_size, tuple(draft), kind)
         for i in range(0, n, chunk_size)
     ]
-    bar = tqdm(total=n, desc="hashing", unit="img", disable=not progress)
+    bar = progress_bar(total=n, desc="hashing", unit="img", disable=not progress)
     results: list[tuple] = []
     if runner is not None:  # a visearch.parallel runner (Ray Data): the same chunks
         for out in runner.map(_hash_chunk, chunks):
@@ -438,7 +438,7 @@ def hamming_range_pairs(
     index = build_binary_index(codes, radius=radius, method=method)
     ii, jj, dd = [], [], []
     starts = range(0, len(codes), batch_size)
-    for start in tqdm(starts, desc="hamming search", unit="batch", disable=not progress):
+    for start in progress_bar(starts, desc="hamming search", unit="batch", disable=not progress):
         q = codes[start : start + batch_size]
         lims, dist, ids = hamming_range_search(codes, q, radius, index=index)
         src = start + np.repeat(np.arange(len(q), dtype=np.int64), np.diff(lims))

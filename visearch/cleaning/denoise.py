@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 from sklearn.cluster import DBSCAN
-from tqdm import tqdm
+
+from visearch.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def denoise_skus(
     small: list[str] = []
     unclustered: list[str] = []
     groups = _groups(skus)
-    for sku, rows in tqdm(groups.items(), desc="denoise", unit="sku", disable=not progress):
+    for sku, rows in progress_bar(groups.items(), desc="denoise", unit="sku", disable=not progress):
         if len(rows) < min_size:
             core[rows] = True
             small.append(sku)

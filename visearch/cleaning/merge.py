@@ -22,8 +22,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
+from visearch.progress import progress_bar
 from visearch.unionfind import UnionFind
 
 logger = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def merge_skus(
     cached: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     changed = True
 
-    bar = tqdm(total=None, desc="merge rounds", unit="round", disable=not progress)
+    bar = progress_bar(total=None, desc="merge rounds", unit="round", disable=not progress)
     for r in range(max_rounds):
         t = schedule[min(r, len(schedule) - 1)]
         refit = changed

@@ -40,14 +40,14 @@ def main_object_boxes(
     progress: bool = False,
 ) -> list[RowBox]:
     """One ``RowBox`` per row, in order; only rows without a bbox are decoded and detected."""
-    from tqdm.auto import tqdm
+    from visearch.progress import progress_bar
 
     out: list[RowBox | None] = [
         RowBox(tuple(r.bbox), "given", 1.0, None) if r.bbox is not None else None  # type: ignore[arg-type]
         for r in rows
     ]
     todo = [i for i, r in enumerate(rows) if r.bbox is None]
-    bar = tqdm(total=len(todo), desc="detect", disable=not progress, leave=False)
+    bar = progress_bar(total=len(todo), desc="detect", disable=not progress, leave=False)
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         images = [decode_image(rows[i].source) for i in idx]

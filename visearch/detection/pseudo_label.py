@@ -298,7 +298,7 @@ def run_rounds(
         ``evaluate``, and (for rounds that pseudo-label) ``kept_images``, ``kept_boxes``,
         ``queued_images``, ``queued_<reason>``, ``unreadable``.
     """
-    from tqdm.auto import tqdm
+    from visearch.progress import progress_bar
 
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
@@ -329,7 +329,8 @@ def run_rounds(
                         unreadable += 1
                         logger.warning("skipping unreadable image %s: %s", item.path, e)
 
-            bar = tqdm(unlabelled, desc=f"pseudo-label r{r}", disable=not progress, leave=False)
+            bar = progress_bar(unlabelled, desc=f"pseudo-label r{r}", disable=not progress,
+                               leave=False)
             labels = pseudo_label(
                 detector, decoded(bar), keep_thresh=keep_thresh, review_thresh=review_thresh,
                 batch_size=batch_size,

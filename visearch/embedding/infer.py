@@ -181,9 +181,9 @@ def embed_items(
     transform = model_transform(model)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from visearch.progress import progress_bar
 
-        bar = tqdm(desc="embed", unit="img")
+        bar = progress_bar(desc="embed", unit="img")
     iterator = iter(items)
     try:
         with _eval_on(model, device) as dev:

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-from tqdm import tqdm
 
 from visearch import fileio
 from visearch.errors import IndexFormatError
 from visearch.index.blas import small_batch_blas
 from visearch.index.gallery import GalleryIndex
+from visearch.progress import progress_bar
 
 if TYPE_CHECKING:
     from visearch.parallel import Runner
@@ -277,7 +277,7 @@ def build_neighbour_graph(
         n_done = n  # all rows computed by the runner
     else:
         n_done = 0
-    bar = tqdm(total=n, desc="neighbour graph", unit="item", disable=not progress)
+    bar = progress_bar(total=n, desc="neighbour graph", unit="item", disable=not progress)
     bar.update(n_done)
     for start in range(n_done, n, batch_size):
         stop = min(n, start + batch_size)

@@ -8,8 +8,10 @@ Layout::
                                    Milvus atomically) names the active version's collection
     <root>/HISTORY                 JSON list of previously active versions (rollback targets)
     <root>/v0007-20261123T051700/  a version: manifest.json, index/, graph/, items.lmdb,
-                                   embedder.pt, [detector.pt], [embedder.onnx],
-                                   [detector.onnx]
+                                   [thumbs.lmdb], embedder.pt, [detector.pt],
+                                   [embedder.onnx], [detector.onnx]; thumbs.lmdb holds
+                                   the web page's result thumbnails (index/thumbs.py),
+                                   absent from versions built before them
     <root>/.staging-<pid>-<hex>/   a build in progress (removed when its process is gone)
 
 A version directory appears under its name only by ``os.rename`` of a complete staging

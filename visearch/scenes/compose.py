@@ -50,11 +50,11 @@ from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from visearch.errors import ImageDecodeError
 from visearch.fileio import atomic_write_text
 from visearch.imageio import decode_image, encode_jpeg
+from visearch.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -1039,7 +1039,7 @@ def _jitter_box(box: Box, jitter: float, size: int, rng: np.random.Generator) ->
 
 def _run(jobs: list[_SceneJob], renderer: _SceneRenderer, workers: int, progress: bool,
          runner: Any = None) -> Iterator[_RenderedScene]:
-    bar = tqdm(total=len(jobs), desc="scenes", unit="scene", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="scenes", unit="scene", disable=not progress)
     try:
         if runner is not None:
             for res in runner.map(_render_job, jobs, shared=renderer):

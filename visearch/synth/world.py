@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from visearch.progress import progress_bar
 from visearch.synth.scene import (
     NEAR_DUP_TRANSFORMS,
     Box,
@@ -507,7 +507,7 @@ def generate_world(
 def _render(jobs: list[_Job], products: list[ProductSpec], out: Path, size: int, seed: int,
             workers: int, progress: bool, shop_masks: bool,
             photo_backgrounds: Sequence[str]) -> list[_Rendered]:
-    bar = tqdm(total=len(jobs), desc="render", unit="img", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="render", unit="img", disable=not progress)
     args = (products, str(out), size, seed, shop_masks, tuple(photo_backgrounds))
     try:
         if workers == 1:
