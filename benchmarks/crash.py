@@ -19,7 +19,8 @@ drawn by a seeded RNG (logged with the stage it landed in), and
 3. the same command, re-run, completes and leaves a valid active version (a new one, unless
    the killed run had already published it: then that one is checked).
 
-For ``rebuild`` the delay is uniform in ``[0, W)``. ``add``'s stages take from a few
+For ``rebuild`` the kill point is uniform over ``W``, counted from the ``--- stage X`` line
+that starts the stage it falls in (:func:`rebuild_aim`). ``add``'s stages take from a few
 milliseconds (graph, publish, activate) to a second (embedding), so uniform delays would
 almost never reach the short ones: kill ``i`` aims at stage ``i mod 6`` of
 :data:`ADD_STAGES`. Its delay counts from the log line that starts that stage and is uniform
@@ -90,8 +91,8 @@ class KillRecord:
         startup_s: the killed run's start-up: seconds to its first line of output (None when
             it wrote none).
         aimed: the stage the kill aimed at (add), or None (rebuild: uniform over its work).
-        delay_s: seconds from the end of start-up (that first line), or for add from the line
-            that starts the aimed stage, to the SIGKILL.
+        delay_s: seconds to the SIGKILL from the line that starts the aimed stage (add), or
+            the rebuild stage the kill point fell in in the timed run (or its first line).
         returncode: the killed run's exit status (-9: killed; 0: it finished first).
         stage: the stage the killed run was in: for rebuild its ``--- stage`` name
             (``"after X"``: between stages), for add one of :data:`ADD_STAGES`; None when
@@ -192,6 +193,20 @@ def add_spans(lines: list[tuple[float, str]]) -> list[float]:
         stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
         starts.append(stamp.timestamp())
     return [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def rebuild_aim(lines: list[tuple[float, str]], at: float) -> tuple[str | None, float]:
+    """Where a rebuild kill at ``at`` seconds of the timed run (``lines``) falls, as the line
+    its delay counts from and the delay: the ``--- stage X`` line that started the stage
+    it falls in (so a stage done faster or slower than in the timed run does not move the
+    kill out of the stage it aims at), or None (the first line) before the first stage."""
+    anchor, t_anchor = None, lines[0][0]
+    for t, line in lines:
+        if t > at:
+            break
+        if re.match(r"--- stage [\w.-]+$", line.strip()):
+            anchor, t_anchor = f"^{re.escape(line.strip())}$", t
+    return anchor, at - t_anchor
 
 
 def add_stage(log_text: str) -> str | None:
@@ -319,7 +334,7 @@ def crash_loop(out: Path, command: str, kills: int, seed: int, *, skus: int = 24
         aims = [(ADD_STAGES[i % len(spans)][1], ADD_STAGES[i % len(spans)][0],
                  float(f * spans[i % len(spans)])) for i, f in enumerate(fractions)]
     else:
-        aims = [(None, None, float(f * work)) for f in fractions]
+        aims = [(None, *rebuild_aim(lines, startup + f * work)) for f in fractions]
     records: list[KillRecord] = []
     for i, (aimed, kill_from, delay) in enumerate(aims):
         name = f"{command}-{i + 1:02d}"
