@@ -55,16 +55,7 @@ import numpy as np
 from benchmarks.machine import machine
 
 #: The rebuild configuration: the pipeline's every stage, on tiny models (seconds, not hours).
-CONFIG: dict[str, Any] = {
-    "workers": 1,
-    "dedup": {"workers": 1},
-    "detector": {"backbone": "tiny_fpn", "min_size": 64, "max_size": 64, "epochs": 1},
-    "embedder": {"backbone": "tiny", "dim": 32, "epochs": 1, "cleaning_epochs": 1,
-                 "image_size": 48, "p": 8, "k": 2, "attention": False, "pretrained": None,
-                 "frozen_blocks": 0, "steps_per_epoch": None,
-                 "cleaning_steps_per_epoch": None},
-    "index": {"k1": 11},
-}
+CONFIG: dict[str, Any] = {"profile": "tiny"}
 COMMANDS = ("rebuild", "add")
 _STAGE = re.compile(r"^--- stage ([\w.-]+)(:?)", re.M)
 _LOGGER = re.compile(r"^\S+ \S+ [A-Z]+ (\S+): ")  # a log line (not a print)

@@ -246,6 +246,18 @@ DETECTOR_LABELS: tuple[str, ...] = typing.get_args(DetectorLabels)
 
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu-small": {},
+    # Every stage on tiny models, in seconds: for tests and the crash benchmark, where what
+    # counts is that the pipeline runs (and where it is killed), not recall.
+    "tiny": {
+        "workers": 1,
+        "dedup": {"workers": 1},
+        "detector": {"backbone": "tiny_fpn", "min_size": 64, "max_size": 64, "epochs": 1},
+        "embedder": {"backbone": "tiny", "dim": 32, "epochs": 1, "cleaning_epochs": 1,
+                     "image_size": 48, "p": 8, "k": 2, "attention": False,
+                     "pretrained": None, "frozen_blocks": 0, "steps_per_epoch": None,
+                     "cleaning_steps_per_epoch": None},
+        "index": {"k1": 11},
+    },
     "gpu": {
         "detector": {"backbone": "resnet50_fpn", "min_size": 512, "max_size": 512,
                      "epochs": 24, "batch_size": 16},

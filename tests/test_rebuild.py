@@ -19,16 +19,7 @@ from index_builder.cmd_index import BuildParams, EmbedOptions
 from index_builder.config import load_config
 from visearch.index import IndexRoot
 
-TINY = {
-    "workers": 1,
-    "dedup": {"workers": 1},
-    "detector": {"backbone": "tiny_fpn", "min_size": 64, "max_size": 64, "epochs": 1},
-    "embedder": {"backbone": "tiny", "dim": 32, "epochs": 1, "cleaning_epochs": 1,
-                 "image_size": 48, "p": 8, "k": 2, "attention": False, "pretrained": None,
-                 "frozen_blocks": 0, "steps_per_epoch": None,
-                 "cleaning_steps_per_epoch": None},
-    "index": {"k1": 11},
-}
+TINY = {"profile": "tiny"}  # index_builder/config.py PROFILES["tiny"]
 
 
 def test_config_profiles_files_and_unknown_keys(tmp_path: Path) -> None:
@@ -176,13 +167,12 @@ def test_rebuild_runs_every_stage_then_skips_and_reruns_downstream(
     assert "done in" not in capsys.readouterr().out
 
     # The main-object floor is not a training parameter: the detector is not retrained.
-    config.write_text(json.dumps({**TINY, "detector": {**TINY["detector"],
-                                                       "score_thresh": 0.25}}))
+    config.write_text(json.dumps({**TINY, "detector": {"score_thresh": 0.25}}))
     assert index_main(argv) == 0
     assert _done_mtimes(work) == before
 
     # A changed embedder parameter reruns the trainings and the build, not the detector.
-    config.write_text(json.dumps({**TINY, "embedder": {**TINY["embedder"], "dim": 16}}))
+    config.write_text(json.dumps({**TINY, "embedder": {"dim": 16}}))
     assert index_main(argv) == 0
     after = _done_mtimes(work)
     assert after["detector"] == before["detector"] and after["dedup"] == before["dedup"]
