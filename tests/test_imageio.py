@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from visearch.errors import ImageDecodeError
-from visearch.imageio import MAX_PIXELS, clip_box, crop, decode_image, decode_pil, encode_jpeg
+from visearch.imageio import (
+    MAX_PIXELS,
+    clip_box,
+    crop,
+    decode_image,
+    decode_pil,
+    encode_jpeg,
+    encode_png,
+)
 
 
 def _png(img: Image.Image) -> bytes:
@@ -190,3 +198,16 @@ def test_image_files_lists_images_recursively_sorted_and_refuses_an_empty_folder
         image_files(tmp_path / "empty", what="backgrounds folder")
     with pytest.raises(ValueError, match="does not exist or is not a folder"):
         image_files(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (5, 7, 4)])
+def test_encode_png_is_lossless(shape: tuple[int, ...]) -> None:
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image)))), image)
+
+
+def test_encode_png_rejects_other_arrays() -> None:
+    with pytest.raises(ValueError, match=r"expected uint8"):
+        encode_png(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"expected uint8"):
+        encode_png(np.zeros((4, 4, 2), np.uint8))

@@ -257,6 +257,18 @@ def encode_jpeg(image: np.ndarray | Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode ``uint8 [H, W, 4]`` (RGBA), ``[H, W, 3]`` (RGB) or ``[H, W]`` (8-bit grey) as
+    lossless PNG bytes."""
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3
+                                                           and image.shape[2] in (3, 4))):
+        raise ValueError(f"expected uint8 [H, W], [H, W, 3] or [H, W, 4], got {image.dtype} "
+                         f"{image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def clip_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
     """Integer pixel box ``(x1, y1, x2, y2)`` covering ``box``, clipped to the image and at
     least 1 pixel wide and high. ``box`` is in pixels, x2/y2 exclusive."""

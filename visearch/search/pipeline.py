@@ -16,7 +16,6 @@ searches share forward passes (and the models, which are not thread-safe, see on
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -26,13 +25,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
 from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.device import choose_device
 from visearch.embedding import embed_arrays, embed_arrays_with_heads
 from visearch.embedding.heads import Prediction, softmax
-from visearch.imageio import MAX_PIXELS, crop, decode_image
+from visearch.imageio import MAX_PIXELS, crop, decode_image, encode_png
 from visearch.index.blas import faiss_threads
 from visearch.search.batching import MicroBatcher
 from visearch.search.rerank import KReciprocalReranker
@@ -663,8 +661,8 @@ class SearchPipeline:
         if not result.ok or result.rgba is None or result.box is None:
             return CutoutResult(result.status, result.reason, b"", b"", 0.0, box, source,
                                 self.version.version, clock.done())
-        rgba_png = _png(result.rgba)
-        mask_png = _png(result.rgba[..., 3])
+        rgba_png = encode_png(result.rgba)
+        mask_png = encode_png(np.ascontiguousarray(result.rgba[..., 3]))
         clock.lap("encode")
         out_box = tuple(float(v) for v in result.box)
         return CutoutResult("ok", "", rgba_png, mask_png, float(result.quality),
@@ -781,9 +779,3 @@ class SearchPipeline:
                 break
         return hits
 
-
-def _png(array: np.ndarray) -> bytes:
-    """``uint8 [H, W, 4]`` (RGBA) or ``[H, W]`` (8-bit grey) -> PNG bytes (Pillow)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array, np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
