@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -15,49 +14,21 @@ pytest.importorskip("milvus_lite")
 
 from pymilvus import MilvusClient  # noqa: E402
 
+# The faiss tests' oracles and fixtures, so both backends face the very same checks.
+from test_index import TOL, assert_same_topk, brute_force  # noqa: E402
+from test_index_root import (  # noqa: E402
+    CATS,
+    D_DIM,
+    N,
+    items_for,
+    one_faiss_thread,  # noqa: F401 (the autouse fixture, used by being imported)
+    unit_vectors,
+)
+
 from visearch.errors import IndexFormatError  # noqa: E402
 from visearch.index import IndexRoot, build_version, update_version  # noqa: E402
 from visearch.index.backend import FaissBackend, MilvusBackend, load_gallery  # noqa: E402
 from visearch.index.gallery import PAD_SIMILARITY  # noqa: E402
-
-TOL = 1e-5
-N, D_DIM = 600, 16
-CATS = ("bag", "shoe", "toy")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-def unit_vectors(n: int, d: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def items_for(ids: np.ndarray) -> list[dict]:
-    return [{"sku": f"S{i // 2:05d}", "category": CATS[i % 3], "image_key": f"img/{i}.jpg",
-             "title": f"item {i}"} for i in ids.tolist()]
-
-
-def brute_force(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int):
-    """Exact top-k by inner product (float64): (D [M, k], I [M, k])."""
-    s = xq.astype(np.float64) @ xb.astype(np.float64).T
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(s, order, axis=1), ids[order]
-
-
-def assert_same_topk(D, I, D_ref, I_ref):  # noqa: E741, N803
-    """Tie-aware: similarities equal; ids equal wherever the similarity is not tied."""
-    np.testing.assert_allclose(D, D_ref, atol=TOL)
-    gap_prev = np.diff(D_ref, axis=1, prepend=np.inf)
-    gap_next = -np.diff(D_ref, axis=1, append=-np.inf)
-    distinct = (np.abs(gap_prev) > TOL) & (np.abs(gap_next) > TOL)
-    assert distinct.mean() > 0.9
-    np.testing.assert_array_equal(I[distinct], I_ref[distinct])
 
 
 def backend_for(name: str, tmp_path: Path) -> FaissBackend | MilvusBackend:
