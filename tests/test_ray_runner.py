@@ -9,7 +9,6 @@ import operator
 import tempfile
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -19,18 +18,12 @@ pytest.importorskip("ray.data")
 # Ray Data's own context module warns about its deprecated settings on import.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
+from test_index_root import one_faiss_thread  # noqa: E402, F401 (autouse fixture)
+
 from visearch.cleaning.dedup import hash_images  # noqa: E402
 from visearch.embedding import build_embedder, save_embedder  # noqa: E402
 from visearch.index import GalleryIndex, build_neighbour_graph  # noqa: E402
 from visearch.parallel import LocalRunner, RayRunner, make_runner  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
