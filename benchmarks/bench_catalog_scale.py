@@ -1,0 +1,176 @@
+"""Same-item accuracy as the catalog grows (issue 22): embedder recipes side by side.
+
+Each recipe is a set of overrides of the ``rebuild`` config's ``embedder`` section (what ops
+would put in a config file), trained exactly as ``rebuild`` trains its final embedder
+(:func:`index_builder.cmd_embedder.train_embedder_on_catalog` with
+:func:`index_builder.cmd_rebuild.embedder_params`) on a synthetic world's catalog. User photos,
+cropped to their true box, are searched against every catalog image: Recall@1/10 and mAP@10
+over SKUs (every SKU of a split product counts as correct), training time, and the exported
+ONNX embedder's batch-1 latency on one CPU thread. The first recipe is the baseline, measured
+in the same run.
+
+    python -m benchmarks.bench_catalog_scale --world W3000 --recipes today,chosen
+    python -m benchmarks.bench_catalog_scale --world W1000 --recipes today \\
+        --recipe 'px128={"image_size": 128}' --recipe 'fam={"sampler": "families"}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.bench_embedder import _relevant
+from benchmarks.machine import machine as describe_machine
+from index_builder.cmd_embedder import train_embedder_on_catalog
+from index_builder.cmd_rebuild import embedder_params
+from index_builder.config import load_config
+from visearch.catalog import read_manifest
+from visearch.embedding import embed_arrays, load_crop, load_embedder
+from visearch.embedding.train import LabelVocab, rank_labels
+from visearch.metrics import retrieval_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: named recipes: overrides of the ``embedder`` config section. "today" is the ``cpu-small``
+#: recipe before issue 22 (400 fixed steps at 96 px, whatever the catalog's size).
+RECIPES: dict[str, dict[str, Any]] = {
+    "today": {"epochs": 1, "steps_per_epoch": 400, "image_size": 96, "frozen_blocks": 7},
+    "default": {},  # the current cpu-small defaults
+}
+
+
+def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
+    """``name=<json object>`` (a new recipe) or a known recipe's name."""
+    if "=" not in text:
+        if text not in RECIPES:
+            raise ValueError(f"unknown recipe {text!r}; known: {sorted(RECIPES)}")
+        return text, RECIPES[text]
+    name, _, body = text.partition("=")
+    value = json.loads(body)
+    if not isinstance(value, dict):
+        raise ValueError(f"recipe {name!r} must be a JSON object")
+    return name, value
+
+
+def onnx_latency_ms(model_path: Path, *, runs: int = 60) -> float:
+    """Median batch-1 latency (ms) of the exported embedder on ONNX Runtime, one thread."""
+    from visearch.runtime.onnx import OrtEmbedder, export_embedder
+
+    model = load_embedder(model_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "embedder.onnx"
+        export_embedder(model, path)
+        ort = OrtEmbedder(path, model.config, providers=["CPUExecutionProvider"],
+                          intra_op_threads=1)
+        size = int(model.config["input_size"])
+        x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+        for _ in range(5):
+            ort.run(x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            ort.run(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def evaluate_world(model_path: Path, world: Path,
+                   crops: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+                   ) -> dict[str, Any]:
+    """True-box user photos against all catalog images: Recall@1/10, mAP@10 over SKUs, and
+    the per-query first-ranked labels (``"top1"``) and their cosine scores."""
+    catalog = read_manifest(world / "catalog.jsonl").rows
+    queries = read_manifest(world / "queries.jsonl").rows
+    vocab = LabelVocab.from_rows(catalog)
+    gallery = vocab.image_set(catalog)
+    if crops is None:
+        crops = ([load_crop(r.path, r.bbox) for r in catalog],
+                 [load_crop(r.path, r.bbox) for r in queries])
+    model = load_embedder(model_path)
+    gf = embed_arrays(model, crops[0])
+    qf = embed_arrays(model, crops[1])
+    ranked, scores = rank_labels(qf, gf, np.asarray(gallery.labels["sku"]), 10)
+    relevant = _relevant(world, vocab, [r.sku for r in queries])
+    metrics = retrieval_metrics([[str(v) for v in r] for r in ranked],
+                                [{str(v) for v in rel} for rel in relevant], (1, 10),
+                                scores=scores)
+    return {k: metrics[k] for k in ("recall@1", "recall@10", "map@10")}
+
+
+def run_recipe(name: str, overrides: Mapping[str, Any], world: Path, out: Path, *,
+               seed: int, crops: Any, latency: bool) -> dict[str, Any]:
+    """Train one recipe on ``world``'s catalog and measure it."""
+    cfg = load_config(overrides={"seed": seed, "embedder": dict(overrides)})
+    e = cfg.embedder
+    params = embedder_params(cfg, epochs=e.epochs, steps=e.steps_per_epoch)
+    params = type(params)(**{**params.__dict__, "progress": False})
+    t0 = time.perf_counter()
+    trained = train_embedder_on_catalog(world / "catalog.jsonl", out / name, params)
+    seconds = time.perf_counter() - t0
+    row: dict[str, Any] = {"recipe": name, "overrides": dict(overrides), "world": str(world),
+                           "train_s": round(seconds, 1), "epochs_run": len(trained.history),
+                           "steps": sum(int(h.get("steps", 0)) for h in trained.history)}
+    row.update(evaluate_world(trained.model_path, world, crops))
+    if latency:
+        row["onnx_ms"] = round(onnx_latency_ms(trained.model_path), 2)
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=Path, required=True, help="a visearch-synth world")
+    ap.add_argument("--recipes", default="today,default",
+                    help=f"comma list of named recipes ({', '.join(RECIPES)})")
+    ap.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
+                    help="an extra recipe: overrides of the embedder config section")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--no-latency", action="store_true", help="skip the ONNX latency")
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_catalog_scale")
+    ap.add_argument("--json", type=Path, help="append each result row to this JSON-lines file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipes = [parse_recipe(t) for t in args.recipes.split(",") if t]
+    recipes += [parse_recipe(t) for t in args.recipe]
+    print(f"machine: {describe_machine() | {'loadavg_start': os.getloadavg()}}", flush=True)
+    catalog = read_manifest(args.world / "catalog.jsonl").rows
+    queries = read_manifest(args.world / "queries.jsonl").rows
+    crops = ([load_crop(r.path, r.bbox) for r in catalog],
+             [load_crop(r.path, r.bbox) for r in queries])
+    skus = len({r.sku for r in catalog})
+    print(f"world {args.world}: {skus} SKUs, {len(catalog)} catalog images, "
+          f"{len(queries)} true-box user photos", flush=True)
+    rows = []
+    for name, overrides in recipes:
+        out = args.out / args.world.name
+        row = run_recipe(name, overrides, args.world, out, seed=args.seed, crops=crops,
+                         latency=not args.no_latency)
+        row["skus"] = skus
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    base = rows[0]["recall@1"] or float("nan")
+    print(f"\n| recipe | epochs | steps | R@1 | x {rows[0]['recipe']} | R@10 | mAP@10 | "
+          "train min | ONNX ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['epochs_run']} | {r['steps']} | {r['recall@1']:.3f} | "
+              f"{r['recall@1'] / base:.2f} | {r['recall@10']:.3f} | {r['map@10']:.3f} | "
+              f"{r['train_s'] / 60:.1f} | {r.get('onnx_ms', '-')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
