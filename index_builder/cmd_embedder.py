@@ -7,6 +7,7 @@ receives objects and plain arguments.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import time
@@ -34,7 +35,13 @@ from visearch.embedding.losses import (
     TrendWeights,
     WeightedLoss,
 )
-from visearch.embedding.train import LabelVocab, hold_out, train_embedder
+from visearch.embedding.train import (
+    ImageSet,
+    LabelVocab,
+    early_stop_split,
+    hold_out,
+    train_embedder,
+)
 from visearch.registry import Registry
 from visearch.store import store_lookup
 from visearch.transforms import AUGMENTS, train_transform
@@ -157,6 +164,13 @@ class EmbedderTrainParams:
     frozen_blocks: int = 0
     freeze_bn: bool = True
     seed: int = 0
+    #: early stopping: stop once held-out catalog images' mAP@10 has not improved for this
+    #: many epochs, keeping the best epoch's weights (None: run every epoch)
+    patience: int | None = None
+    holdout_queries: int = 256  # held-out catalog images (one per SKU) for early stopping
+    #: wall-clock budget of this training in minutes: the epochs are cut to fit the
+    #: estimate measured before training starts (None: no budget)
+    budget_minutes: float | None = None
     workers: int = 0  # DataLoader decode processes
     device: str | None = None  # None: cuda when available
     progress: bool = True
@@ -219,6 +233,9 @@ def train_embedder_on_catalog(
     if val_queries:
         queries = read_manifest(val_queries, strict=not lenient)
         val = (train, vocab.image_set(queries.rows))
+    early = None
+    if params.patience is not None:
+        train, early = early_stop_split(train, queries=params.holdout_queries, seed=params.seed)
     pretrained = params.pretrained
     # The projection, neck and classifier weights are drawn here, before train_embedder
     # seeds its own RNGs: seed first, or two runs with one seed start apart.
@@ -262,6 +279,9 @@ def train_embedder_on_catalog(
         f"({'pretrained ' + str(pretrained) if pretrained else 'scratch'})"
         f" on {len(train)} images of {len(vocab.skus)} SKUs; loss {list(loss.losses)}"
     )
+    epochs = params.epochs
+    if params.budget_minutes is not None or params.progress:
+        epochs = _plan_epochs(model, train, params, transform, len(vocab.skus))
     t0 = time.perf_counter()
     result = train_embedder(
         model,
@@ -269,7 +289,7 @@ def train_embedder_on_catalog(
         train,
         out_dir=out,
         val=val,
-        epochs=params.epochs,
+        epochs=epochs,
         p=params.p,
         k=params.k,
         steps_per_epoch=params.steps_per_epoch,
@@ -287,10 +307,60 @@ def train_embedder_on_catalog(
         vocab=vocab,
         trend_set=trend_set,
         trend_every=params.trend_every,
+        early_stop=early,
+        patience=params.patience,
     )
     seconds = time.perf_counter() - t0
     (out / "history.json").write_text(json.dumps(result.history, indent=1))
     return EmbedderTraining(Path(result.model_path), seconds, list(result.history))
+
+
+def measure_train_rate(model: nn.Module, train: ImageSet, params: EmbedderTrainParams,
+                       transform: Callable[[np.ndarray], torch.Tensor], *,
+                       steps: int = 2) -> float:
+    """Training images/s of ``model`` on this machine: ``steps`` timed P x K batches of real
+    training crops (decode, augmentation, forward and backward of the unfrozen part) after
+    one warm-up batch, on a copy of the model (its weights and BN statistics untouched)."""
+    probe = copy.deepcopy(model).to(choose_device(params.device)).train()
+    dev = next(probe.parameters()).device
+    for block in list(probe.trunk.children())[: params.frozen_blocks]:
+        block.requires_grad_(False)
+    n = min(len(train), params.p * params.k)
+    rng = np.random.default_rng(0)
+    seconds = 0.0
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        idx = rng.choice(len(train), size=n, replace=False)
+        x = torch.stack([transform(c) for c in train.subset(idx).crops()]).to(dev)
+        probe.forward_features(x).square().mean().backward()
+        probe.zero_grad(set_to_none=True)
+        if i:
+            seconds += time.perf_counter() - t0
+    return steps * n / max(seconds, 1e-9)
+
+
+def _plan_epochs(model: nn.Module, train: ImageSet, params: EmbedderTrainParams,
+                 transform: Callable[[np.ndarray], torch.Tensor], n_skus: int) -> int:
+    """Print the training's estimated time (measured rate) before it starts; returns the
+    epochs to run: ``params.epochs``, cut to fit ``params.budget_minutes`` when given."""
+    per_epoch = params.steps_per_epoch or max(1, n_skus // params.p)
+    images = per_epoch * params.p * params.k
+    rate = measure_train_rate(model, train, params, transform)
+    minutes = params.epochs * images / rate / 60
+    stop = (f", early stopping after {params.patience} epochs without held-out gain"
+            if params.patience is not None else "")
+    budget = (f" (budget {params.budget_minutes:g} min)"
+              if params.budget_minutes is not None else "")
+    print(f"embedder training: up to {params.epochs} epochs x {per_epoch} steps of "
+          f"{params.p} x {params.k} images ({n_skus} SKUs){stop}; measured "
+          f"{rate:.0f} images/s here -> about {minutes:.1f} min{budget}", flush=True)
+    epochs = params.epochs
+    if params.budget_minutes is not None and minutes > params.budget_minutes:
+        epochs = max(1, int(params.budget_minutes * 60 * rate / images))
+        print(f"embedder training: over budget; cut to {epochs} epochs (about "
+              f"{epochs * images / rate / 60:.1f} min). Raise embedder.budget_minutes to "
+              "train the full schedule.", flush=True)
+    return epochs
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -310,8 +380,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment=args.augment, epochs=args.epochs, p=args.p, k=args.k,
         steps_per_epoch=args.steps_per_epoch, lr=args.lr,
         backbone_lr_mult=args.backbone_lr_mult, frozen_blocks=args.frozen_blocks,
-        freeze_bn=args.freeze_bn, seed=args.seed, workers=args.workers, device=args.device,
-        progress=not args.quiet,
+        freeze_bn=args.freeze_bn, seed=args.seed, patience=args.patience,
+        holdout_queries=args.holdout_queries, budget_minutes=args.budget_minutes,
+        workers=args.workers, device=args.device, progress=not args.quiet,
     )
     result = train_embedder_on_catalog(args.catalog, args.out, params,
                                        val_queries=args.val_queries, resume=args.resume,
@@ -324,6 +395,9 @@ def _epoch_line(r: dict) -> str:
     line = f"epoch {r['epoch']}: loss {r['loss']:.4f}, {r['images_per_s']:.1f} img/s"
     if "recall@1" in r:
         line += f", val R@1 {r['recall@1']:.4f} R@5 {r['recall@5']:.4f}"
+    if "held_out" in r:
+        line += f", held-out mAP@10 {r['held_out']['map@10']:.4f}"
+        line += " (stopping)" if r.get("stopped") else ""
     if "task_weights" in r:
         line += ", task weights " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                r["task_weights"].items())
@@ -421,6 +495,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "re-estimating them on clean catalog images hurts user-photo recall)",
     )
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--patience", type=int,
+                   help="early stopping: epochs without held-out catalog mAP@10 gain "
+                   "(default: run every epoch)")
+    t.add_argument("--holdout-queries", type=int, default=256,
+                   help="held-out catalog images for early stopping")
+    t.add_argument("--budget-minutes", type=float,
+                   help="cut the epochs to fit this many minutes (rate measured first)")
     t.add_argument(
         "--pretrained",
         help="torchvision weights file, or 'none' (default: "

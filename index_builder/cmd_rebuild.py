@@ -155,8 +155,10 @@ def detector_params(cfg: RebuildConfig, *, epochs: int) -> DetectorTrainParams:
     )
 
 
-def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None
-                    ) -> EmbedderTrainParams:
+def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None,
+                    final: bool = True) -> EmbedderTrainParams:
+    """The embedder training of ``cfg``: the final one (early stopping and the time budget
+    as configured) or, with ``final=False``, the cleaning stages' first pass (neither)."""
     e = cfg.embedder
     if e.pretrained and Path(e.pretrained).is_file():
         pretrained = Path(e.pretrained)
@@ -172,6 +174,8 @@ def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None
         epochs=epochs, p=e.p, k=e.k, steps_per_epoch=steps, lr=float(e.lr),
         backbone_lr_mult=float(e.backbone_lr_mult), frozen_blocks=e.frozen_blocks,
         freeze_bn=e.freeze_bn, seed=cfg.seed, progress=True,
+        patience=e.patience if final else None, holdout_queries=e.holdout_queries,
+        budget_minutes=e.budget_minutes if final else None,
     )
 
 
@@ -582,7 +586,8 @@ class Pipeline:
         write_manifest(first_pass, apply_cleaning(rows, self.removed))
         emb = self._embedder("embedder_first_pass", first_pass,
                              epochs=cfg.embedder.cleaning_epochs,
-                             steps=cfg.embedder.cleaning_steps_per_epoch, val=False)
+                             steps=cfg.embedder.cleaning_steps_per_epoch, val=False,
+                             final=False)
         source = EmbeddingSource(model=emb.out_dir / "embedder.pt")
         exclude: list[Path] = []
         if cfg.dedup.enabled:
@@ -646,11 +651,11 @@ class Pipeline:
         return train_catalog, gallery_catalog
 
     def _embedder(self, name: str, catalog: Path, *, epochs: int, steps: int | None,
-                  val: bool) -> StageResult:
+                  val: bool, final: bool = True) -> StageResult:
         """A training of the embedder on ``catalog`` (stage ``name``)."""
         cfg = self.cfg
         queries = self.inputs.queries if val else None
-        params = embedder_params(cfg, epochs=epochs, steps=steps)
+        params = embedder_params(cfg, epochs=epochs, steps=steps, final=final)
 
         def train(scratch: Path, resume: bool) -> None:
             result = train_embedder_on_catalog(catalog, scratch, params, val_queries=queries,

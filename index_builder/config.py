@@ -212,6 +212,13 @@ class EmbedderConfig:
     #: 400, not 150: merge recall 0.82 vs 0.45 and denoise F1 0.94 vs 0.88 on the noisy world
     #: (RESULTS.md, issue 17), for about 2.5 min more per 300-SKU rebuild on 2 CPU cores
     cleaning_steps_per_epoch: int | None = _checked(400, ge=1)
+    #: early stopping of the final training: epochs without a gain in held-out catalog
+    #: images' mAP@10 (the best epoch's weights are kept); None: run every epoch
+    patience: int | None = _checked(None, ge=1)
+    holdout_queries: int = _checked(256, ge=1)  # held-out catalog images (one per SKU)
+    #: the final training's wall-clock budget in minutes: rebuild measures the training rate,
+    #: prints the estimate before it starts and cuts the epochs to fit; None: no budget
+    budget_minutes: float | None = _checked(None, gt=0)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,16 @@ import pytest
 import torch
 
 from index_builder.cli import main as cli_main
-from visearch.embedding import build_embedder
+from visearch.embedding import build_embedder, load_embedder
 from visearch.embedding.losses import ArcFaceLoss, LossTerm, NormFaceLoss, WeightedLoss
 from visearch.embedding.sampler import PKSampler
-from visearch.embedding.train import ImageSet, evaluate, rank_labels, train_embedder
+from visearch.embedding.train import (
+    ImageSet,
+    early_stop_split,
+    evaluate,
+    rank_labels,
+    train_embedder,
+)
 from visearch.transforms import train_transform
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -290,3 +296,105 @@ def test_cli_reports_an_unsatisfiable_sampler_as_one_line(tiny_world, tmp_path, 
     assert rc == 2
     assert err.startswith("error: visearch-index train-embedder: P x K sampling needs at "
                           "least p=500 labels")
+
+
+# -- early stopping on held-out catalog images (issue 22) ---------------------------------
+
+
+def test_early_stop_split_holds_out_one_image_per_sku_and_bounds_the_gallery() -> None:
+    labels = np.repeat(np.arange(40), 3)
+    images = ImageSet(list(range(len(labels))), [None] * len(labels), {"sku": labels})
+    train, (gallery, queries) = early_stop_split(images, queries=10, gallery_skus=25, seed=3)
+    held = list(queries.sources)
+    q_skus = queries.labels["sku"].tolist()
+    assert len(held) == 10 and len(set(q_skus)) == 10  # one image from each of 10 SKUs
+    assert set(held).isdisjoint(train.sources)  # never trained on
+    assert sorted(held + list(train.sources)) == list(range(len(labels)))
+    assert set(gallery.sources) <= set(train.sources)
+    g_skus = set(gallery.labels["sku"].tolist())
+    assert len(g_skus) == 25 and set(q_skus) <= g_skus
+    # every training image of the chosen SKUs is in the gallery
+    want = {s for s, lab in zip(train.sources, train.labels["sku"], strict=True)
+            if lab in g_skus}
+    assert set(gallery.sources) == want
+    again = early_stop_split(images, queries=10, gallery_skus=25, seed=3)
+    assert list(again[1][1].sources) == held  # seeded
+
+
+def _early(train: ImageSet, out: Path, *, resume: bool = False, crash: bool = False,
+           patience: int = 2, epochs: int = 12):
+    rest, early = early_stop_split(train, queries=12, gallery_skus=12, seed=0)
+    model = _tiny(seed=123 if resume else 0)
+    loss = WeightedLoss([LossTerm("normface", NormFaceLoss(32, 12, scale=16))])
+    return model, early, train_embedder(
+        model, loss, rest, out_dir=out, epochs=epochs, p=6, k=4, steps_per_epoch=4, lr=1e-2,
+        backbone_lr_mult=1.0, transform=_transform(), seed=1, resume=resume,
+        early_stop=early, patience=patience, monitor="recall@1",
+        callback=_crash_after_first_epoch if crash else None,
+    )  # fmt: skip
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch(toy, tmp_path) -> None:
+    model, early, result = _early(toy[0], tmp_path / "run")
+    scores = [h["held_out"]["recall@1"] for h in result.history]
+    best = int(np.argmax(scores)) + 1  # first of ties, as the trainer decides
+    # The toy task saturates well before 12 epochs, so training stops early ...
+    assert result.history[-1].get("stopped") and len(scores) < 12
+    # ... exactly `patience` epochs after the best, none of which beat it.
+    assert len(scores) == best + 2 and max(scores[best:]) <= scores[best - 1]
+    assert all("stopped" not in h for h in result.history[:-1])
+    # The saved model is the best epoch's, not the last one's.
+    saved = load_embedder(result.model_path)
+    again = evaluate(saved, early[0], early[1])
+    assert again["recall@1"] == scores[best - 1]
+    assert again["map@10"] == pytest.approx(result.history[best - 1]["held_out"]["map@10"])
+    assert len(result.step_losses) == 4 * len(scores)
+
+
+def test_early_stopping_resumes_bit_for_bit_and_stays_stopped(toy, tmp_path) -> None:
+    full_model, _, full = _early(toy[0], tmp_path / "full")
+    with pytest.raises(_Crash):
+        _early(toy[0], tmp_path / "split", crash=True)
+    resumed_model, _, rest = _early(toy[0], tmp_path / "split", resume=True)
+    assert rest.step_losses == full.step_losses[4:]
+    assert [h["held_out"] for h in rest.history] == [h["held_out"] for h in full.history]
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    # Resuming a run that stopped early trains nothing more and keeps the same model.
+    model, _, after = _early(toy[0], tmp_path / "full", resume=True)
+    assert after.step_losses == [] and len(after.history) == len(full.history)
+    for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
+def test_patience_must_be_positive(toy, tmp_path) -> None:
+    loss = WeightedLoss([LossTerm("normface", NormFaceLoss(32, 12))])
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        train_embedder(_tiny(), loss, toy[0], out_dir=tmp_path, patience=0)
+
+
+def test_the_time_estimate_is_printed_and_the_budget_cuts_epochs(toy, capsys,
+                                                                  monkeypatch) -> None:
+    from index_builder import cmd_embedder
+
+    params = cmd_embedder.EmbedderTrainParams(backbone="tiny", p=6, k=4, epochs=30,
+                                              budget_minutes=1.0, patience=3)
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rate = cmd_embedder.measure_train_rate(model, toy[0], params, _transform())
+    assert rate > 0
+    for name, v in model.state_dict().items():  # the probe ran on a copy
+        assert torch.equal(v, before[name]), name
+    monkeypatch.setattr(cmd_embedder, "measure_train_rate", lambda *a, **k: 12.0)
+    # 12 SKUs // p=6 -> 2 steps of 24 images = 48 images per epoch at 12 images/s = 4 s:
+    # 30 epochs are 2 minutes, over the 1-minute budget, which fits 60 / 4 = 15 epochs.
+    epochs = cmd_embedder._plan_epochs(model, toy[0], params, _transform(), n_skus=12)
+    out = capsys.readouterr().out
+    assert epochs == 15
+    assert "up to 30 epochs x 2 steps of 6 x 4 images (12 SKUs)" in out
+    assert "about 2.0 min (budget 1 min)" in out and "cut to 15 epochs" in out
+    within = cmd_embedder._plan_epochs(model, toy[0], params.__class__(
+        backbone="tiny", p=6, k=4, epochs=10, budget_minutes=1.0), _transform(), n_skus=12)
+    assert within == 10 and "cut to" not in capsys.readouterr().out

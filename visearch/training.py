@@ -285,7 +285,7 @@ class Trainer:
         *,
         steps_per_epoch: int,
         start_epoch: int = 0,
-        end_epoch: Callable[[EpochStats], None] | None = None,
+        end_epoch: Callable[[EpochStats], bool | None] | None = None,
         progress: bool = False,
         desc: str = "train",
     ) -> list[float]:
@@ -303,7 +303,8 @@ class Trainer:
             loss_fn: a batch's loss; runs its forward pass under :meth:`autocast` itself.
             steps_per_epoch: batches per epoch, for the progress bar.
             start_epoch: the first epoch to run (epochs done by a restored checkpoint).
-            end_epoch: called after each epoch.
+            end_epoch: called after each epoch; returning True stops training there (early
+                stopping).
             progress: show one bar over all steps with the loss and images/s
                 (:func:`visearch.progress.progress_bar`).
             desc: the bar's label.
@@ -336,8 +337,8 @@ class Trainer:
                         bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", img_s=f"{rate:.0f}")
                         bar.update(1)
                 stats.seconds = time.perf_counter() - t0
-                if end_epoch is not None:
-                    end_epoch(stats)
+                if end_epoch is not None and end_epoch(stats):
+                    break
         finally:
             if bar is not None:
                 bar.close()

@@ -31,6 +31,7 @@ from visearch.embedding.heads import TaskHeads
 from visearch.embedding.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss
 from visearch.embedding.model import Embedder, save_embedder
 from visearch.embedding.sampler import PKSampler
+from visearch.fileio import atomic_open
 from visearch.imageio import ImageSource
 from visearch.metrics import retrieval_metrics
 from visearch.training import (
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "embedder.pt"
+BEST_FILE = "best.pt"
 
 Box = Sequence[float]
 
@@ -102,6 +104,30 @@ def hold_out(images: ImageSet, fraction: float, *, max_images: int = 256, min_pe
     held = np.sort([int(rng.choice(np.flatnonzero(sku == lab))) for lab in chosen]).astype(int)
     keep = np.setdiff1d(np.arange(len(images)), held)
     return images.subset(keep), images.subset(held)
+
+
+def early_stop_split(images: ImageSet, *, queries: int = 256, gallery_skus: int = 600,
+                     seed: int = 0) -> tuple[ImageSet, tuple[ImageSet, ImageSet]]:
+    """Split catalog images for early stopping: ``(train, (gallery, queries))``.
+
+    ``queries`` is one held-out image from each of (at most) ``queries`` SKUs that have at
+    least 2 images (:func:`hold_out`), never trained on. ``gallery`` is a subset of
+    ``train``: every training image of those SKUs plus the images of seeded other SKUs, up
+    to ``gallery_skus`` SKUs in all, so the per-epoch check costs the same on any catalog.
+    Held-out Recall@k / mAP@k measure how well unseen views of catalog products are found.
+    """
+    if queries < 1 or gallery_skus < 1:
+        raise ValueError(f"queries and gallery_skus must be >= 1, got {queries}, {gallery_skus}")
+    fraction = min(0.5, queries / max(1, len(images)))
+    train, held = hold_out(images, fraction, max_images=queries, min_per_sku=2, seed=seed)
+    sku = np.asarray(train.labels["sku"])
+    held_skus = np.unique(held.labels["sku"])
+    others = np.setdiff1d(np.unique(sku), held_skus)
+    rng = np.random.default_rng([seed, 1])
+    n_other = max(0, min(len(others), gallery_skus - len(held_skus)))
+    chosen = np.concatenate([held_skus, rng.choice(others, size=n_other, replace=False)])
+    gallery = train.subset(np.flatnonzero(np.isin(sku, chosen)))
+    return train, (gallery, held)
 
 
 @dataclass
@@ -340,6 +366,18 @@ def _set_neck_stats(model: Embedder, z: torch.Tensor) -> None:
     logger.debug("calibrated the BN-neck on %d images", len(z))
 
 
+def _best_epoch(history: Sequence[Mapping[str, Any]], monitor: str) -> int | None:
+    """The 1-based epoch with the highest held-out ``monitor`` (the first of ties), or None."""
+    scored = [(h["held_out"][monitor], -int(h["epoch"])) for h in history if "held_out" in h]
+    return -max(scored)[1] if scored else None
+
+
+def _save_best(path: Path, model: Embedder, loss: WeightedLoss, epoch: int) -> None:
+    """The model's and loss's weights at ``epoch``, written atomically."""
+    with atomic_open(path, "wb") as f:
+        torch.save({"epoch": epoch, "model": model.state_dict(), "loss": loss.state_dict()}, f)
+
+
 def train_embedder(
     model: Embedder,
     loss: WeightedLoss,
@@ -370,6 +408,9 @@ def train_embedder(
     vocab: LabelVocab | None = None,
     trend_set: ImageSet | None = None,
     trend_every: int = 50,
+    early_stop: tuple[ImageSet, ImageSet] | None = None,
+    patience: int | None = None,
+    monitor: str = "map@10",
 ) -> TrainResult:
     """Train ``model`` with ``loss`` on ``train`` using P x K batches; write checkpoints.
 
@@ -414,6 +455,13 @@ def train_embedder(
             ``loss.trend`` are measured every ``trend_every`` steps to update their weights
             (:class:`~visearch.embedding.losses.TrendWeights`); each epoch's history records
             the weights (``"task_weights"``).
+        early_stop: ``(gallery, queries)`` of held-out catalog images
+            (:func:`early_stop_split`), scored after each epoch (history ``"held_out"``).
+            The weights of the best epoch by ``monitor`` are kept (``best.pt`` beside the
+            checkpoint) and are the ones saved as the final model.
+        patience: with ``early_stop``, stop once ``monitor`` has not improved for this many
+            epochs (None: run all ``epochs``). A resumed run that had stopped stays stopped.
+        monitor: the held-out metric that decides (``recall@1``, ``map@10``, ...).
 
     Raises:
         ValueError: ``device`` asks for CUDA but none is visible; bad ``p``/``k``/
@@ -430,6 +478,8 @@ def train_embedder(
         transform = train_transform(int(cfg["input_size"]), mean=cfg["mean"], std=cfg["std"])
     if trend_every < 1:
         raise ValueError(f"trend_every must be >= 1, got {trend_every}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 or None, got {patience}")
     targets_all = _labels_to_tensors(train.labels)
     sampler = PKSampler(train.labels["sku"], p, k, seed=seed, steps_per_epoch=steps_per_epoch)
     total_steps = epochs * len(sampler)
@@ -484,6 +534,8 @@ def train_embedder(
         "loss_terms": {
             n: [loss.weights[n], loss.targets[n], type(m).__name__] for n, m in loss.losses.items()
         },
+        "patience": patience,
+        "monitor": monitor if early_stop is not None else None,
     }
     start_epoch = 0
     history: list[dict[str, Any]] = []
@@ -514,6 +566,10 @@ def train_embedder(
         persistent_workers=False,
     )
     val_crops = (val[0].crops(), val[1].crops()) if val is not None else None
+    stop_crops = (early_stop[0].crops(), early_stop[1].crops()) if early_stop else None
+    best_path = out / BEST_FILE
+    if start_epoch == 0 and best_path.exists():
+        best_path.unlink()  # a stale file from an earlier run in this folder
     trend_data = None
     if loss.trend is not None and trend_set is not None and len(trend_set):
         tf = model_transform(model)
@@ -571,6 +627,7 @@ def train_embedder(
         epoch = stats.epoch
         record: dict[str, Any] = {
             "epoch": epoch + 1,
+            "steps": stats.steps,
             "loss": stats.loss,
             "parts": stats.parts,
             "images_per_s": stats.images_per_s,
@@ -591,6 +648,17 @@ def train_embedder(
                     query_crops=val_crops[1],
                 )
             )
+        stop = False
+        if early_stop is not None and stop_crops is not None:
+            held = evaluate(model, early_stop[0], early_stop[1], device=dev,
+                            gallery_crops=stop_crops[0], query_crops=stop_crops[1])
+            record["held_out"] = held
+            best = _best_epoch(history, monitor)
+            if best is None or held[monitor] > history[best - 1]["held_out"][monitor]:
+                _save_best(best_path, model, loss, epoch + 1)
+            elif patience is not None and epoch + 1 - best >= patience:
+                record["stopped"] = True
+                stop = True
         history.append(record)
         logger.info(
             "epoch %d/%d %s",
@@ -601,7 +669,10 @@ def train_embedder(
         engine.save_checkpoint(ckpt_path, epoch=epoch + 1, config=run_config, history=history)
         if callback is not None:
             callback(record)
+        return stop
 
+    if history and history[-1].get("stopped"):
+        start_epoch = epochs  # it had stopped early: nothing left to run
     step_losses = engine.fit(
         epochs,
         batches,
@@ -612,6 +683,13 @@ def train_embedder(
         progress=progress,
         desc="train-embedder",
     )
+    best = _best_epoch(history, monitor) if early_stop is not None else None
+    if best is not None and best != len(history) and best_path.is_file():
+        state = torch.load(best_path, map_location=dev, weights_only=True)
+        model.load_state_dict(state["model"])
+        loss.load_state_dict(state["loss"])
+        logger.info("kept epoch %d's weights (best held-out %s %.4f)", best, monitor,
+                    history[best - 1]["held_out"][monitor])
     model_path = out / MODEL_FILE
     if vocab is not None:
         heads = TaskHeads.from_loss(model.dim, loss, vocab.categories, vocab.attributes)
