@@ -79,6 +79,8 @@ class ServeConfig:
     lambda_value: float = 0.3
     shortlist: int = 50
     vote_k: int = 20
+    #: search the voted category only when its vote is at least this confident (0: always)
+    restrict_min_score: float = 0.0
     detector_weight: float = 1.0
     neighbour_weight: float = 1.0
     vote_temperature: float | None = 0.25
@@ -99,6 +101,7 @@ class ServeConfig:
             "rerank": RerankParams(self.k1, self.k2, self.lambda_value, self.shortlist)
             if self.rerank else None,
             "vote_k": self.vote_k,
+            "restrict_min_score": self.restrict_min_score,
             "detect_thresh": self.detect_thresh,
             "default_top_k": self.default_top_k,
             "max_top_k": self.max_top_k,
@@ -279,6 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
     p.add_argument("--shortlist", type=int, default=50, help="hits re-ranked per query")
     p.add_argument("--vote-k", type=int, default=20, help="neighbours voting on the category")
+    p.add_argument("--restrict-min-score", type=float, default=0.0,
+                   help="search the voted category only when the vote's probability is at "
+                        "least this, else the whole index (0: always restrict)")
     p.add_argument("--detector-weight", type=float, default=1.0)
     p.add_argument("--neighbour-weight", type=float, default=1.0)
     p.add_argument("--vote-temperature", type=float, default=0.25,
@@ -303,6 +309,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         intra_op_threads=args.intra_op_threads or None,
         rerank=not args.no_rerank, k1=args.k1, k2=args.k2,
         lambda_value=args.lambda_value, shortlist=args.shortlist, vote_k=args.vote_k,
+        restrict_min_score=args.restrict_min_score,
         detector_weight=args.detector_weight, neighbour_weight=args.neighbour_weight,
         vote_temperature=args.vote_temperature or None, detect_thresh=args.detect_thresh,
         max_top_k=args.max_top_k, max_batch_size=args.max_batch_size,

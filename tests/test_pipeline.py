@@ -222,6 +222,35 @@ def test_all_categories_searches_the_whole_index(small_index) -> None:
         pipe.close()
 
 
+def test_a_doubtful_vote_searches_the_whole_index(small_index) -> None:
+    """``restrict_min_score`` gates the category restriction on the vote's combined score:
+    below it the results are the whole index's (as ``all_categories``), at or above it the
+    voted category's; a category hint always restricts."""
+    root, meta, images = small_index
+    plain = _pipeline(root)
+    try:
+        restricted = plain.search(images[7], top_k=12, rerank=False)
+        everywhere = plain.search(images[7], top_k=12, rerank=False, all_categories=True)
+        hinted = plain.search(images[7], top_k=12, rerank=False, category_hint="bag")
+    finally:
+        plain.close()
+    score = restricted.category.score
+    assert 0 < score < 1
+    for gate, want in ((score + 1e-6, everywhere), (score, restricted), (0.0, restricted)):
+        pipe = _pipeline(root, restrict_min_score=min(gate, 1.0))
+        try:
+            res = pipe.search(images[7], top_k=12, rerank=False)
+            assert [h.sku for h in res.results] == [h.sku for h in want.results]
+            assert res.category == restricted.category  # the vote is reported either way
+            assert [h.sku for h in pipe.search(images[7], top_k=12, rerank=False,
+                                               category_hint="bag").results] == \
+                [h.sku for h in hinted.results]
+        finally:
+            pipe.close()
+    with pytest.raises(ValueError, match=r"restrict_min_score must be in \[0, 1\]"):
+        _pipeline(root, restrict_min_score=1.5)
+
+
 def test_detector_box_is_embedded_and_votes(small_index) -> None:
     root, meta, images = small_index
     box = [8.0, 10.0, 56.0, 54.0]

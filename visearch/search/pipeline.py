@@ -206,6 +206,9 @@ class SearchPipeline:
             attributes and the attribute heads (default: :class:`AttributeWeights`).
         rerank: k-reciprocal parameters; None disables re-ranking altogether.
         vote_k: neighbours over the whole index that vote on the category.
+        restrict_min_score: search only the voted category when the vote's combined score
+            (its probability, 0-1) is at least this; a less confident vote searches the
+            whole index (0: always restrict; a category hint always restricts).
         detect_thresh: minimum score of a main object (else the whole image is used); the
             main object is the passing box with the highest score x sqrt(relative area)
             (``visearch.detection.model.select_main_object``).
@@ -232,6 +235,7 @@ class SearchPipeline:
         attribute_weights: AttributeWeights | None = None,
         rerank: RerankParams | None = None,
         vote_k: int = 20,
+        restrict_min_score: float = 0.0,
         detect_thresh: float = MAIN_SCORE_THRESH,
         default_top_k: int = 10,
         max_top_k: int = 100,
@@ -270,6 +274,9 @@ class SearchPipeline:
         self.attribute_weights = attribute_weights or AttributeWeights()
         self.rerank_params = rerank
         self.vote_k = vote_k
+        if not 0.0 <= restrict_min_score <= 1.0:
+            raise ValueError(f"restrict_min_score must be in [0, 1], got {restrict_min_score}")
+        self.restrict_min_score = float(restrict_min_score)
         self.detect_thresh = detect_thresh
         self.default_top_k = default_top_k
         self.max_top_k = max_top_k
@@ -734,6 +741,9 @@ class SearchPipeline:
         clock.remaining("search_category")
         shortlist = max(4 * top_k, self.rerank_params.shortlist if self.rerank_params else 0)
         searched = None if all_categories else decision.category
+        if (searched is not None and hint is None
+                and decision.score < self.restrict_min_score):
+            searched = None  # a doubtful vote: the whole index, not a possibly wrong category
         with faiss_threads(self.search_threads):
             Dc, Ic = self.index.search(xq, shortlist, category=searched)
         keep = Ic[0] >= 0
