@@ -13,6 +13,7 @@ from visearch.embedding.losses import (
     AttributeLoss,
     BatchHardTripletLoss,
     CosFaceLoss,
+    HardAwareCascadeLoss,
     LossTerm,
     NormFaceLoss,
     SoftmaxLoss,
@@ -147,6 +148,80 @@ def test_triplet_without_any_valid_anchor_is_zero() -> None:
     assert _run(loss, EMB, np.array([0, 1, 2])) == 0.0
 
 
+def test_hdc_equals_its_hand_computed_value() -> None:
+    # Unit directions (1,0), (0,1) | (1,0), (-1,0): positive cosines 0 and -1; negative
+    # cosines 1 (0-2), -1 (0-3), 0 (1-2), 0 (1-3). Margin 0.5, levels keep all / half.
+    emb = np.array([[2.0, 0.0], [0.0, 3.0], [0.5, 0.0], [-4.0, 0.0]])
+    level0 = (1.0 + 2.0) / 2 + (0.5**2 + 0 + 0 + 0) / 4  # every pair: 1.5625
+    level1 = 2.0 + (0.5**2 + 0) / 2  # lowest positive (-1), two highest negatives (1, 0)
+    expected = (1 * level0 + 3 * level1) / 4
+    assert expected == 1.984375
+    loss = HardAwareCascadeLoss((1.0, 0.5), (1.0, 3.0), margin=0.5)
+    assert _run(loss, emb, np.array([0, 0, 1, 1])) == pytest.approx(expected, rel=1e-6)
+
+
+def _hdc_oracle(emb: np.ndarray, labels: np.ndarray, fractions: list[float],
+                weights: list[float], margin: float) -> float:
+    """Plain-python loops: enumerate pairs, sort by hardness, keep ceil(f * n), average."""
+    unit = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in emb.tolist()]
+    pos, neg = [], []
+    for i in range(len(unit)):
+        for j in range(i + 1, len(unit)):
+            s = sum(a * b for a, b in zip(unit[i], unit[j], strict=True))
+            (pos if labels[i] == labels[j] else neg).append(s)
+    pos.sort()
+    neg.sort(reverse=True)
+    total = 0.0
+    for f, w in zip(fractions, weights, strict=True):
+        level = 0.0
+        if pos:
+            kept = pos[: max(1, math.ceil(round(f * len(pos), 9)))]
+            level += sum(1 - s for s in kept) / len(kept)
+        if neg:
+            kept = neg[: max(1, math.ceil(round(f * len(neg), 9)))]
+            level += sum(max(0.0, s - margin) ** 2 for s in kept) / len(kept)
+        total += w * level
+    return total / sum(weights)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [0, 0, 0, 1, 1, 2, 2, 2, 3, 4],  # 8 positive and 37 negative pairs
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # negatives only
+        [3] * 10,  # positives only
+    ],
+)
+def test_hdc_matches_a_pairwise_loop_oracle(labels: list[int]) -> None:
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(10, 3))  # 3-D: many negatives above the margin
+    fractions, weights, margin = [1.0, 0.5, 0.25, 0.1], [1.0, 0.5, 2.0, 1.0], 0.2
+    expected = _hdc_oracle(emb, np.array(labels), fractions, weights, margin)
+    got = HardAwareCascadeLoss(fractions, weights, margin=margin)(
+        torch.tensor(emb, dtype=torch.float64), torch.tensor(labels)
+    )
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    # The hardest levels cost more than the average over all pairs.
+    level0 = HardAwareCascadeLoss([1.0], margin=margin)(torch.tensor(emb), torch.tensor(labels))
+    assert got.item() > level0.item()
+
+
+def test_hdc_gradient_matches_finite_differences() -> None:
+    torch.manual_seed(0)
+    emb = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
+    loss = HardAwareCascadeLoss(margin=-0.5)  # every negative pair active
+    assert torch.autograd.gradcheck(lambda e: loss(e, labels), (emb,))
+
+
+def test_hdc_without_any_pair_is_zero_with_a_graph() -> None:
+    emb = torch.randn(1, 4, requires_grad=True)
+    value = HardAwareCascadeLoss()(emb, torch.tensor([0]))
+    assert value.item() == 0.0
+    value.backward()
+    assert emb.grad is not None and (emb.grad == 0).all()
+
+
 def test_attribute_loss_ignores_unknown_values() -> None:
     w0 = np.array([[1.0, 0.0], [0.0, 1.0]])
     w1 = np.array([[0.5, 0.5], [-0.5, 0.5], [1.0, -1.0]])
@@ -186,6 +261,7 @@ def test_weighted_loss_sums_weighted_terms_on_their_targets() -> None:
         lambda: ArcFaceLoss(4, 3),
         lambda: SoftmaxLoss(4, 3),
         lambda: BatchHardTripletLoss(0.5),
+        lambda: HardAwareCascadeLoss(margin=0.0),
     ],
 )
 def test_gradients_reach_the_embeddings(make) -> None:
@@ -210,5 +286,9 @@ def test_bad_arguments_are_rejected() -> None:
         ArcFaceLoss(4, 3, margin=2.0)
     with pytest.raises(ValueError, match="classes"):
         NormFaceLoss(4, 1)
+    with pytest.raises(ValueError, match="non-increasing"):
+        HardAwareCascadeLoss((0.5, 1.0))
+    with pytest.raises(ValueError, match="one per level"):
+        HardAwareCascadeLoss((1.0, 0.5), (1.0,))
     with pytest.raises(ValueError, match="unique"):
         WeightedLoss([LossTerm("a", SoftmaxLoss(2, 2)), LossTerm("a", SoftmaxLoss(2, 2))])

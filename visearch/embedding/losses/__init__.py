@@ -5,6 +5,7 @@ from visearch.embedding.losses._cosine import CosineSoftmaxLoss
 from visearch.embedding.losses.arcface import ArcFaceLoss
 from visearch.embedding.losses.attributes import AttributeLoss
 from visearch.embedding.losses.cosface import CosFaceLoss
+from visearch.embedding.losses.hdc import HardAwareCascadeLoss
 from visearch.embedding.losses.normface import NormFaceLoss
 from visearch.embedding.losses.softmax import SoftmaxLoss
 from visearch.embedding.losses.trend import TrendWeights
@@ -17,6 +18,7 @@ __all__ = [
     "BatchHardTripletLoss",
     "CosFaceLoss",
     "CosineSoftmaxLoss",
+    "HardAwareCascadeLoss",
     "LossTerm",
     "NormFaceLoss",
     "SoftmaxLoss",
