@@ -29,6 +29,7 @@ from visearch.embedding.losses import (
     AttributeLoss,
     BatchHardTripletLoss,
     CosFaceLoss,
+    HardAwareCascadeLoss,
     LossTerm,
     NormFaceLoss,
     SoftmaxLoss,
@@ -36,6 +37,7 @@ from visearch.embedding.losses import (
     WeightedLoss,
 )
 from visearch.embedding.train import (
+    SAMPLERS,
     ImageSet,
     LabelVocab,
     early_stop_split,
@@ -96,9 +98,11 @@ def build_loss(
     category_weight: float = 0.0,
     attribute_weight: float = 0.0,
     task_weights: str = "fixed",
+    hdc_weight: float = 0.0,
 ) -> WeightedLoss:
-    """The training loss from CLI choices: ``name`` on SKUs (+ optional triplet on SKUs,
-    category head, attribute heads). ``task_weights="auto"`` lets the heads' weights follow
+    """The training loss from CLI choices: ``name`` on SKUs (+ optional triplet and
+    hard-aware cascade (:class:`HardAwareCascadeLoss`, ``"hdc"``) on SKUs, category head,
+    attribute heads). ``task_weights="auto"`` lets the heads' weights follow
     their validation-loss trends (:class:`TrendWeights`, starting from the given weights);
     ``"fixed"`` keeps them."""
     if task_weights not in TASK_WEIGHTS:
@@ -106,6 +110,8 @@ def build_loss(
     terms = [LossTerm(name, LOSSES.get(name)(dim, len(vocab.skus), margin, scale))]
     if triplet_weight > 0:
         terms.append(LossTerm("triplet", BatchHardTripletLoss(triplet_margin), triplet_weight))
+    if hdc_weight > 0:
+        terms.append(LossTerm("hdc", HardAwareCascadeLoss(), hdc_weight))
     if category_weight > 0 and len(vocab.categories) > 1:
         terms.append(
             LossTerm(
@@ -174,6 +180,10 @@ class EmbedderTrainParams:
     workers: int = 0  # DataLoader decode processes
     device: str | None = None  # None: cuda when available
     progress: bool = True
+    hdc_weight: float = 0.0  # hard-aware cascaded contrastive term on SKUs (0: none)
+    #: "pk" or "lookalike" (batches in families of look-alike SKUs, nearest by class centres)
+    sampler: str = "pk"
+    lookalike_group: int = 4  # SKUs per look-alike family in a batch
 
 
 @dataclass(frozen=True)
@@ -258,6 +268,7 @@ def train_embedder_on_catalog(
         category_weight=params.category_weight,
         attribute_weight=params.attribute_weight,
         task_weights=params.task_weights,
+        hdc_weight=params.hdc_weight,
     )
     cfg = model.config
     transform = train_transform(
@@ -293,6 +304,8 @@ def train_embedder_on_catalog(
         p=params.p,
         k=params.k,
         steps_per_epoch=params.steps_per_epoch,
+        sampler=params.sampler,
+        lookalike_group=params.lookalike_group,
         lr=params.lr,
         backbone_lr_mult=params.backbone_lr_mult,
         frozen_blocks=params.frozen_blocks,
@@ -383,6 +396,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         freeze_bn=args.freeze_bn, seed=args.seed, patience=args.patience,
         holdout_queries=args.holdout_queries, budget_minutes=args.budget_minutes,
         workers=args.workers, device=args.device, progress=not args.quiet,
+        hdc_weight=args.hdc_weight, sampler=args.sampler, lookalike_group=args.lookalike_group,
     )
     result = train_embedder_on_catalog(args.catalog, args.out, params,
                                        val_queries=args.val_queries, resume=args.resume,
@@ -450,6 +464,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--margin", type=float, help="margin (loss default when unset)")
     t.add_argument("--scale", type=float, help="logit scale s (loss default when unset)")
     t.add_argument("--triplet-weight", type=float, default=0.0, help="batch-hard triplet term")
+    t.add_argument("--hdc-weight", type=float, default=0.0,
+                   help="hard-aware cascaded contrastive term (HDC) on SKUs")
     t.add_argument("--category-weight", type=float, default=0.0, help="auxiliary category head")
     t.add_argument("--attribute-weight", type=float, default=0.0, help="auxiliary attribute heads")
     t.add_argument(
@@ -478,6 +494,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--p", type=int, default=32, help="SKUs per batch")
     t.add_argument("--k", type=int, default=4, help="images per SKU in a batch")
     t.add_argument("--steps-per-epoch", type=int, help="default: #SKUs // p")
+    t.add_argument("--sampler", default="pk", choices=SAMPLERS,
+                   help="pk: random SKUs per batch; lookalike: families of look-alike SKUs "
+                   "(nearest by the SKU classifier's centres) for hard negatives")
+    t.add_argument("--lookalike-group", type=int, default=4,
+                   help="SKUs per look-alike family in a batch (--sampler lookalike)")
     t.add_argument("--image-size", type=int, default=224, help="square input side, pixels")
     t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW lr (head, loss)")
     t.add_argument("--backbone-lr-mult", type=float, default=0.1, help="trunk lr = lr * this")

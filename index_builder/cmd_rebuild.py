@@ -176,6 +176,7 @@ def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None,
         freeze_bn=e.freeze_bn, seed=cfg.seed, progress=True,
         patience=e.patience if final else None, holdout_queries=e.holdout_queries,
         budget_minutes=e.budget_minutes if final else None,
+        hdc_weight=float(e.hdc_weight), sampler=e.sampler, lookalike_group=e.lookalike_group,
     )
 
 

@@ -87,6 +87,7 @@ DetectorSource = Literal["auto", "coco", "catalog"]
 DetectorLabels = Literal["category", "product", "main"]
 MergeRule = Literal["calibrated", "confusion"]
 TaskWeights = Literal["fixed", "auto"]
+EmbedderSampler = Literal["pk", "lookalike"]
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,10 @@ class EmbedderConfig:
     #: the final training's wall-clock budget in minutes: rebuild measures the training rate,
     #: prints the estimate before it starts and cuts the epochs to fit; None: no budget
     budget_minutes: float | None = _checked(None, gt=0)
+    #: "pk": random SKUs per batch; "lookalike": families of look-alike SKUs (hard negatives)
+    sampler: EmbedderSampler = "pk"
+    lookalike_group: int = _checked(4, ge=2)  # SKUs per look-alike family in a batch
+    hdc_weight: float = _checked(0.0, ge=0)  # hard-aware cascaded contrastive term (0: none)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,8 @@ def test_stage_arguments_from_the_config_are_what_the_subcommand_flags_gave() ->
         "clean": {"return_thresh": -1, "eps": 1},
         "merge": {"thresholds": [1, 0.25]},
         "embedder": {"augment": None, "lr": 1, "margin": None, "pretrained": "no/such.pth",
-                     "backbone": "tiny"},
+                     "backbone": "tiny", "sampler": "lookalike", "lookalike_group": 3,
+                     "hdc_weight": 1},
         "detector": {"backbone": "tiny_fpn", "lr": 1},
         "index": {"factory": ""},
     })
@@ -109,6 +110,8 @@ def test_stage_arguments_from_the_config_are_what_the_subcommand_flags_gave() ->
     assert (emb.augment, emb.pretrained, emb.margin, emb.lr, type(emb.lr)) == (
         "strong", None, None, 1.0, float)
     assert (emb.epochs, emb.steps_per_epoch, emb.seed, emb.progress) == (2, None, 4, True)
+    assert (emb.sampler, emb.lookalike_group, emb.hdc_weight, type(emb.hdc_weight)) == (
+        "lookalike", 3, 1.0, float)
     det = cmd_rebuild.detector_params(cfg, epochs=3)
     assert (det.epochs, det.lr, det.seed, det.backbone_weights) == (3, 1.0, 4, None)
     assert cmd_rebuild.build_params(cfg) == BuildParams(factory=None, k1=21)

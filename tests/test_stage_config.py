@@ -90,6 +90,8 @@ def test_an_unknown_key_is_refused_with_the_valid_ones(overrides: dict, message:
         ({"merge": {"thresholds": [0.5, -0.1]}},
          r"merge\.'thresholds' is out of range: each element must be >= 0 and <= 1"),
         ({"embedder": {"erasing": 1.01}}, r"embedder\.'erasing'"),
+        ({"embedder": {"lookalike_group": 1}}, r"embedder\.'lookalike_group'.*>= 2, got 1"),
+        ({"embedder": {"hdc_weight": -0.5}}, r"embedder\.'hdc_weight'.*>= 0"),
         ({"index": {"k1": 0}}, r"index\.'k1'"),
         ({"index": {"graph_nprobe": 0}}, r"index\.'graph_nprobe'"),
         ({"workers": 0}, r"config key 'workers' is out of range: it must be >= 1"),
@@ -127,6 +129,8 @@ def test_boundaries_and_documented_off_values_are_accepted() -> None:
         ({"embedder": {"loss": "triplet"}}, r"embedder\.'loss' must be one of \[.*'arcface'"),
         ({"embedder": {"pooling": "max"}}, r"embedder\.'pooling' must be one of \['avg', 'gem'\]"),
         ({"embedder": {"augment": "heavy"}}, r"embedder\.'augment' must be one of \['light', "),
+        ({"embedder": {"sampler": "hard"}},
+         r"embedder\.'sampler' must be one of \('pk', 'lookalike'\), got 'hard'"),
         ({"detector": {"backbone": "tiny"}},  # an embedder backbone, not a detector one
          r"detector\.'backbone' must be one of \[.*'tiny_fpn'.*\], got 'tiny'"),
     ],

@@ -11,7 +11,13 @@ import torch
 
 from index_builder.cli import main as cli_main
 from visearch.embedding import build_embedder, load_embedder
-from visearch.embedding.losses import ArcFaceLoss, LossTerm, NormFaceLoss, WeightedLoss
+from visearch.embedding.losses import (
+    ArcFaceLoss,
+    HardAwareCascadeLoss,
+    LossTerm,
+    NormFaceLoss,
+    WeightedLoss,
+)
 from visearch.embedding.sampler import PKSampler
 from visearch.embedding.train import (
     ImageSet,
@@ -139,14 +145,22 @@ def _crash_after_first_epoch(record: dict) -> None:
     raise _Crash(f"simulated crash after epoch {record['epoch']}")
 
 
-def _run(train: ImageSet, out: Path, *, resume: bool, crash: bool = False):
+def _run(train: ImageSet, out: Path, *, resume: bool, crash: bool = False, hdc: float = 0.0,
+         **kwargs):
     model = _tiny(seed=123 if resume else 0)  # a resumed run must not depend on fresh init
-    loss = WeightedLoss([LossTerm("arcface", ArcFaceLoss(32, 12, scale=16, margin=0.3))])
+    terms = [LossTerm("arcface", ArcFaceLoss(32, 12, scale=16, margin=0.3))]
+    if hdc:
+        terms.append(LossTerm("hdc", HardAwareCascadeLoss(), hdc))
     return model, train_embedder(
-        model, loss, train, out_dir=out, epochs=3, p=4, k=3, steps_per_epoch=3, lr=3e-3,
-        transform=train_transform(48, mean=MEAN, std=STD), seed=5, resume=resume,
-        callback=_crash_after_first_epoch if crash else None,
+        model, WeightedLoss(terms), train, out_dir=out, epochs=3, p=4, k=3, steps_per_epoch=3,
+        lr=3e-3, transform=train_transform(48, mean=MEAN, std=STD), seed=5, resume=resume,
+        callback=_crash_after_first_epoch if crash else None, **kwargs,
     )  # fmt: skip
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
 
 
 def test_resume_after_a_crash_continues_bit_for_bit(toy, tmp_path) -> None:
@@ -161,6 +175,36 @@ def test_resume_after_a_crash_continues_bit_for_bit(toy, tmp_path) -> None:
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values(),
                             strict=True):  # fmt: skip
         assert torch.equal(a, b), name
+
+
+def test_lookalike_sampler_with_hdc_is_deterministic_and_resumes_bit_for_bit(
+    toy, tmp_path
+) -> None:
+    train = toy[0]
+    extra = {"hdc": 0.5, "sampler": "lookalike", "lookalike_group": 2}
+    full_model, full = _run(train, tmp_path / "full", resume=False, **extra)
+    again_model, again = _run(train, tmp_path / "again", resume=False, **extra)
+    assert again.step_losses == full.step_losses
+    _assert_same_weights(full_model, again_model)
+    assert all(h["parts"]["hdc"] > 0 for h in full.history)
+    config = torch.load(full.checkpoint_path, weights_only=False)["config"]
+    assert config["sampler"] == "lookalike" and config["lookalike_group"] == 2
+    # Same seed and loss, plain P x K batches: other batches, so other steps.
+    _, plain = _run(train, tmp_path / "plain", resume=False, hdc=0.5)
+    assert plain.step_losses != full.step_losses
+    with pytest.raises(_Crash):
+        _run(train, tmp_path / "split", resume=False, crash=True, **extra)
+    resumed_model, rest = _run(train, tmp_path / "split", resume=True, **extra)
+    assert rest.step_losses == full.step_losses[3:]
+    _assert_same_weights(full_model, resumed_model)
+
+
+def test_lookalike_sampler_needs_an_sku_classifier(toy, tmp_path) -> None:
+    loss = WeightedLoss([LossTerm("hdc", HardAwareCascadeLoss())])
+    with pytest.raises(ValueError, match="cosine-softmax .* or softmax term on 'sku'"):
+        train_embedder(_tiny(), loss, toy[0], out_dir=tmp_path, sampler="lookalike", p=4, k=2)
+    with pytest.raises(ValueError, match=r"sampler must be one of \('pk', 'lookalike'\)"):
+        train_embedder(_tiny(), loss, toy[0], out_dir=tmp_path, sampler="hard", p=4, k=2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -30,7 +30,7 @@ from visearch.embedding import embed_arrays, load_crop, model_device, model_tran
 from visearch.embedding.heads import TaskHeads
 from visearch.embedding.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss
 from visearch.embedding.model import Embedder, save_embedder
-from visearch.embedding.sampler import PKSampler
+from visearch.embedding.sampler import LookalikePKSampler, PKSampler, lookalike_neighbours
 from visearch.fileio import atomic_open
 from visearch.imageio import ImageSource
 from visearch.metrics import retrieval_metrics
@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "embedder.pt"
 BEST_FILE = "best.pt"
+#: batch samplers: plain P x K, or P x K in families of look-alike SKUs
+SAMPLERS = ("pk", "lookalike")
 
 Box = Sequence[float]
 
@@ -378,6 +380,22 @@ def _save_best(path: Path, model: Embedder, loss: WeightedLoss, epoch: int) -> N
         torch.save({"epoch": epoch, "model": model.state_dict(), "loss": loss.state_dict()}, f)
 
 
+def _sku_centres(loss: WeightedLoss) -> torch.Tensor:
+    """The class weights ``[C, dim]`` of ``loss``'s first SKU classifier term (cosine-softmax
+    family or plain softmax): the SKUs' centres in embedding space."""
+    for name, term in loss.losses.items():
+        if loss.targets[name] != "sku":
+            continue
+        if isinstance(term, CosineSoftmaxLoss):
+            return term.weight
+        if isinstance(term, SoftmaxLoss):
+            return term.fc.weight
+    raise ValueError(
+        "sampler='lookalike' finds look-alike SKUs by the SKU classifier's class centres; "
+        "add a cosine-softmax (ArcFace, CosFace, NormFace) or softmax term on 'sku'"
+    )
+
+
 def train_embedder(
     model: Embedder,
     loss: WeightedLoss,
@@ -389,6 +407,8 @@ def train_embedder(
     p: int = 16,
     k: int = 4,
     steps_per_epoch: int | None = None,
+    sampler: str = "pk",
+    lookalike_group: int = 4,
     lr: float = 1e-3,
     backbone_lr_mult: float = 0.1,
     frozen_blocks: int = 0,
@@ -424,6 +444,11 @@ def train_embedder(
         epochs: total epochs (a resumed run continues up to this number).
         p, k: labels per batch and images per label; batch size ``p * k``.
         steps_per_epoch: batches per epoch; default ``#labels // p``.
+        sampler: ``"pk"`` (:class:`~visearch.embedding.sampler.PKSampler`) or
+            ``"lookalike"``: each batch in families of ``lookalike_group`` SKUs, an anchor and
+            its nearest SKUs by the SKU classifier's class centres at the start of the epoch
+            (:class:`~visearch.embedding.sampler.LookalikePKSampler`; needs a cosine-softmax or
+            softmax term on ``"sku"``).
         lr: peak learning rate (AdamW) of the head and loss parameters; the trunk uses
             ``lr * backbone_lr_mult``. Linear warm-up (default: a tenth of all steps, at most 100)
             then cosine decay to 0 over all steps.
@@ -481,8 +506,14 @@ def train_embedder(
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be >= 1 or None, got {patience}")
     targets_all = _labels_to_tensors(train.labels)
-    sampler = PKSampler(train.labels["sku"], p, k, seed=seed, steps_per_epoch=steps_per_epoch)
-    total_steps = epochs * len(sampler)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    centres = _sku_centres(loss) if sampler == "lookalike" else None
+    pk = (LookalikePKSampler(train.labels["sku"], p, k, group=lookalike_group, seed=seed,
+                             steps_per_epoch=steps_per_epoch)
+          if centres is not None
+          else PKSampler(train.labels["sku"], p, k, seed=seed, steps_per_epoch=steps_per_epoch))
+    total_steps = epochs * len(pk)
     if warmup_steps is None:
         warmup_steps = max(1, min(100, total_steps // 10))
 
@@ -520,7 +551,9 @@ def train_embedder(
         "epochs": epochs,
         "p": p,
         "k": k,
-        "steps_per_epoch": len(sampler),
+        "steps_per_epoch": len(pk),
+        "sampler": sampler,
+        "lookalike_group": lookalike_group if sampler == "lookalike" else None,
         "lr": lr,
         "backbone_lr_mult": backbone_lr_mult,
         "frozen_blocks": frozen_blocks,
@@ -558,7 +591,7 @@ def train_embedder(
     gen = torch.Generator()
     loader = DataLoader(
         _TrainDataset(train, transform),
-        batch_sampler=sampler,
+        batch_sampler=pk,
         num_workers=num_workers,
         worker_init_fn=seed_worker,
         generator=gen,
@@ -593,7 +626,12 @@ def train_embedder(
         logger.debug("task weights %s from validation losses %s", weights, vals)
 
     def batches(epoch: int) -> DataLoader:
-        sampler.set_epoch(epoch)
+        if isinstance(pk, LookalikePKSampler) and centres is not None:
+            # From the weights at this epoch's start: a resumed run restores the same ones.
+            table = lookalike_neighbours(centres.detach().float().cpu().numpy(),
+                                         m=2 * lookalike_group)
+            pk.set_neighbours(table)
+        pk.set_epoch(epoch)
         # Worker seeds come from this generator; derive it from the main RNG stream so a
         # resumed run (RNG restored) draws the same augmentations.
         gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
@@ -677,7 +715,7 @@ def train_embedder(
         epochs,
         batches,
         batch_loss,
-        steps_per_epoch=len(sampler),
+        steps_per_epoch=len(pk),
         start_epoch=start_epoch,
         end_epoch=end_epoch,
         progress=progress,
