@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.visearch-installed
-WEIGHTS := weights/mobilenet_v2-b0353104.pth
+WEIGHTS := weights/mobilenet_v2-b0353104.pth weights/efficientnet-lite0-57934424.pth
 DEMO_DIR ?= out/demo
 
 .PHONY: demo test lint install weights proto clean-demo browser

@@ -50,7 +50,11 @@ from visearch.transforms import AUGMENTS, train_transform
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = {"mobilenet_v2": "mobilenet_v2-b0353104.pth"}
+#: backbone -> its ImageNet weights file in weights/ (installed by scripts/fetch_weights.py)
+DEFAULT_WEIGHTS = {
+    "mobilenet_v2": "mobilenet_v2-b0353104.pth",
+    "efficientnet_lite0": "efficientnet-lite0-57934424.pth",
+}
 _REPO = Path(__file__).resolve().parent.parent
 
 # name -> factory(dim, num_classes, margin | None, scale | None) -> loss module

@@ -4,32 +4,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageDraw
 
 from visearch.embedding import (
     BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     GeM,
     SpatialAttention,
     build_embedder,
+    input_norm,
     load_embedder,
     save_embedder,
 )
+from visearch.embedding.backbones import _timm_efficientnet_keys
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "mobilenet_v2-b0353104.pth"
+LITE0 = WEIGHTS.with_name("efficientnet-lite0-57934424.pth")
 
 
 def test_registry_lists_the_backbones() -> None:
-    assert {"resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "tiny"} <= set(
-        BACKBONES.names()
-    )
+    assert {
+        "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_lite0", "tiny"
+    } <= set(BACKBONES.names())
     with pytest.raises(KeyError, match="mobilenet_v2"):
         build_embedder("vgg16")
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "mobilenet_v3_large"])
+@pytest.mark.parametrize(
+    "backbone", ["tiny", "resnet18", "mobilenet_v3_large", "efficientnet_lite0"]
+)
 def test_forward_gives_unit_vectors_of_dim(backbone: str) -> None:
     torch.manual_seed(0)
     model = build_embedder(backbone, dim=24, attention=True).eval()
@@ -137,3 +146,81 @@ def test_pretrained_mobilenet_v2_loads_the_official_weights_strictly() -> None:
         # ImageNet features are meaningful: the reference classifier still works on them.
         logits = reference.classifier(F.adaptive_avg_pool2d(model.trunk(x), 1).flatten(1))
     assert logits.shape == (1, 1000)
+
+
+def test_each_backbone_is_normalised_as_its_weights_were_trained() -> None:
+    assert input_norm("mobilenet_v2") == (IMAGENET_MEAN, IMAGENET_STD)
+    # TensorFlow's EfficientNet-Lite: (x - 127) / 128 on 8-bit pixels
+    assert input_norm("efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
+    assert build_embedder("efficientnet_lite0", dim=8).config["mean"] == [0.5] * 3
+    assert build_embedder("resnet18", dim=8).config["std"] == list(IMAGENET_STD)
+    explicit = build_embedder("efficientnet_lite0", dim=8, mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
+    assert explicit.config["mean"] == [0.1, 0.2, 0.3]
+    with pytest.raises(KeyError, match="efficientnet_lite0"):
+        input_norm("vgg16")
+
+
+def test_efficientnet_lite0_trunk_is_its_blocks_in_order() -> None:
+    torch.manual_seed(0)
+    trunk, channels = BACKBONES.get("efficientnet_lite0")(None)
+    # stem, 16 MBConv blocks (stages of 1, 2, 2, 3, 3, 4, 1), head: frozen_blocks counts these
+    assert isinstance(trunk, torch.nn.Sequential) and len(trunk) == 18 and channels == 1280
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert trunk.eval()(x).shape == (2, 1280, 3, 3)  # stride 32
+        assert trunk[:6](x).shape == (2, 40, 12, 12)  # 7 frozen blocks end at stride 8
+
+
+def test_efficientnet_key_renaming_rejects_a_foreign_checkpoint() -> None:
+    with pytest.raises(ValueError, match="efficientnet_pytorch layout"):
+        _timm_efficientnet_keys({"_conv_stem.weight": torch.zeros(1), "fc.weight": torch.zeros(1)},
+                                [1, 2, 2, 3, 3, 4, 1])
+    with pytest.raises(ValueError, match="unexpected key '_blocks.16"):
+        _timm_efficientnet_keys({"_blocks.16._bn0.weight": torch.zeros(1)}, [1, 2, 2, 3, 3, 4, 1])
+
+
+def _drawn_images(n: int, side: int, seed: int = 0) -> torch.Tensor:
+    """``float [n, 3, side, side]`` in [0, 1]: seeded coloured rectangles and ellipses."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        image = Image.new("RGB", (side, side), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 8))):
+            x0, x1 = sorted(int(v) for v in rng.integers(0, side, 2))
+            y0, y1 = sorted(int(v) for v in rng.integers(0, side, 2))
+            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if i % 2 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255)
+    return torch.stack(images)
+
+
+@pytest.mark.skipif(
+    not (LITE0.is_file() and WEIGHTS.is_file()),
+    reason="ImageNet EfficientNet-Lite0 or MobileNetV2 weights not installed "
+    "(python scripts/fetch_weights.py --out weights)",
+)
+def test_pretrained_efficientnet_lite0_loads_strictly_and_classifies_like_imagenet() -> None:
+    import timm
+
+    model = build_embedder("efficientnet_lite0", pretrained=LITE0).eval()
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    state = torch.load(LITE0, weights_only=True)
+    net.load_state_dict(_timm_efficientnet_keys(state, [1, 2, 2, 3, 3, 4, 1]), strict=True)
+    assert net.classifier.out_features == 1000
+    reference = torchvision.models.mobilenet_v2(weights=None).eval()
+    reference.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+    x = _drawn_images(16, 224)
+    half = (x - 0.5) / 0.5  # the model's own normalisation
+    with torch.no_grad():
+        torch.testing.assert_close(model.trunk(half), net.forward_features(half))
+        lite = net(half).topk(5).indices
+        mobile = reference(torchvision.transforms.functional.normalize(
+            x, IMAGENET_MEAN, IMAGENET_STD)).topk(5).indices
+    # Two independently trained ImageNet classifiers share top-5 classes on the same drawings
+    # (2.0 of 5 on average here); a wrong renaming that still loads strictly (e.g. swapping
+    # the same-shaped BNs of the inverted residuals) or another label order falls to chance
+    # (25 / 1000 = 0.025; 0.06 measured for the swap).
+    pairs = zip(lite.tolist(), mobile.tolist(), strict=True)
+    shared = np.mean([len(set(a) & set(b)) for a, b in pairs])
+    assert shared >= 1.0

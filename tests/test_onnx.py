@@ -304,3 +304,15 @@ def test_providers_best_first_among_those_offered() -> None:
         rt.make_session("x.onnx", intra_op_threads=0)
     with pytest.raises(ValueError, match="runtime"):
         SearchPipeline.from_version(None, runtime="tensorflow")  # type: ignore[arg-type]
+
+
+def test_efficientnet_lite0_exports_with_parity(tmp_path) -> None:
+    # TensorFlow "SAME" padding (timm's Conv2dSame) pads by an amount computed from the input
+    # size; the graph must carry it for any batch.
+    torch.manual_seed(0)
+    model = build_embedder("efficientnet_lite0", dim=32, input_size=96).eval()
+    assert rt.export_embedder(model, tmp_path / "lite0.onnx") == "dynamo"
+    session = rt.make_session(tmp_path / "lite0.onnx")
+    for batch in (1, 5):
+        parity = rt.embedder_parity(model, session, batch=batch, seed=batch)
+        assert parity["max_abs_diff"] <= rt.EMBED_TOL, parity

@@ -14,7 +14,7 @@ from index_builder.cli import build_parser
 from index_builder.cli import main as index_main
 from index_builder.cmd_clean import CleanParams, DedupParams, MergeParams
 from index_builder.cmd_detector import DetectorTrainParams
-from index_builder.cmd_embedder import EmbedderTrainParams
+from index_builder.cmd_embedder import EmbedderTrainParams, default_pretrained
 from index_builder.cmd_index import BuildParams, EmbedOptions
 from index_builder.config import load_config
 from visearch.index import IndexRoot
@@ -278,3 +278,16 @@ def test_rebuild_adds_pseudo_label_rounds_on_unlabelled_photos(
     # no query-domain crops: the embedder trained on the shop images alone
     train = (work / "catalogs" / "train.jsonl").read_text()
     assert "crops/" not in train
+
+
+def test_each_backbone_finds_its_own_shipped_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the working directory's weights/ is searched first
+    (tmp_path / "weights").mkdir()
+    for name in ("mobilenet_v2-b0353104.pth", "efficientnet-lite0-57934424.pth"):
+        (tmp_path / "weights" / name).write_bytes(b"")
+    lite0 = default_pretrained("efficientnet_lite0")
+    assert lite0 == tmp_path / "weights" / "efficientnet-lite0-57934424.pth"
+    assert default_pretrained("mobilenet_v2") == tmp_path / "weights" / "mobilenet_v2-b0353104.pth"
+    assert default_pretrained("tiny") is None

@@ -6,7 +6,7 @@ The package exports the model and inference API; training is imported by path
 """
 
 from visearch.embedding.attention import SpatialAttention
-from visearch.embedding.backbones import BACKBONES
+from visearch.embedding.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, input_norm
 from visearch.embedding.heads import Prediction, TaskHeads
 from visearch.embedding.infer import (
     embed_arrays,
@@ -17,8 +17,6 @@ from visearch.embedding.infer import (
     model_transform,
 )
 from visearch.embedding.model import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Embedder,
     build_embedder,
     load_embedder,
@@ -41,6 +39,7 @@ __all__ = [
     "embed_arrays",
     "embed_arrays_with_heads",
     "embed_items",
+    "input_norm",
     "load_crop",
     "load_embedder",
     "model_device",

@@ -19,15 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from visearch.embedding.attention import SpatialAttention
-from visearch.embedding.backbones import BACKBONES
+from visearch.embedding.backbones import BACKBONES, input_norm
 from visearch.embedding.heads import TaskHeads
 from visearch.embedding.pooling import POOLINGS
 from visearch.fileio import atomic_open
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT = "visearch-embedder/1"
 
 
@@ -106,8 +104,8 @@ def build_embedder(
     attention: bool = False,
     pretrained: str | os.PathLike[str] | None = None,
     input_size: int = 224,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
 ) -> Embedder:
     """Build an :class:`Embedder`.
 
@@ -119,13 +117,18 @@ def build_embedder(
         pretrained: a local torchvision weights file for the backbone's classification model
             (e.g. ``weights/mobilenet_v2-b0353104.pth``); None trains from scratch.
         input_size: square input side in pixels the model is trained and served at.
-        mean, std: per-channel input normalisation (RGB, for values in [0, 1]).
+        mean, std: per-channel input normalisation (RGB, for values in [0, 1]); None: what
+            the backbone's pretrained weights expect (:func:`~.backbones.input_norm`, ImageNet's
+            for the torchvision trunks).
     """
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}")
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)}")
     factory = BACKBONES.get(backbone)
+    default_mean, default_std = input_norm(backbone)
+    mean = default_mean if mean is None else mean
+    std = default_std if std is None else std
     trunk, channels = factory(Path(pretrained) if pretrained is not None else None)
     config = {
         "format": FORMAT,
