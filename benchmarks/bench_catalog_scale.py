@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 #: named recipes: overrides of the ``embedder`` config section. "today" is the ``cpu-small``
 #: recipe before issue 22 (400 fixed steps at 96 px, whatever the catalog's size).
 RECIPES: dict[str, dict[str, Any]] = {
-    "today": {"epochs": 1, "steps_per_epoch": 400, "image_size": 96, "frozen_blocks": 7},
+    "today": {"epochs": 1, "steps_per_epoch": 400, "image_size": 96, "frozen_blocks": 7,
+              "patience": None, "budget_minutes": None},
     "default": {},  # the current cpu-small defaults
 }
 
@@ -125,6 +126,58 @@ def run_recipe(name: str, overrides: Mapping[str, Any], world: Path, out: Path, 
     return row
 
 
+GATES = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01)
+
+
+def gate_sweep(model_path: Path, world: Path, out: Path,
+               gates: Sequence[float] = GATES) -> list[dict[str, float]]:
+    """Confidence-gated category restriction, swept: build an index of ``world``'s catalog
+    with the embedder at ``model_path`` (as ``build`` does), search every true-box user
+    photo through :class:`~visearch.search.pipeline.SearchPipeline` (re-ranking on, no
+    detector) once restricted to the voted category and once over the whole index, and
+    score each gate ``g`` (restrict only when the vote's score >= g; 0: always, > 1: never)
+    by Recall@1/10 over SKUs. Returns one row per gate."""
+    import shutil
+
+    from benchmarks.recall import relevant_skus
+    from index_builder.cmd_index import BuildParams, build_index
+    from visearch.index import IndexRoot
+    from visearch.search.pipeline import RerankParams, SearchPipeline
+
+    root = out / "gate_index"
+    shutil.rmtree(root, ignore_errors=True)
+    build_index(root, world / "catalog.jsonl", model_path, BuildParams(k1=21))
+    queries = read_manifest(world / "queries.jsonl").rows
+    relevant = relevant_skus(queries, world / "truth.json")
+    version = IndexRoot(root).open()
+    pipe = SearchPipeline.from_version(version, use_detector=False, rerank=RerankParams())
+    per_query = []
+    try:
+        for q, rel in zip(queries, relevant, strict=True):
+            data = Path(q.path).read_bytes()
+            kw = {"top_k": 10, "bbox": list(q.bbox) if q.bbox else None}
+            only = pipe.search(data, **kw)
+            every = pipe.search(data, all_categories=True, **kw)
+            per_query.append((only.category.score, only.category.category == q.category,
+                              [h.sku for h in only.results], [h.sku for h in every.results],
+                              rel))
+    finally:
+        pipe.close()
+    rows = []
+    for gate in gates:
+        r1 = r10 = restricted = 0
+        for score, _, only, every, rel in per_query:
+            use = only if score >= gate else every
+            restricted += score >= gate
+            r1 += bool(use[:1]) and use[0] in rel
+            r10 += bool(rel.intersection(use[:10]))
+        n = len(per_query)
+        rows.append({"gate": gate, "restricted": restricted / n, "recall@1": r1 / n,
+                     "recall@10": r10 / n,
+                     "category_accuracy": float(np.mean([c for _, c, *_ in per_query]))})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=Path, required=True, help="a visearch-synth world")
@@ -137,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-latency", action="store_true", help="skip the ONNX latency")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_catalog_scale")
     ap.add_argument("--json", type=Path, help="append each result row to this JSON-lines file")
+    ap.add_argument("--gate-sweep", action="store_true",
+                    help="also sweep the confidence gate of the category restriction with "
+                    "the last recipe's model (builds an index, searches each photo twice)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,6 +217,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             with args.json.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+    if args.gate_sweep:
+        last = args.out / args.world.name / rows[-1]["recipe"]
+        gates = gate_sweep(last / "embedder.pt", args.world, last)
+        print("\n| gate (restrict when vote >= g) | restricted | R@1 | R@10 |")
+        print("|---|---|---|---|")
+        for g in gates:
+            print(f"| {g['gate']:g} | {g['restricted']:.3f} | {g['recall@1']:.3f} | "
+                  f"{g['recall@10']:.3f} |")
+        print(f"category accuracy of the vote: {gates[0]['category_accuracy']:.3f}")
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps({"recipe": rows[-1]["recipe"], "gates": gates}) + "\n")
     base = rows[0]["recall@1"] or float("nan")
     print(f"\n| recipe | epochs | steps | R@1 | x {rows[0]['recipe']} | R@10 | mAP@10 | "
           "train min | ONNX ms |")
