@@ -188,6 +188,10 @@ class EmbedderTrainParams:
     #: "pk" or "lookalike" (batches in families of look-alike SKUs, nearest by class centres)
     sampler: str = "pk"
     lookalike_group: int = 4  # SKUs per look-alike family in a batch
+    #: deep mutual learning: a peer embedder of this backbone (its shipped weights) trained
+    #: alongside with a KL term of this weight; only the main model is kept (None: no peer)
+    peer_backbone: str | None = None
+    mutual_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,16 @@ def train_embedder_on_catalog(
         task_weights=params.task_weights,
         hdc_weight=params.hdc_weight,
     )
+    peer = None
+    if params.peer_backbone is not None:
+        peer_model = build_embedder(params.peer_backbone, dim=params.dim,
+                                    pooling=params.pooling, attention=params.attention,
+                                    pretrained=default_pretrained(params.peer_backbone),
+                                    input_size=params.image_size)
+        peer = (peer_model, build_loss(
+            params.loss, params.dim, vocab, margin=params.margin, scale=params.scale,
+            triplet_weight=params.triplet_weight, category_weight=params.category_weight,
+            attribute_weight=params.attribute_weight, hdc_weight=params.hdc_weight))
     cfg = model.config
     transform = train_transform(
         params.image_size,
@@ -310,6 +324,8 @@ def train_embedder_on_catalog(
         steps_per_epoch=params.steps_per_epoch,
         sampler=params.sampler,
         lookalike_group=params.lookalike_group,
+        peer=peer,
+        mutual_weight=params.mutual_weight,
         lr=params.lr,
         backbone_lr_mult=params.backbone_lr_mult,
         frozen_blocks=params.frozen_blocks,
@@ -401,6 +417,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         holdout_queries=args.holdout_queries, budget_minutes=args.budget_minutes,
         workers=args.workers, device=args.device, progress=not args.quiet,
         hdc_weight=args.hdc_weight, sampler=args.sampler, lookalike_group=args.lookalike_group,
+        peer_backbone=args.peer_backbone, mutual_weight=args.mutual_weight,
     )
     result = train_embedder_on_catalog(args.catalog, args.out, params,
                                        val_queries=args.val_queries, resume=args.resume,
@@ -503,6 +520,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(nearest by the SKU classifier's centres) for hard negatives")
     t.add_argument("--lookalike-group", type=int, default=4,
                    help="SKUs per look-alike family in a batch (--sampler lookalike)")
+    t.add_argument("--peer-backbone", choices=BACKBONES.names(),
+                   help="deep mutual learning with a peer of this backbone (not kept)")
+    t.add_argument("--mutual-weight", type=float, default=1.0,
+                   help="weight of each network's KL term toward the other (--peer-backbone)")
     t.add_argument("--image-size", type=int, default=224, help="square input side, pixels")
     t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW lr (head, loss)")
     t.add_argument("--backbone-lr-mult", type=float, default=0.1, help="trunk lr = lr * this")

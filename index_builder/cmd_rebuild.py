@@ -177,6 +177,7 @@ def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None,
         patience=e.patience if final else None, holdout_queries=e.holdout_queries,
         budget_minutes=e.budget_minutes if final else None,
         hdc_weight=float(e.hdc_weight), sampler=e.sampler, lookalike_group=e.lookalike_group,
+        peer_backbone=e.peer_backbone if final else None, mutual_weight=float(e.mutual_weight),
     )
 
 

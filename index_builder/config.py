@@ -224,6 +224,11 @@ class EmbedderConfig:
     sampler: EmbedderSampler = "pk"
     lookalike_group: int = _checked(4, ge=2)  # SKUs per look-alike family in a batch
     hdc_weight: float = _checked(0.0, ge=0)  # hard-aware cascaded contrastive term (0: none)
+    #: deep mutual learning in the final training: a peer of this backbone (its shipped
+    #: weights), trained alongside and then dropped (None: no peer); each network's KL term
+    #: toward the other has weight ``mutual_weight``
+    peer_backbone: str | None = _checked(None, names=_embedder_backbones)
+    mutual_weight: float = _checked(1.0, ge=0)
 
 
 @dataclass(frozen=True)

@@ -292,3 +292,26 @@ def test_bad_arguments_are_rejected() -> None:
         HardAwareCascadeLoss((1.0, 0.5), (1.0,))
     with pytest.raises(ValueError, match="unique"):
         WeightedLoss([LossTerm("a", SoftmaxLoss(2, 2)), LossTerm("a", SoftmaxLoss(2, 2))])
+
+
+def test_mutual_kl_equals_the_closed_form_and_trains_each_side_only() -> None:
+    from visearch.embedding.losses import mutual_kl
+
+    a = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]], requires_grad=True)
+    b = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]], requires_grad=True)
+    t = 2.0
+    p = torch.softmax(a.detach() / t, 1).numpy().astype(np.float64)
+    q = torch.softmax(b.detach() / t, 1).numpy().astype(np.float64)
+    want_a = t * t * np.mean(np.sum(q * (np.log(q) - np.log(p)), 1))  # KL(q || p)
+    want_b = t * t * np.mean(np.sum(p * (np.log(p) - np.log(q)), 1))  # KL(p || q)
+    kl_a, kl_b = mutual_kl(a, b, temperature=t)
+    assert float(kl_a.detach()) == pytest.approx(want_a, rel=1e-5)
+    assert float(kl_b.detach()) == pytest.approx(want_b, rel=1e-5)
+    kl_a.backward()
+    assert a.grad is not None and b.grad is None  # the target posterior is detached
+    same, _ = mutual_kl(a, a.detach().clone())
+    assert float(same.detach()) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        mutual_kl(a, b, temperature=0)
+    with pytest.raises(ValueError, match="one shape"):
+        mutual_kl(a, b[:, :2])

@@ -442,3 +442,38 @@ def test_the_time_estimate_is_printed_and_the_budget_cuts_epochs(toy, capsys,
     within = cmd_embedder._plan_epochs(model, toy[0], params.__class__(
         backbone="tiny", p=6, k=4, epochs=10, budget_minutes=1.0), _transform(), n_skus=12)
     assert within == 10 and "cut to" not in capsys.readouterr().out
+
+
+def _mutual(train: ImageSet, out: Path, *, resume: bool = False, crash: bool = False):
+    model, peer = _tiny(seed=123 if resume else 0), _tiny(seed=7)
+    peer.config["mean"], peer.config["std"] = (0.4, 0.5, 0.6), (0.3, 0.2, 0.25)
+    loss = WeightedLoss([LossTerm("arcface", ArcFaceLoss(32, 12, scale=16, margin=0.3))])
+    peer_loss = WeightedLoss([LossTerm("normface", NormFaceLoss(32, 12, scale=16))])
+    result = train_embedder(
+        model, loss, train, out_dir=out, epochs=2, p=4, k=3, steps_per_epoch=3, lr=3e-3,
+        transform=train_transform(48, mean=MEAN, std=STD), seed=5, resume=resume,
+        peer=(peer, peer_loss), mutual_weight=0.5, mutual_temperature=2.0,
+        callback=_crash_after_first_epoch if crash else None,
+    )  # fmt: skip
+    return model, peer, result
+
+
+def test_mutual_learning_trains_both_and_resumes_bit_for_bit(toy, tmp_path) -> None:
+    model, peer, full = _mutual(toy[0], tmp_path / "full")
+    assert {"peer", "mutual"} <= set(full.history[0]["parts"])
+    assert full.history[0]["parts"]["mutual"] > 0
+    fresh = _tiny(seed=7)
+    assert any(not torch.equal(a, b) for a, b in zip(peer.state_dict().values(),
+                                                     fresh.state_dict().values(), strict=True))
+    saved = load_embedder(full.model_path)  # only the main model is kept
+    for (name, a), b in zip(model.state_dict().items(), saved.state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    with pytest.raises(_Crash):
+        _mutual(toy[0], tmp_path / "split", crash=True)
+    resumed, resumed_peer, rest = _mutual(toy[0], tmp_path / "split", resume=True)
+    assert rest.step_losses == full.step_losses[3:]
+    for net, other in ((model, resumed), (peer, resumed_peer)):
+        for (name, a), b in zip(net.state_dict().items(), other.state_dict().values(),
+                                strict=True):  # fmt: skip
+            assert torch.equal(a, b), name

@@ -28,7 +28,7 @@ from visearch.catalog import CatalogRow
 from visearch.device import choose_device
 from visearch.embedding import embed_arrays, load_crop, model_device, model_transform
 from visearch.embedding.heads import TaskHeads
-from visearch.embedding.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss
+from visearch.embedding.losses import CosineSoftmaxLoss, SoftmaxLoss, WeightedLoss, mutual_kl
 from visearch.embedding.model import Embedder, save_embedder
 from visearch.embedding.sampler import LookalikePKSampler, PKSampler, lookalike_neighbours
 from visearch.fileio import atomic_open
@@ -380,6 +380,14 @@ def _save_best(path: Path, model: Embedder, loss: WeightedLoss, epoch: int) -> N
         torch.save({"epoch": epoch, "model": model.state_dict(), "loss": loss.state_dict()}, f)
 
 
+def _sku_logits(loss: WeightedLoss, feats: torch.Tensor) -> torch.Tensor:
+    """Margin-free SKU class scores ``float [B, C]`` of ``loss``'s SKU classifier."""
+    for name, term in loss.losses.items():
+        if loss.targets[name] == "sku" and isinstance(term, CosineSoftmaxLoss | SoftmaxLoss):
+            return term.logits(feats)
+    raise ValueError("mutual learning needs a cosine-softmax or softmax term on 'sku'")
+
+
 def _sku_centres(loss: WeightedLoss) -> torch.Tensor:
     """The class weights ``[C, dim]`` of ``loss``'s first SKU classifier term (cosine-softmax
     family or plain softmax): the SKUs' centres in embedding space."""
@@ -409,6 +417,9 @@ def train_embedder(
     steps_per_epoch: int | None = None,
     sampler: str = "pk",
     lookalike_group: int = 4,
+    peer: tuple[Embedder, WeightedLoss] | None = None,
+    mutual_weight: float = 1.0,
+    mutual_temperature: float = 1.0,
     lr: float = 1e-3,
     backbone_lr_mult: float = 0.1,
     frozen_blocks: int = 0,
@@ -487,6 +498,13 @@ def train_embedder(
         patience: with ``early_stop``, stop once ``monitor`` has not improved for this many
             epochs (None: run all ``epochs``). A resumed run that had stopped stays stopped.
         monitor: the held-out metric that decides (``recall@1``, ``map@10``, ...).
+        peer: deep mutual learning (:func:`~visearch.embedding.losses.mutual_kl`): a second
+            embedder (another backbone) with its own loss, trained alongside on the same
+            batches (its ``frozen_blocks``, ``freeze_bn`` and learning rates as ``model``'s;
+            the batch re-normalised to its mean/std). Each adds ``mutual_weight`` x the KL
+            divergence to the other's SKU posterior (margin-free classifier logits at
+            ``mutual_temperature``). Only ``model`` is saved as the final model; the peer's
+            state is in the checkpoint, so a resumed run continues both.
 
     Raises:
         ValueError: ``device`` asks for CUDA but none is visible; bad ``p``/``k``/
@@ -527,17 +545,34 @@ def train_embedder(
     loss.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    trunk_ids = {id(q) for q in model.trunk.parameters()}
-    head = [q for q in model.parameters() if id(q) not in trunk_ids and q.requires_grad]
-    groups = [
-        {
-            "params": [q for q in model.trunk.parameters() if q.requires_grad],
-            "lr": lr * backbone_lr_mult,
-        },
-        {"params": head + [q for q in loss.parameters() if q.requires_grad], "lr": lr},
-    ]
+    modules: dict[str, torch.nn.Module] = {"model": model, "loss": loss}
+    peer_frozen: list[torch.nn.Module] = []
+    if peer is not None:
+        if mutual_weight < 0 or mutual_temperature <= 0:
+            raise ValueError(f"need mutual_weight >= 0 and mutual_temperature > 0, got "
+                             f"{mutual_weight}, {mutual_temperature}")
+        peer_blocks = list(peer[0].trunk.children())
+        if frozen_blocks > len(peer_blocks):
+            raise ValueError(f"frozen_blocks {frozen_blocks} > the peer's {len(peer_blocks)}")
+        peer_frozen = peer_blocks[:frozen_blocks]
+        for block in peer_frozen:
+            block.requires_grad_(False)
+        peer[0].to(dev)
+        peer[1].to(dev)
+        modules |= {"peer": peer[0], "peer_loss": peer[1]}
+    groups = []
+    for net, net_loss in [(model, loss)] + ([peer] if peer is not None else []):
+        trunk_ids = {id(q) for q in net.trunk.parameters()}
+        head = [q for q in net.parameters() if id(q) not in trunk_ids and q.requires_grad]
+        groups += [
+            {
+                "params": [q for q in net.trunk.parameters() if q.requires_grad],
+                "lr": lr * backbone_lr_mult,
+            },
+            {"params": head + [q for q in net_loss.parameters() if q.requires_grad], "lr": lr},
+        ]
     engine = Trainer(
-        {"model": model, "loss": loss},
+        modules,
         groups,
         lr=lr,
         weight_decay=weight_decay,
@@ -554,6 +589,8 @@ def train_embedder(
         "steps_per_epoch": len(pk),
         "sampler": sampler,
         "lookalike_group": lookalike_group if sampler == "lookalike" else None,
+        "mutual": {"peer": dict(peer[0].config), "weight": mutual_weight,
+                   "temperature": mutual_temperature} if peer is not None else None,
         "lr": lr,
         "backbone_lr_mult": backbone_lr_mult,
         "frozen_blocks": frozen_blocks,
@@ -587,6 +624,9 @@ def train_embedder(
                 model, loss, train, device=dev, calibrate_neck=calibrate_neck
             )
             logger.info("imprinted classifier weights of %s", done)
+            if peer is not None:
+                imprint_classifiers(peer[0], peer[1], train, device=dev,
+                                    calibrate_neck=calibrate_neck)
 
     gen = torch.Generator()
     loader = DataLoader(
@@ -625,6 +665,14 @@ def train_embedder(
         weights = loss.trend.update(vals)
         logger.debug("task weights %s from validation losses %s", weights, vals)
 
+    def to_peer(x: torch.Tensor) -> torch.Tensor:
+        """A batch normalised for ``model`` -> the same pixels normalised for the peer."""
+        assert peer is not None
+        a_mean, a_std, b_mean, b_std = (
+            torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            for v in (cfg["mean"], cfg["std"], peer[0].config["mean"], peer[0].config["std"]))
+        return (x * a_std + a_mean - b_mean) / b_std
+
     def batches(epoch: int) -> DataLoader:
         if isinstance(pk, LookalikePKSampler) and centres is not None:
             # From the weights at this epoch's start: a resumed run restores the same ones.
@@ -635,14 +683,16 @@ def train_embedder(
         # Worker seeds come from this generator; derive it from the main RNG stream so a
         # resumed run (RNG restored) draws the same augmentations.
         gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        model.train()
-        for block in frozen:
-            block.eval()
-        if freeze_bn:
-            for m in model.trunk.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        loss.train()
+        for net, net_loss, net_frozen in [(model, loss, frozen)] + (
+                [(peer[0], peer[1], peer_frozen)] if peer is not None else []):
+            net.train()
+            for block in net_frozen:
+                block.eval()
+            if freeze_bn:
+                for m in net.trunk.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+            net_loss.train()
         return loader
 
     def batch_loss(
@@ -659,6 +709,15 @@ def train_embedder(
         with engine.autocast():
             feats = model.forward_features(x)
         total, parts = loss(feats.float(), targets)
+        if peer is not None:
+            with engine.autocast():
+                peer_feats = peer[0].forward_features(to_peer(x))
+            peer_total, peer_parts = peer[1](peer_feats.float(), targets)
+            kl_a, kl_b = mutual_kl(_sku_logits(loss, feats.float()),
+                                   _sku_logits(peer[1], peer_feats.float()),
+                                   temperature=mutual_temperature)
+            total = total + peer_total + mutual_weight * (kl_a + kl_b)
+            parts = {**parts, "peer": peer_total.detach(), "mutual": (kl_a + kl_b).detach()}
         return total, parts, len(x)
 
     def end_epoch(stats: EpochStats) -> None:

@@ -6,6 +6,7 @@ from visearch.embedding.losses.arcface import ArcFaceLoss
 from visearch.embedding.losses.attributes import AttributeLoss
 from visearch.embedding.losses.cosface import CosFaceLoss
 from visearch.embedding.losses.hdc import HardAwareCascadeLoss
+from visearch.embedding.losses.mutual import mutual_kl
 from visearch.embedding.losses.normface import NormFaceLoss
 from visearch.embedding.losses.softmax import SoftmaxLoss
 from visearch.embedding.losses.trend import TrendWeights
@@ -24,4 +25,5 @@ __all__ = [
     "SoftmaxLoss",
     "TrendWeights",
     "WeightedLoss",
+    "mutual_kl",
 ]
