@@ -181,6 +181,19 @@ def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None,
     )
 
 
+def training_plan(cfg: RebuildConfig, skus: int) -> str:
+    """The final embedder training's schedule for a catalog of ``skus`` SKUs, in words
+    (printed when ``rebuild`` starts; the measured time estimate follows before training)."""
+    e = cfg.embedder
+    per_epoch = e.steps_per_epoch or max(1, skus // e.p)
+    stop = f", early stopping after {e.patience} epochs without gain" if e.patience else ""
+    budget = (f"; budget {e.budget_minutes:g} min" if e.budget_minutes is not None
+              else "; no time budget")
+    return (f"plan: profile {cfg.profile}: the final embedder trains up to {e.epochs} epochs "
+            f"x {per_epoch} steps of {e.p} x {e.k} images ({skus} SKUs, {e.backbone} at "
+            f"{e.image_size} px){stop}{budget}")
+
+
 def clean_params(cfg: RebuildConfig) -> CleanParams:
     c = cfg.clean
     return CleanParams(eps=float(c.eps),
@@ -340,6 +353,7 @@ class Pipeline:
     def run(self) -> str:
         cfg = self.cfg
         manifest = read_manifest(self.inputs.catalog, strict=not cfg.lenient)
+        print(training_plan(cfg, len({r.sku for r in manifest.rows})), flush=True)
         self._ingest(manifest)
         # From here on every image is read from the store, as ingested.
         manifest = read_manifest(self.inputs.catalog, strict=not cfg.lenient,

@@ -95,7 +95,8 @@ def test_stage_arguments_from_the_config_are_what_the_subcommand_flags_gave() ->
         "merge": {"thresholds": [1, 0.25]},
         "embedder": {"augment": None, "lr": 1, "margin": None, "pretrained": "no/such.pth",
                      "backbone": "tiny", "sampler": "lookalike", "lookalike_group": 3,
-                     "hdc_weight": 1},
+                     "hdc_weight": 1, "patience": 2, "budget_minutes": 30,
+                     "peer_backbone": "tiny", "epochs": 5, "p": 8},
         "detector": {"backbone": "tiny_fpn", "lr": 1},
         "index": {"factory": ""},
     })
@@ -112,6 +113,14 @@ def test_stage_arguments_from_the_config_are_what_the_subcommand_flags_gave() ->
     assert (emb.epochs, emb.steps_per_epoch, emb.seed, emb.progress) == (2, None, 4, True)
     assert (emb.sampler, emb.lookalike_group, emb.hdc_weight, type(emb.hdc_weight)) == (
         "lookalike", 3, 1.0, float)
+    # early stopping, the time budget and the mutual-learning peer are the final training's
+    assert (emb.patience, emb.budget_minutes, emb.peer_backbone) == (2, 30.0, "tiny")
+    first = cmd_rebuild.embedder_params(cfg, epochs=1, steps=400, final=False)
+    assert (first.patience, first.budget_minutes, first.peer_backbone) == (None, None, None)
+    assert cmd_rebuild.training_plan(cfg, 100) == (
+        "plan: profile cpu-small: the final embedder trains up to 5 epochs x 12 steps of "
+        "8 x 4 images (100 SKUs, tiny at 96 px), early stopping after 2 epochs without gain; "
+        "budget 30 min")
     det = cmd_rebuild.detector_params(cfg, epochs=3)
     assert (det.epochs, det.lr, det.seed, det.backbone_weights) == (3, 1.0, 4, None)
     assert cmd_rebuild.build_params(cfg) == BuildParams(factory=None, k1=21)
