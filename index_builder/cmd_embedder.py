@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -342,6 +343,9 @@ def train_embedder_on_catalog(
         trend_every=params.trend_every,
         early_stop=early,
         patience=params.patience,
+        # at most one held-out check per ~100 steps: on a small catalog an epoch is short
+        check_every=max(1, math.ceil(100 / (params.steps_per_epoch
+                                            or max(1, len(vocab.skus) // params.p)))),
     )
     seconds = time.perf_counter() - t0
     (out / "history.json").write_text(json.dumps(result.history, indent=1))

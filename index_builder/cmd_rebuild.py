@@ -178,6 +178,7 @@ def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None,
         budget_minutes=e.budget_minutes if final else None,
         hdc_weight=float(e.hdc_weight), sampler=e.sampler, lookalike_group=e.lookalike_group,
         peer_backbone=e.peer_backbone if final else None, mutual_weight=float(e.mutual_weight),
+        workers=e.loader_workers,
     )
 
 

@@ -197,8 +197,10 @@ class EmbedderConfig:
     #: augmentation in 400 steps. The gpu profile keeps the reference design's 0.5 (unmeasured)
     erasing: float = _checked(0.0, ge=0, le=1)
     freeze_bn: bool = True  # keep the trunk's ImageNet BN statistics: +0.075 R@1
-    #: local torchvision weights; when the file is missing: the backbone's shipped default
-    pretrained: str | None = "weights/mobilenet_v2-b0353104.pth"
+    #: a local weights file for the backbone; None (or a missing file): the backbone's own
+    #: shipped weights (``weights/``, fetched at install; see
+    #: ``index_builder.cmd_embedder.default_pretrained``), so any backbone gets its own file
+    pretrained: str | None = None
     #: the served understanding heads (category and attribute classifiers on the embedding),
     #: trained as auxiliary losses with these weights (0: no such head)
     category_weight: float = _checked(0.1, ge=0)
@@ -229,6 +231,9 @@ class EmbedderConfig:
     #: toward the other has weight ``mutual_weight``
     peer_backbone: str | None = _checked(None, names=_embedder_backbones)
     mutual_weight: float = _checked(1.0, ge=0)
+    #: DataLoader decode/augment processes of the trainings (0: in the training process;
+    #: on 2 CPU cores extra processes only compete with the model for the cores)
+    loader_workers: int = _checked(0, ge=0)
 
 
 @dataclass(frozen=True)

@@ -477,3 +477,15 @@ def test_mutual_learning_trains_both_and_resumes_bit_for_bit(toy, tmp_path) -> N
         for (name, a), b in zip(net.state_dict().items(), other.state_dict().values(),
                                 strict=True):  # fmt: skip
             assert torch.equal(a, b), name
+
+
+def test_the_held_out_check_runs_every_few_epochs_and_after_the_last(toy, tmp_path) -> None:
+    rest, early = early_stop_split(toy[0], queries=12, gallery_skus=12, seed=0)
+    loss = WeightedLoss([LossTerm("normface", NormFaceLoss(32, 12, scale=16))])
+    result = train_embedder(
+        _tiny(), loss, rest, out_dir=tmp_path, epochs=7, p=6, k=2, steps_per_epoch=1,
+        transform=_transform(), early_stop=early, patience=None, check_every=3,
+    )  # fmt: skip
+    assert [h["epoch"] for h in result.history if "held_out" in h] == [3, 6, 7]
+    with pytest.raises(ValueError, match="check_every must be >= 1"):
+        train_embedder(_tiny(), loss, rest, out_dir=tmp_path, check_every=0)

@@ -108,7 +108,7 @@ def hold_out(images: ImageSet, fraction: float, *, max_images: int = 256, min_pe
     return images.subset(keep), images.subset(held)
 
 
-def early_stop_split(images: ImageSet, *, queries: int = 256, gallery_skus: int = 600,
+def early_stop_split(images: ImageSet, *, queries: int = 256, gallery_skus: int = 300,
                      seed: int = 0) -> tuple[ImageSet, tuple[ImageSet, ImageSet]]:
     """Split catalog images for early stopping: ``(train, (gallery, queries))``.
 
@@ -442,6 +442,7 @@ def train_embedder(
     early_stop: tuple[ImageSet, ImageSet] | None = None,
     patience: int | None = None,
     monitor: str = "map@10",
+    check_every: int = 1,
 ) -> TrainResult:
     """Train ``model`` with ``loss`` on ``train`` using P x K batches; write checkpoints.
 
@@ -498,6 +499,10 @@ def train_embedder(
         patience: with ``early_stop``, stop once ``monitor`` has not improved for this many
             epochs (None: run all ``epochs``). A resumed run that had stopped stays stopped.
         monitor: the held-out metric that decides (``recall@1``, ``map@10``, ...).
+        check_every: score ``early_stop`` after every this many epochs (and the last one),
+            so the check's cost stays small beside a small catalog's short epochs; patience
+            is still counted in epochs (training stops at the first check at least
+            ``patience`` epochs after the best).
         peer: deep mutual learning (:func:`~visearch.embedding.losses.mutual_kl`): a second
             embedder (another backbone) with its own loss, trained alongside on the same
             batches (its ``frozen_blocks``, ``freeze_bn`` and learning rates as ``model``'s;
@@ -523,6 +528,8 @@ def train_embedder(
         raise ValueError(f"trend_every must be >= 1, got {trend_every}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be >= 1 or None, got {patience}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     targets_all = _labels_to_tensors(train.labels)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -746,7 +753,8 @@ def train_embedder(
                 )
             )
         stop = False
-        if early_stop is not None and stop_crops is not None:
+        if (early_stop is not None and stop_crops is not None
+                and ((epoch + 1) % check_every == 0 or epoch + 1 == epochs)):
             held = evaluate(model, early_stop[0], early_stop[1], device=dev,
                             gallery_crops=stop_crops[0], query_crops=stop_crops[1])
             record["held_out"] = held
