@@ -40,12 +40,13 @@ from visearch.metrics import retrieval_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: named recipes: overrides of the ``embedder`` config section. "today" is the ``cpu-small``
+#: named recipes: overrides of the ``embedder`` config section of the profile given by
+#: ``--profile`` (or by the recipe's own ``"profile"`` key). "today" is the ``cpu-small``
 #: recipe before issue 22 (400 fixed steps at 96 px, whatever the catalog's size).
 RECIPES: dict[str, dict[str, Any]] = {
-    "today": {"epochs": 1, "steps_per_epoch": 400, "image_size": 96, "frozen_blocks": 7,
-              "patience": None, "budget_minutes": None},
-    "default": {},  # the current cpu-small defaults
+    "today": {"profile": "cpu-small", "epochs": 1, "steps_per_epoch": 400, "image_size": 96,
+              "frozen_blocks": 7, "patience": None, "budget_minutes": None},
+    "default": {},  # the profile's current defaults
 }
 
 
@@ -108,16 +109,20 @@ def evaluate_world(model_path: Path, world: Path,
 
 
 def run_recipe(name: str, overrides: Mapping[str, Any], world: Path, out: Path, *,
-               seed: int, crops: Any, latency: bool) -> dict[str, Any]:
+               seed: int, crops: Any, latency: bool, profile: str = "cpu-small"
+               ) -> dict[str, Any]:
     """Train one recipe on ``world``'s catalog and measure it."""
-    cfg = load_config(overrides={"seed": seed, "embedder": dict(overrides)})
+    embedder = dict(overrides)
+    profile = embedder.pop("profile", profile)
+    cfg = load_config(profile=profile, overrides={"seed": seed, "embedder": embedder})
     e = cfg.embedder
     params = embedder_params(cfg, epochs=e.epochs, steps=e.steps_per_epoch)
     params = type(params)(**{**params.__dict__, "progress": False})
     t0 = time.perf_counter()
     trained = train_embedder_on_catalog(world / "catalog.jsonl", out / name, params)
     seconds = time.perf_counter() - t0
-    row: dict[str, Any] = {"recipe": name, "overrides": dict(overrides), "world": str(world),
+    row: dict[str, Any] = {"recipe": name, "profile": profile, "overrides": dict(overrides),
+                           "world": str(world), "device": str(params.device or "auto"),
                            "train_s": round(seconds, 1), "epochs_run": len(trained.history),
                            "steps": sum(int(h.get("steps", 0)) for h in trained.history)}
     row.update(evaluate_world(trained.model_path, world, crops))
@@ -186,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
                     help="an extra recipe: overrides of the embedder config section")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--profile", default="cpu-small",
+                    help="the rebuild profile the recipes override (e.g. gpu)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--no-latency", action="store_true", help="skip the ONNX latency")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_catalog_scale")
@@ -210,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, overrides in recipes:
         out = args.out / args.world.name
         row = run_recipe(name, overrides, args.world, out, seed=args.seed, crops=crops,
-                         latency=not args.no_latency)
+                         latency=not args.no_latency, profile=args.profile)
         row["skus"] = skus
         rows.append(row)
         print(json.dumps(row), flush=True)

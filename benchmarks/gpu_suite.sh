@@ -14,6 +14,10 @@
 #   d. end-to-end gRPC QPS and p50/p99 at concurrency 1, 16, 64 (benchmarks.latency), ONNX
 #      Runtime then torch. Its index: $INDEX_ROOT and world $WORLD when given, else a
 #      100-SKU world and a fast rebuild made here (few steps: throughput, not accuracy).
+#   e. (only with GPU_TRAIN=1; adds up to TRAIN_SECONDS, 300 by default, to the suite's
+#      budget) the `gpu` profile's embedder training on a TRAIN_SKUS-SKU world (1000; seed 53,
+#      not tuned on), beside the pre-issue-22 cpu-small recipe ("today"), true-box Recall@1
+#      and training minutes (benchmarks.bench_catalog_scale --profile gpu, issue 22).
 # Then OUT_DIR/summary.md: date, device, each step's status and every table.
 # A missing package (faiss, onnxruntime, grpcio, onnx, onnxscript...) or a failed step is
 # recorded and the suite goes on. `set -e` is deliberately off.
@@ -58,6 +62,10 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 SUITE_SECONDS="${SUITE_SECONDS:-450}"  # 8 min less slack for kill-after and the summary
+GPU_TRAIN="${GPU_TRAIN:-0}"
+TRAIN_SECONDS="${TRAIN_SECONDS:-300}"
+TRAIN_SKUS="${TRAIN_SKUS:-1000}"
+if [ "$GPU_TRAIN" = 1 ]; then SUITE_SECONDS=$((SUITE_SECONDS + TRAIN_SECONDS)); fi
 N_VECTORS="${N_VECTORS:-1000000}"
 SKUS="${SKUS:-100}"
 CELL_SECONDS="${CELL_SECONDS:-2}"
@@ -274,6 +282,23 @@ else
   echo "latency: skipped (no index at $LAT_ROOT)" >> "$STATUS"
 fi
 
+# ---------------------------------------------------------------- e. gpu-profile training
+gpu_train() {
+  local world="$WORK_DIR/world_train_$TRAIN_SKUS"
+  if [ ! -f "$world/world.json" ]; then
+    "$PYTHON" -m index_builder.synth_cli --out "$world" --skus "$TRAIN_SKUS" --seed 53 \
+      --scenes 0 -q --workers 8 || return 1
+  fi
+  "$PYTHON" -m benchmarks.bench_catalog_scale --world "$world" --profile gpu \
+    --recipes today --recipe "gpu_budget={\"budget_minutes\": $((TRAIN_SECONDS / 120))}" \
+    --out "$WORK_DIR/train" --json "$OUT_DIR/gpu_train.jsonl" --no-latency
+}
+export TRAIN_SKUS TRAIN_SECONDS
+export -f gpu_train
+if [ "$GPU_TRAIN" = 1 ]; then
+  step gpu_train "$TRAIN_SECONDS" 0 gpu_train
+fi
+
 # ---------------------------------------------------------------- summary
 {
   echo "# GPU suite — $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -304,6 +329,12 @@ fi
     echo "(no table; the end of index.log:)"; echo '```'; tail -n 25 "$OUT_DIR/index.log"
     echo '```'; }
   echo
+  if [ "$GPU_TRAIN" = 1 ]; then
+    echo "## gpu-profile embedder training (benchmarks.bench_catalog_scale, $TRAIN_SKUS SKUs)"
+    echo
+    sed -n '/^| recipe/,$p' "$OUT_DIR/gpu_train.log" 2>/dev/null | head -n 8
+    echo
+  fi
   echo "## End to end gRPC (benchmarks.latency, index $LAT_ROOT)"
   if [ -f "$OUT_DIR/build_index.log" ]; then
     echo
