@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             "detector": {"enabled": False},
             "clean": {"enabled": arm["clean"]},
             "merge": {"enabled": arm["merge"]},
-            "embedder": {"steps_per_epoch": args.steps,
+            # the schedule this benchmark was measured with (issue 17): fixed steps, 96 px
+            "embedder": {"epochs": 1, "steps_per_epoch": args.steps, "image_size": 96,
+                         "patience": None, "budget_minutes": None,
                          "cleaning_steps_per_epoch": args.first_pass_steps,
                          "pretrained": str(WEIGHTS) if WEIGHTS.is_file() else None},
         }

@@ -239,7 +239,8 @@ make_index() {
  "dedup": {"enabled": false}, "clean": {"enabled": false}, "merge": {"enabled": false},
  "detector": {"source": "coco", "epochs": 1, "rounds": 0},
  "scenes": {"query_domain": false},
- "embedder": {"epochs": 1, "steps_per_epoch": 20, "cleaning_steps_per_epoch": 20}}
+ "embedder": {"epochs": 1, "steps_per_epoch": 20, "cleaning_steps_per_epoch": 20,
+              "patience": null, "budget_minutes": null}}
 EOF
   "$PYTHON" -m index_builder.cli rebuild --catalog "$world/catalog.jsonl" --root "$root" \
     --work "$WORK_DIR/rebuild_work" --config "$OUT_DIR/fast_rebuild.json" || return 1

@@ -169,7 +169,10 @@ class EmbedderTrainParams:
     epochs: int = 10
     p: int = 32  # SKUs per batch
     k: int = 4  # images per SKU in a batch
-    steps_per_epoch: int | None = None  # None: #SKUs // p
+    steps_per_epoch: int | None = None  # None: #SKUs // p, raised to reach min_steps
+    #: with steps_per_epoch None: a small catalog's epochs are lengthened so that all of
+    #: them together make at least this many steps (epochs stay passes over the SKUs above)
+    min_steps: int = 0
     lr: float = 1e-3
     backbone_lr_mult: float = 0.1
     frozen_blocks: int = 0
@@ -322,7 +325,7 @@ def train_embedder_on_catalog(
         epochs=epochs,
         p=params.p,
         k=params.k,
-        steps_per_epoch=params.steps_per_epoch,
+        steps_per_epoch=steps_per_epoch(params, len(vocab.skus)),
         sampler=params.sampler,
         lookalike_group=params.lookalike_group,
         peer=peer,
@@ -344,12 +347,20 @@ def train_embedder_on_catalog(
         early_stop=early,
         patience=params.patience,
         # at most one held-out check per ~100 steps: on a small catalog an epoch is short
-        check_every=max(1, math.ceil(100 / (params.steps_per_epoch
-                                            or max(1, len(vocab.skus) // params.p)))),
+        check_every=max(1, math.ceil(100 / steps_per_epoch(params, len(vocab.skus)))),
     )
     seconds = time.perf_counter() - t0
     (out / "history.json").write_text(json.dumps(result.history, indent=1))
     return EmbedderTraining(Path(result.model_path), seconds, list(result.history))
+
+
+def steps_per_epoch(params: EmbedderTrainParams, n_skus: int) -> int:
+    """Batches per epoch: ``params.steps_per_epoch`` when set, else one pass over the SKUs
+    (``n_skus // p``), lengthened on a small catalog so that ``params.epochs`` epochs make at
+    least ``params.min_steps`` steps."""
+    if params.steps_per_epoch is not None:
+        return int(params.steps_per_epoch)
+    return max(1, n_skus // params.p, math.ceil(params.min_steps / max(1, params.epochs)))
 
 
 def measure_train_rate(model: nn.Module, train: ImageSet, params: EmbedderTrainParams,
@@ -380,7 +391,7 @@ def _plan_epochs(model: nn.Module, train: ImageSet, params: EmbedderTrainParams,
                  transform: Callable[[np.ndarray], torch.Tensor], n_skus: int) -> int:
     """Print the training's estimated time (measured rate) before it starts; returns the
     epochs to run: ``params.epochs``, cut to fit ``params.budget_minutes`` when given."""
-    per_epoch = params.steps_per_epoch or max(1, n_skus // params.p)
+    per_epoch = steps_per_epoch(params, n_skus)
     images = per_epoch * params.p * params.k
     rate = measure_train_rate(model, train, params, transform)
     minutes = params.epochs * images / rate / 60

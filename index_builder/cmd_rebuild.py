@@ -62,6 +62,7 @@ from index_builder.cmd_detector import (
 from index_builder.cmd_embedder import (
     EmbedderTrainParams,
     default_pretrained,
+    steps_per_epoch,
     train_embedder_on_catalog,
 )
 from index_builder.cmd_index import (
@@ -166,12 +167,13 @@ def embedder_params(cfg: RebuildConfig, *, epochs: int, steps: int | None,
         pretrained = default_pretrained(e.backbone)
     return EmbedderTrainParams(
         backbone=e.backbone, dim=e.dim, pooling=e.pooling, attention=e.attention,
-        pretrained=pretrained, image_size=e.image_size, loss=e.loss, margin=_float(e.margin),
+        pretrained=pretrained, loss=e.loss, margin=_float(e.margin),
         scale=_float(e.scale), triplet_weight=float(e.triplet_weight),
         category_weight=float(e.category_weight), attribute_weight=float(e.attribute_weight),
         attributes=tuple(e.attributes), task_weights=e.task_weights, erasing=float(e.erasing),
         augment=e.augment if e.augment is not None else EmbedderTrainParams.augment,
-        epochs=epochs, p=e.p, k=e.k, steps_per_epoch=steps, lr=float(e.lr),
+        epochs=epochs, p=e.p, k=e.k, steps_per_epoch=steps, min_steps=e.min_steps if final else 0,
+        image_size=e.image_size if final else e.cleaning_image_size, lr=float(e.lr),
         backbone_lr_mult=float(e.backbone_lr_mult), frozen_blocks=e.frozen_blocks,
         freeze_bn=e.freeze_bn, seed=cfg.seed, progress=True,
         patience=e.patience if final else None, holdout_queries=e.holdout_queries,
@@ -186,7 +188,8 @@ def training_plan(cfg: RebuildConfig, skus: int) -> str:
     """The final embedder training's schedule for a catalog of ``skus`` SKUs, in words
     (printed when ``rebuild`` starts; the measured time estimate follows before training)."""
     e = cfg.embedder
-    per_epoch = e.steps_per_epoch or max(1, skus // e.p)
+    per_epoch = steps_per_epoch(embedder_params(cfg, epochs=e.epochs,
+                                                steps=e.steps_per_epoch), skus)
     stop = f", early stopping after {e.patience} epochs without gain" if e.patience else ""
     budget = (f"; budget {e.budget_minutes:g} min" if e.budget_minutes is not None
               else "; no time budget")

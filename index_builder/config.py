@@ -169,9 +169,11 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class EmbedderConfig:
-    """Defaults: the best measured CPU recipe (benchmarks.bench_embedder on a 400-SKU world,
-    400 steps: user-photo R@1 0.54 / 0.575 over seeds 0 / 1, vs 0.49 / 0.47 with random
-    erasing and 0.22 for the untrained ImageNet backbone)."""
+    """Defaults: the best measured CPU recipe. The loss and augmentation: benchmarks.
+    bench_embedder on a 400-SKU world, 400 steps (user-photo R@1 0.54 / 0.575 over seeds
+    0 / 1, vs 0.49 / 0.47 with random erasing and 0.22 for the untrained ImageNet backbone).
+    The schedule and resolution: benchmarks.bench_catalog_scale (issue 22): epochs over the
+    SKUs with early stopping instead of 400 fixed steps, 128 px instead of 96."""
 
     backbone: str = _checked("mobilenet_v2", names=_embedder_backbones)
     dim: int = _checked(256, ge=1)
@@ -179,11 +181,14 @@ class EmbedderConfig:
     attention: bool = False
     loss: str = _checked("arcface", names=_losses)
     triplet_weight: float = _checked(0.0, ge=0)
-    epochs: int = _checked(1, ge=1)
-    steps_per_epoch: int | None = _checked(400, ge=1)
+    #: the final training's passes over the SKUs (the most; early stopping may end sooner)
+    epochs: int = _checked(12, ge=1)
+    #: None: one pass over the SKUs (#SKUs // p batches; see min_steps)
+    steps_per_epoch: int | None = _checked(None, ge=1)
     p: int = _checked(16, ge=1)
     k: int = _checked(4, ge=1)
-    image_size: int = _checked(96, ge=1)
+    #: 128 px: +0.045 R@1 over 96 px at 1,000 SKUs, same steps (RESULTS.md, issue 22)
+    image_size: int = _checked(128, ge=1)
     lr: float = _checked(2e-3, gt=0)
     #: ArcFace/CosFace margin (None: the loss's default); s=30, m=0.5 collapse on short runs
     margin: float | None = _checked(0.2, ge=0)
@@ -210,18 +215,24 @@ class EmbedderConfig:
     #: "fixed": the weights above; "auto": the heads' weights follow their validation-loss
     #: trends on 5 % held-out training images (benchmarks/bench_understanding.py)
     task_weights: TaskWeights = "fixed"
-    #: the first-pass model whose embeddings drive denoising and merging
+    #: the first-pass model whose embeddings drive denoising and merging (its thresholds
+    #: were measured at 96 px: RESULTS.md, issue 17)
     cleaning_epochs: int = _checked(1, ge=1)
+    cleaning_image_size: int = _checked(96, ge=1)
     #: 400, not 150: merge recall 0.82 vs 0.45 and denoise F1 0.94 vs 0.88 on the noisy world
     #: (RESULTS.md, issue 17), for about 2.5 min more per 300-SKU rebuild on 2 CPU cores
     cleaning_steps_per_epoch: int | None = _checked(400, ge=1)
     #: early stopping of the final training: epochs without a gain in held-out catalog
     #: images' mAP@10 (the best epoch's weights are kept); None: run every epoch
-    patience: int | None = _checked(None, ge=1)
+    patience: int | None = _checked(3, ge=1)
     holdout_queries: int = _checked(256, ge=1)  # held-out catalog images (one per SKU)
     #: the final training's wall-clock budget in minutes: rebuild measures the training rate,
     #: prints the estimate before it starts and cuts the epochs to fit; None: no budget
-    budget_minutes: float | None = _checked(None, gt=0)
+    budget_minutes: float | None = _checked(60.0, gt=0)
+    #: with steps_per_epoch None: a small catalog's epochs are lengthened so that all
+    #: together make at least this many steps (300 SKUs: 12 x 34 steps, about the 400
+    #: steps measured best there; 3,000 SKUs: 12 x 187)
+    min_steps: int = _checked(400, ge=0)
     #: "pk": random SKUs per batch; "lookalike": families of look-alike SKUs (hard negatives)
     sampler: EmbedderSampler = "pk"
     lookalike_group: int = _checked(4, ge=2)  # SKUs per look-alike family in a batch
@@ -277,15 +288,22 @@ PROFILES: dict[str, dict[str, Any]] = {
         "embedder": {"backbone": "tiny", "dim": 32, "epochs": 1, "cleaning_epochs": 1,
                      "image_size": 48, "p": 8, "k": 2, "attention": False,
                      "pretrained": None, "frozen_blocks": 0, "steps_per_epoch": None,
-                     "cleaning_steps_per_epoch": None},
+                     "cleaning_steps_per_epoch": None, "cleaning_image_size": 48,
+                     "patience": None, "budget_minutes": None, "min_steps": 0},
         "index": {"k1": 11},
     },
     "gpu": {
         "detector": {"backbone": "resnet50_fpn", "min_size": 512, "max_size": 512,
                      "epochs": 24, "batch_size": 16},
-        "embedder": {"backbone": "resnet50", "image_size": 224, "epochs": 30, "p": 32,
+        # Larger catalogs (10^4+ SKUs) on one GPU: the cpu-small recipe's schedule scaled up
+        # (issue 22). A backbone with local ImageNet weights (resnet50 has none here and
+        # would train from scratch), full resolution, nothing frozen, 40 passes over the
+        # SKUs with early stopping, a 4-hour budget, decode/augment in 8 processes.
+        # Not yet measured on a GPU: benchmarks/gpu_suite.sh GPU_TRAIN=1 runs it.
+        "embedder": {"backbone": "mobilenet_v2", "image_size": 224, "epochs": 40, "p": 32,
                      "steps_per_epoch": None, "frozen_blocks": 0, "cleaning_epochs": 10,
-                     "erasing": 0.5,
+                     "cleaning_image_size": 224, "erasing": 0.5, "patience": 5,
+                     "budget_minutes": 240.0, "min_steps": 2000, "loader_workers": 8,
                      "cleaning_steps_per_epoch": None},
     },
 }

@@ -26,7 +26,11 @@ def test_config_profiles_files_and_unknown_keys(tmp_path: Path) -> None:
     cfg = load_config()
     assert cfg.profile == "cpu-small" and cfg.embedder.backbone == "mobilenet_v2"
     gpu = load_config(profile="gpu")
-    assert gpu.embedder.backbone == "resnet50" and gpu.detector.backbone == "resnet50_fpn"
+    assert gpu.embedder.backbone == "mobilenet_v2" and gpu.detector.backbone == "resnet50_fpn"
+    assert (gpu.embedder.image_size, gpu.embedder.epochs, gpu.embedder.patience,
+            gpu.embedder.budget_minutes) == (224, 40, 5, 240.0)
+    assert (cfg.embedder.image_size, cfg.embedder.epochs, cfg.embedder.steps_per_epoch,
+            cfg.embedder.patience, cfg.embedder.cleaning_image_size) == (128, 12, None, 3, 96)
     assert (cfg.embedder.erasing, gpu.embedder.erasing) == (0.0, 0.5)  # measured / reference
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"profile": "gpu", "embedder": {"epochs": 3}}))
@@ -118,9 +122,12 @@ def test_stage_arguments_from_the_config_are_what_the_subcommand_flags_gave() ->
     first = cmd_rebuild.embedder_params(cfg, epochs=1, steps=400, final=False)
     assert (first.patience, first.budget_minutes, first.peer_backbone) == (None, None, None)
     assert cmd_rebuild.training_plan(cfg, 100) == (
-        "plan: profile cpu-small: the final embedder trains up to 5 epochs x 12 steps of "
-        "8 x 4 images (100 SKUs, tiny at 96 px), early stopping after 2 epochs without gain; "
+        # 100 // 8 = 12 SKU batches per epoch, lengthened to ceil(400 / 5) = 80 (min_steps)
+        "plan: profile cpu-small: the final embedder trains up to 5 epochs x 80 steps of "
+        "8 x 4 images (100 SKUs, tiny at 128 px), early stopping after 2 epochs without gain; "
         "budget 30 min")
+    assert (emb.min_steps, emb.image_size, first.min_steps, first.image_size) == (
+        400, 128, 0, 96)
     det = cmd_rebuild.detector_params(cfg, epochs=3)
     assert (det.epochs, det.lr, det.seed, det.backbone_weights) == (3, 1.0, 4, None)
     assert cmd_rebuild.build_params(cfg) == BuildParams(factory=None, k1=21)

@@ -178,7 +178,8 @@ def test_rebuild_applies_a_reviewed_rejection_on_the_next_run(tmp_path: Path, ca
         "clean": {"eps": 0.05, "return_thresh": 0.0},
         "embedder": {"backbone": "tiny", "dim": 32, "epochs": 1, "cleaning_epochs": 1,
                      "image_size": 48, "p": 8, "k": 2, "pretrained": None,
-                     "frozen_blocks": 0, "steps_per_epoch": 4, "cleaning_steps_per_epoch": 4},
+                     "frozen_blocks": 0, "steps_per_epoch": 4, "cleaning_steps_per_epoch": 4,
+                     "cleaning_image_size": 48, "patience": None, "budget_minutes": None},
         "index": {"k1": 11},
     }))
     work = tmp_path / "work"

@@ -149,7 +149,7 @@ def test_a_nested_section_is_an_object_merged_key_by_key(tmp_path: Path) -> None
     cfg = load_config(path, overrides={"embedder": {"dim": 64}})
     # the profile's keys of the section stay; the file's and the overrides' are added
     assert (cfg.embedder.backbone, cfg.embedder.image_size, cfg.embedder.epochs,
-            cfg.embedder.dim) == ("resnet50", 224, 3, 64)
+            cfg.embedder.dim) == ("mobilenet_v2", 224, 3, 64)
     assert cfg.scenes.image_size == 64 and cfg.scenes.max_distractors == 3
     # a loaded config is immutable: a change goes through load_config's checks
     with pytest.raises(dataclasses.FrozenInstanceError):
