@@ -63,11 +63,12 @@ def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
     return name, value
 
 
-def onnx_latency_ms(model_path: Path, *, runs: int = 60) -> float:
-    """Median batch-1 latency (ms) of the exported embedder on ONNX Runtime, one thread."""
+def onnx_latency_ms(model_path: Path | torch.nn.Module, *, runs: int = 60) -> float:
+    """Median batch-1 latency (ms) of the exported embedder (a file or a model) on ONNX
+    Runtime, one thread."""
     from visearch.runtime.onnx import OrtEmbedder, export_embedder
 
-    model = load_embedder(model_path)
+    model = load_embedder(model_path) if isinstance(model_path, Path) else model_path
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "embedder.onnx"
         export_embedder(model, path)
@@ -131,6 +132,26 @@ def run_recipe(name: str, overrides: Mapping[str, Any], world: Path, out: Path, 
     return row
 
 
+def latency_grid(backbones: Sequence[str], sizes: Sequence[int], *, runs: int = 100,
+                 rounds: int = 3) -> list[dict[str, Any]]:
+    """ONNX batch-1 latency (ms, one thread) of untrained embedders (latency does not depend
+    on the weights) for each backbone x input size: the median of ``rounds`` interleaved
+    rounds of ``runs`` calls each, so that a load change hits every cell alike."""
+    from visearch.embedding import build_embedder
+
+    cells = [(b, s) for b in backbones for s in sizes]
+    models = {}
+    for b, size in cells:
+        torch.manual_seed(0)
+        models[b, size] = build_embedder(b, input_size=size)
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
+    for _ in range(rounds):
+        for c in cells:
+            times[c].append(onnx_latency_ms(models[c], runs=runs))
+    return [{"backbone": b, "image_size": size, "onnx_ms": float(np.median(times[b, size]))}
+            for b, size in cells]
+
+
 GATES = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01)
 
 
@@ -185,7 +206,8 @@ def gate_sweep(model_path: Path, world: Path, out: Path,
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=Path, required=True, help="a visearch-synth world")
+    ap.add_argument("--world", type=Path, help="a visearch-synth world (required unless "
+                    "--latency-grid)")
     ap.add_argument("--recipes", default="today,default",
                     help=f"comma list of named recipes ({', '.join(RECIPES)})")
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
@@ -197,12 +219,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-latency", action="store_true", help="skip the ONNX latency")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_catalog_scale")
     ap.add_argument("--json", type=Path, help="append each result row to this JSON-lines file")
+    ap.add_argument("--latency-grid", default="",
+                    help="only print ONNX latency for BACKBONES:SIZES, e.g. "
+                    "mobilenet_v2,efficientnet_lite0:96,128,160 (no training)")
     ap.add_argument("--gate-sweep", action="store_true",
                     help="also sweep the confidence gate of the category restriction with "
                     "the last recipe's model (builds an index, searches each photo twice)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.latency_grid:
+        names, _, sizes = args.latency_grid.partition(":")
+        print(f"machine: {describe_machine() | {'loadavg_start': os.getloadavg()}}")
+        grid = latency_grid(names.split(","), [int(v) for v in sizes.split(",")])
+        base = grid[0]["onnx_ms"]
+        print(f"\n| backbone | px | ONNX ms (batch 1, 1 thread) | x {grid[0]['backbone']} "
+              f"{grid[0]['image_size']} px |")
+        print("|---|---|---|---|")
+        for g in grid:
+            print(f"| {g['backbone']} | {g['image_size']} | {g['onnx_ms']:.2f} | "
+                  f"{g['onnx_ms'] / base:.2f} |")
+        return 0
+    if args.world is None:
+        ap.error("--world is required")
     recipes = [parse_recipe(t) for t in args.recipes.split(",") if t]
     recipes += [parse_recipe(t) for t in args.recipe]
     print(f"machine: {describe_machine() | {'loadavg_start': os.getloadavg()}}", flush=True)
