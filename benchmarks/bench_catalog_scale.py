@@ -110,8 +110,8 @@ def evaluate_world(model_path: Path, world: Path,
 
 
 def run_recipe(name: str, overrides: Mapping[str, Any], world: Path, out: Path, *,
-               seed: int, crops: Any, latency: bool, profile: str = "cpu-small"
-               ) -> dict[str, Any]:
+               seed: int, crops: Any, latency: bool, profile: str = "cpu-small",
+               resume: bool = False) -> dict[str, Any]:
     """Train one recipe on ``world``'s catalog and measure it."""
     embedder = dict(overrides)
     profile = embedder.pop("profile", profile)
@@ -120,7 +120,8 @@ def run_recipe(name: str, overrides: Mapping[str, Any], world: Path, out: Path, 
     params = embedder_params(cfg, epochs=e.epochs, steps=e.steps_per_epoch)
     params = type(params)(**{**params.__dict__, "progress": False})
     t0 = time.perf_counter()
-    trained = train_embedder_on_catalog(world / "catalog.jsonl", out / name, params)
+    trained = train_embedder_on_catalog(world / "catalog.jsonl", out / name, params,
+                                        resume=resume)
     seconds = time.perf_counter() - t0
     row: dict[str, Any] = {"recipe": name, "profile": profile, "overrides": dict(overrides),
                            "world": str(world), "device": str(params.device or "auto"),
@@ -217,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the rebuild profile the recipes override (e.g. gpu)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--no-latency", action="store_true", help="skip the ONNX latency")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each recipe from its checkpoint in --out (train_s then "
+                    "counts only the resumed part)")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_catalog_scale")
     ap.add_argument("--json", type=Path, help="append each result row to this JSON-lines file")
     ap.add_argument("--latency-grid", default="",
@@ -256,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, overrides in recipes:
         out = args.out / args.world.name
         row = run_recipe(name, overrides, args.world, out, seed=args.seed, crops=crops,
-                         latency=not args.no_latency, profile=args.profile)
+                         latency=not args.no_latency, profile=args.profile,
+                         resume=args.resume)
         row["skus"] = skus
         rows.append(row)
         print(json.dumps(row), flush=True)
