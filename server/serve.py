@@ -42,7 +42,7 @@ from server.servicer import SERVICE_NAME, PipelineHolder, VisualSearchServicer
 from server.web import WebApp, WebServer
 from visearch.detection.main_object import MAIN_SCORE_THRESH
 from visearch.index import IndexRoot, IndexVersion
-from visearch.search.pipeline import RerankParams, SearchPipeline
+from visearch.search.pipeline import RESTRICT_MIN_SCORE, RerankParams, SearchPipeline
 from visearch.search.voting import VoteWeights
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class ServeConfig:
     shortlist: int = 50
     vote_k: int = 20
     #: search the voted category only when its vote is at least this confident (0: always)
-    restrict_min_score: float = 0.0
+    restrict_min_score: float = RESTRICT_MIN_SCORE
     detector_weight: float = 1.0
     neighbour_weight: float = 1.0
     vote_temperature: float | None = 0.25
@@ -282,9 +282,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
     p.add_argument("--shortlist", type=int, default=50, help="hits re-ranked per query")
     p.add_argument("--vote-k", type=int, default=20, help="neighbours voting on the category")
-    p.add_argument("--restrict-min-score", type=float, default=0.0,
+    p.add_argument("--restrict-min-score", type=float, default=RESTRICT_MIN_SCORE,
                    help="search the voted category only when the vote's probability is at "
-                        "least this, else the whole index (0: always restrict)")
+                        "least this, else the whole index (0: always restrict; default "
+                        f"{RESTRICT_MIN_SCORE})")
     p.add_argument("--detector-weight", type=float, default=1.0)
     p.add_argument("--neighbour-weight", type=float, default=1.0)
     p.add_argument("--vote-temperature", type=float, default=0.25,

@@ -17,7 +17,7 @@ from visearch.errors import ImageDecodeError
 from visearch.imageio import decode_image, encode_jpeg
 from visearch.index import IndexRoot, build_version
 from visearch.search.batching import MicroBatcher
-from visearch.search.pipeline import RerankParams, SearchPipeline
+from visearch.search.pipeline import RESTRICT_MIN_SCORE, RerankParams, SearchPipeline
 from visearch.search.voting import VoteWeights
 
 # ---------------------------------------------------------------------------- batching
@@ -156,6 +156,9 @@ def _pipeline(root: Path, detector=None, **kwargs) -> SearchPipeline:
     from visearch.embedding import load_embedder
 
     version = IndexRoot(root).open()
+    # These tests check the category-restricted search itself; the confidence gate in front
+    # of it has its own test (test_a_doubtful_vote_searches_the_whole_index).
+    kwargs.setdefault("restrict_min_score", 0.0)
     return SearchPipeline(version, load_embedder(version.embedder_path), detector, **kwargs)
 
 
@@ -247,6 +250,14 @@ def test_a_doubtful_vote_searches_the_whole_index(small_index) -> None:
                 [h.sku for h in hinted.results]
         finally:
             pipe.close()
+    from visearch.embedding import load_embedder
+
+    version = IndexRoot(root).open()
+    default = SearchPipeline(version, load_embedder(version.embedder_path))
+    try:  # served as chosen by benchmarks.bench_catalog_scale --gate-sweep
+        assert default.restrict_min_score == RESTRICT_MIN_SCORE == 0.6
+    finally:
+        default.close()
     with pytest.raises(ValueError, match=r"restrict_min_score must be in \[0, 1\]"):
         _pipeline(root, restrict_min_score=1.5)
 
