@@ -30,7 +30,7 @@ def test_config_profiles_files_and_unknown_keys(tmp_path: Path) -> None:
     assert (gpu.embedder.image_size, gpu.embedder.epochs, gpu.embedder.patience,
             gpu.embedder.budget_minutes) == (224, 40, None, 240.0)
     assert (cfg.embedder.image_size, cfg.embedder.epochs, cfg.embedder.steps_per_epoch,
-            cfg.embedder.patience, cfg.embedder.cleaning_image_size) == (128, 12, None, None, 96)
+            cfg.embedder.patience, cfg.embedder.cleaning_image_size) == (128, 8, None, None, 96)
     assert (cfg.embedder.erasing, gpu.embedder.erasing) == (0.0, 0.5)  # measured / reference
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"profile": "gpu", "embedder": {"epochs": 3}}))
