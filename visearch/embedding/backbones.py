@@ -43,18 +43,22 @@ def input_norm(backbone: str) -> tuple[Norm, Norm]:
     return _NORMS.get(backbone, (IMAGENET_MEAN, IMAGENET_STD))
 
 
-def _load_classifier(model: nn.Module, pretrained: Path | None) -> nn.Module:
-    """Load a torchvision classification checkpoint strictly into ``model``."""
+def _load_classifier(
+    model: nn.Module, pretrained: Path | None,
+    remap: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> nn.Module:
+    """Load a classification checkpoint strictly into ``model`` (its keys first passed
+    through ``remap`` when given: a checkpoint written by another implementation)."""
     if pretrained is None:
         return model
     path = Path(pretrained)
     if not path.is_file():
         raise FileNotFoundError(
-            f"backbone weights {path} not found; pass an existing torchvision .pth file or "
-            "pretrained=None to start from scratch"
+            f"backbone weights {path} not found; pass an existing .pth file for this "
+            "backbone or pretrained=None to start from scratch"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(remap(state) if remap is not None else state, strict=True)
     return model
 
 
@@ -148,17 +152,14 @@ def efficientnet_lite0(pretrained: Path | None = None) -> tuple[nn.Module, int]:
     import timm  # imported here: timm takes seconds to import and serving never needs it
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if pretrained is not None:
-        path = Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"backbone weights {path} not found; pass an existing EfficientNet-Lite0 .pth "
-                "file or pretrained=None to start from scratch"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if any(k.startswith("_conv_stem.") for k in state):
-            state = _timm_efficientnet_keys(state, [len(stage) for stage in net.blocks])
-        net.load_state_dict(state, strict=True)
+    sizes = [len(stage) for stage in net.blocks]
+
+    def remap(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if any(k.startswith("_conv_stem.") for k in state):  # efficientnet_pytorch layout
+            return _timm_efficientnet_keys(state, sizes)
+        return state
+
+    _load_classifier(net, pretrained, remap)
     blocks = [block for stage in net.blocks for block in stage]
     trunk = nn.Sequential(
         nn.Sequential(net.conv_stem, net.bn1), *blocks, nn.Sequential(net.conv_head, net.bn2)
